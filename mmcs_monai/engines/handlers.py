@@ -1,0 +1,254 @@
+"""Ignite handlers: atomic checkpoints with resume, best-model saving, and the training diameter."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+
+from mmcs_monai.diameters import mean_of_diameters, median_diameter
+from mmcs_monai.io import atomic_path, read_labels
+
+logger = logging.getLogger(__name__)
+
+
+def unwrap(network: torch.nn.Module) -> torch.nn.Module:
+    """The bare network inside DataParallel/DistributedDataParallel wrappers."""
+    return getattr(network, "module", network)
+
+
+def save_atomic(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to a temporary file beside ``path``, then rename: never a half-written file."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch random states, so a resumed run draws the same augmentations."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+class CheckpointHandler:
+    """Save the whole training state every ``save_interval`` epochs and at the end; resume from it.
+
+    Files in ``save_dir``:
+
+    - ``checkpoint.pt``: ``{name: obj.state_dict() for name, obj in save_dict}``, the state of the
+      engine the handler is attached to (epoch, iteration) under ``trainer``, and the RNG state;
+      ``save_dict`` holds the network, optimizer, scheduler and any other stateful object.
+    - ``model_final.pt``: the network's state dict alone at the end of training (Cellpose-3
+      compatible keys, ``diam_mean``/``diam_labels`` included).
+
+    Both are written to a temporary file and renamed, so killing the process at any moment leaves
+    the previous complete file.
+
+    Args:
+        save_dir: folder for the files.
+        save_dict: objects with ``state_dict``/``load_state_dict``; must include ``network``.
+        save_interval: epochs between checkpoints (0: only at the end).
+        resume: load ``checkpoint.pt`` at start when it exists and continue from its epoch.
+    """
+
+    def __init__(
+        self, save_dir: str, save_dict: Mapping[str, Any], save_interval: int = 1, resume: bool = False
+    ) -> None:
+        if "network" not in save_dict:
+            raise ValueError("save_dict must include 'network'")
+        self.save_dir = Path(save_dir)
+        self.save_dict = dict(save_dict)
+        self.save_interval = save_interval
+        self.resume = resume
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.save_dir / "checkpoint.pt"
+
+    def attach(self, engine: Engine) -> None:
+        # The engine is saved through the handler rather than save_dict: a config that put the
+        # trainer in save_dict would reference the trainer from the trainer's own handler list.
+        self.save_dict.setdefault("trainer", engine)
+        if self.resume:
+            engine.add_event_handler(Events.STARTED, self.load)
+        if self.save_interval > 0:
+            engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self.save)
+        engine.add_event_handler(Events.COMPLETED, self.save_final)
+
+    def _state(self) -> dict[str, Any]:
+        state = {name: (unwrap(obj) if name == "network" else obj).state_dict() for name, obj in self.save_dict.items()}
+        state["rng"] = rng_state()
+        return state
+
+    def save(self, engine: Engine) -> None:
+        save_atomic(self._state(), self.checkpoint_path)
+
+    def save_final(self, engine: Engine) -> None:
+        self.save(engine)
+        save_atomic(unwrap(self.save_dict["network"]).state_dict(), self.save_dir / "model_final.pt")
+
+    def load(self, engine: Engine) -> None:
+        if not self.checkpoint_path.is_file():
+            logger.info("resume: no checkpoint at %s, starting from scratch", self.checkpoint_path)
+            return
+        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        for name, obj in self.save_dict.items():
+            if name not in state:
+                raise KeyError(f"{self.checkpoint_path}: has no entry {name!r} (has {sorted(state)})")
+            target = unwrap(obj) if name == "network" else obj
+            target.load_state_dict(state[name])
+        if "rng" in state:
+            set_rng_state(state["rng"])
+        logger.info("resumed from %s at epoch %d", self.checkpoint_path, engine.state.epoch)
+
+
+class BestModelSaver:
+    """Attach to an evaluator: write the network to ``save_path`` whenever ``metric_name`` improves.
+
+    Stateful (``state_dict``/``load_state_dict``) so a resumed run keeps the best value seen.
+    """
+
+    def __init__(self, network: torch.nn.Module, save_path: str, metric_name: str = "val_f1") -> None:
+        self.network = network
+        self.save_path = Path(save_path)
+        self.metric_name = metric_name
+        self.best = -float("inf")
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        value = float(engine.state.metrics[self.metric_name])
+        if value > self.best:
+            self.best = value
+            save_atomic(unwrap(self.network).state_dict(), self.save_path)
+            logger.info("new best %s %.4f: saved %s", self.metric_name, value, self.save_path)
+
+    def state_dict(self) -> dict[str, float]:
+        return {"best": self.best}
+
+    def load_state_dict(self, state: Mapping[str, float]) -> None:
+        self.best = float(state["best"])
+
+
+def set_diameter_labels(network: torch.nn.Module, diameter: float) -> None:
+    """Write the training set's mean cell diameter (pixels) into the network's ``diam_labels``."""
+    with torch.no_grad():
+        unwrap(network).diam_labels.fill_(float(diameter))
+
+
+def datalist_mean_diameter(items: list[Mapping[str, Any]]) -> float:
+    """Mean over labelled items of their median cell diameter (pixels); explicit ``diameter`` entries win."""
+    return mean_of_diameters(
+        float(item["diameter"]) if item.get("diameter") else median_diameter(read_labels(item["label"]))
+        for item in items
+        if item.get("label") or item.get("diameter")
+    )
+
+
+class TrainingDiameterHandler:
+    """At the start of training, store the training set's mean cell diameter in the network.
+
+    Inference uses it as the default diameter, as Cellpose does with ``diam_labels``.
+    """
+
+    def __init__(self, network: torch.nn.Module, datalist: list[Mapping[str, Any]]) -> None:
+        self.network = network
+        self.datalist = datalist
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        diameter = datalist_mean_diameter(self.datalist)
+        if diameter > 0:
+            set_diameter_labels(self.network, diameter)
+            logger.info("training set mean cell diameter: %.2f px", diameter)
+
+
+class LearningRateLogger:
+    """Write the optimizer's learning rate to TensorBoard (``lr``) at the end of every epoch."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, summary_writer, tag: str = "lr") -> None:
+        self.optimizer = optimizer
+        self.writer = summary_writer
+        self.tag = tag
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        self.writer.add_scalar(self.tag, self.optimizer.param_groups[0]["lr"], engine.state.epoch)
+
+
+class F1ReportHandler:
+    """Attach to an evaluator: per-image F1 with its subset, written as CSV and summarised per subset.
+
+    Writes ``f1_per_image.csv`` (id, subset, f1, precision, recall, tp, fp, fn) and
+    ``f1_summary.json`` (overall and per subset: mean per-image F1, number of images) into
+    ``output_dir`` at the end of the run, atomically, and logs the summary table.
+
+    Args:
+        output_dir: destination folder.
+        border: drop cells touching a frame this wide (CellSeg protocol: 2).
+        masks_key / label_key: keys of predicted and true instance masks in the engine output.
+    """
+
+    def __init__(self, output_dir: str, border: int = 2, iou_threshold: float = 0.5, masks_key="masks", label_key="label"):
+        self.output_dir = Path(output_dir)
+        self.border = border
+        self.iou_threshold = iou_threshold
+        self.masks_key, self.label_key = masks_key, label_key
+        self.rows: list[dict[str, Any]] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, lambda _: self.rows.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.record)
+        engine.add_event_handler(Events.COMPLETED, self.write)
+
+    def record(self, engine: Engine) -> None:
+        from mmcs_monai.metrics import f1_score
+
+        outputs, batch = engine.state.output, engine.state.batch
+        for out, item in zip(outputs, batch):
+            gt = np.asarray(torch.as_tensor(out[self.label_key]).cpu())
+            pred = np.asarray(torch.as_tensor(out[self.masks_key]).cpu())
+            score = f1_score(gt.squeeze(), pred.squeeze(), self.iou_threshold, self.border)
+            row = {"id": item.get("id", len(self.rows)), "subset": item.get("subset", "default")}
+            row.update({k: score[k] for k in ("f1", "precision", "recall", "tp", "fp", "fn")})
+            self.rows.append(row)
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """{"overall": {...}, subset: {...}} with mean per-image F1 and the number of images."""
+        groups: dict[str, list[float]] = {"overall": [r["f1"] for r in self.rows]}
+        for r in self.rows:
+            groups.setdefault(str(r["subset"]), []).append(r["f1"])
+        return {name: {"f1": float(np.mean(v)) if v else float("nan"), "images": len(v)} for name, v in groups.items()}
+
+    def write(self, engine: Engine) -> None:
+        import csv
+        import json
+
+        summary = self.summary()
+        with atomic_path(self.output_dir / "f1_per_image.csv") as tmp:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=["id", "subset", "f1", "precision", "recall", "tp", "fp", "fn"])
+                writer.writeheader()
+                writer.writerows(self.rows)
+        with atomic_path(self.output_dir / "f1_summary.json") as tmp:
+            tmp.write_text(json.dumps(summary, indent=1))
+        lines = [f"{'subset':<48} {'images':>6} {'F1@0.5':>7}"]
+        lines += [f"{name:<48} {s['images']:>6} {s['f1']:>7.3f}" for name, s in summary.items()]
+        logger.info("F1 at IoU 0.5 (border %d px removed):\n%s", self.border, "\n".join(lines))
+        print("\n".join(lines))

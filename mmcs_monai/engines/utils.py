@@ -1,0 +1,23 @@
+"""Batch preparation for the engines."""
+
+from __future__ import annotations
+
+import torch
+from monai.engines.utils import PrepareBatch
+
+
+class PrepareFlowBatch(PrepareBatch):
+    """Take ``(image, flows)`` from a collated batch dict and move them to ``device``.
+
+    ``image`` is float32 [B, 2, H, W]; ``flows`` (the training target) float32 [B, 3, H, W].
+    """
+
+    def __init__(self, image_key: str = "image", target_key: str = "flows"):
+        self.image_key = image_key
+        self.target_key = target_key
+
+    def __call__(self, batchdata, device=None, non_blocking: bool = False, **kwargs):
+        def move(x):
+            return torch.as_tensor(x).to(device=device, non_blocking=non_blocking, **kwargs)
+
+        return move(batchdata[self.image_key]), move(batchdata[self.target_key])

@@ -1,0 +1,118 @@
+"""Tiled CPnet inference at the model's cell diameter.
+
+:class:`CellInferer` is a MONAI ``Inferer``: trainers' validation, the bundle's inference config, the
+CLI and the apps all call it, so there is one prediction path. It resizes the image so cells reach
+the network's training diameter, runs MONAI's sliding-window inferer (overlapping tiles blended with
+Gaussian weights), and resizes the flows back to the input's size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from monai.inferers import Inferer, SlidingWindowInferer
+
+from mmcs_monai.diameters import scale_to_target
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def autocast_context(device: torch.device | str, precision: str = "fp32"):
+    """Autocast for ``precision`` on ``device`` (``fp32``: no autocast). fp16 is refused on CPU."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    device_type = torch.device(device).type
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "fp16" and device_type != "cuda":
+        raise ValueError("fp16 autocast needs a GPU; use bf16 on CPU")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device_type, dtype=dtype)
+
+
+def model_diameters(network: torch.nn.Module) -> tuple[float, float]:
+    """(diam_mean, diam_labels) of a CPnet: the training target diameter and the training set's mean."""
+    diam_mean = float(getattr(network, "diam_mean", torch.tensor(30.0)))
+    diam_labels = float(getattr(network, "diam_labels", torch.tensor(diam_mean)))
+    return diam_mean, diam_labels if diam_labels > 0 else diam_mean
+
+
+class CellInferer(Inferer):
+    """Predict flows for whole images with a CPnet, at the right scale, tile by tile.
+
+    Args:
+        roi_size: tile size (pixels, at network scale).
+        overlap: fraction of a tile that overlaps its neighbour.
+        sw_batch_size: tiles per network call.
+        diameter: cell diameter (pixels) in the input images; None uses the model's stored
+            training-set mean (``diam_labels``).
+        precision: ``fp32``, ``bf16`` (CPU/GPU autocast) or ``fp16`` (GPU).
+        channels_last: run the network in channels-last memory layout (faster on CPU with bf16).
+
+    Call: ``inferer(images [B, 2, H, W] float32, network, diameter=None) -> flows [B, 3, H, W] float32``
+    (dY, dX as the network scales them, cell probability logit), at the input's H, W.
+    """
+
+    def __init__(
+        self,
+        roi_size: int = 224,
+        overlap: float = 0.1,
+        sw_batch_size: int = 8,
+        diameter: float | None = None,
+        precision: str = "fp32",
+        channels_last: bool = False,
+    ):
+        super().__init__()
+        autocast_context("cpu", precision if precision != "fp16" else "fp32")  # validates the name early
+        self.diameter = diameter
+        self.precision = precision
+        self.channels_last = channels_last
+        self.window = SlidingWindowInferer(
+            roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian", padding_mode="constant"
+        )
+
+    def zoom_for(self, network: torch.nn.Module, diameter: float | None = None) -> float:
+        """Factor by which input images are resized before the network."""
+        diam_mean, diam_labels = model_diameters(network)
+        diameter = diameter or self.diameter or diam_labels
+        return scale_to_target(diameter, diam_mean)
+
+    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, diameter: float | None = None, **kwargs):
+        height, width = inputs.shape[-2:]
+        zoom = self.zoom_for(network, diameter)
+        x = torch.as_tensor(inputs, dtype=torch.float32)
+        if abs(zoom - 1.0) > 1e-3:
+            size = (max(int(round(height * zoom)), 1), max(int(round(width * zoom)), 1))
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad(), autocast_context(x.device, self.precision):
+            flows = self.window(x, network, *args, **kwargs)
+        flows = torch.as_tensor(flows).float()
+        if flows.shape[-2:] != (height, width):
+            flows = F.interpolate(flows, size=(height, width), mode="bilinear", align_corners=False)
+        return flows.contiguous()
+
+
+class PrecisionInferer(Inferer):
+    """Call the network on a batch under the chosen precision and memory layout; outputs float32.
+
+    Used by the trainer (patches already at network scale). bf16 needs no loss scaler; fp16 on GPU
+    should use MONAI's ``amp=True`` path instead, which scales the loss.
+    """
+
+    def __init__(self, precision: str = "fp32", channels_last: bool = False):
+        super().__init__()
+        autocast_context("cpu", precision if precision != "fp16" else "fp32")
+        self.precision = precision
+        self.channels_last = channels_last
+
+    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with autocast_context(inputs.device, self.precision):
+            out = network(inputs, *args, **kwargs)
+        return out.float()

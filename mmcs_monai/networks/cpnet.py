@@ -1,0 +1,405 @@
+"""CPnet: the Cellpose 3 residual U-Net with a global style vector.
+
+The module tree (attribute names and ``nn.Sequential`` indices) mirrors ``cellpose.resnet_torch.CPnet`` so
+that a Cellpose 3 state dict loads with ``strict=True``::
+
+    downsample.down.res_down_{k}.proj.{0: BN, 1: conv1x1}
+    downsample.down.res_down_{k}.conv.conv_{0..3}.{0: BN, 2: conv}
+    upsample.up.res_up_{k}.proj.{0: BN, 1: conv1x1}
+    upsample.up.res_up_{k}.conv.conv_0.{0: BN, 2: conv}
+    upsample.up.res_up_{k}.conv.conv_{1..3}.conv.{0: BN, 2: conv}
+    upsample.up.res_up_{k}.conv.conv_{1..3}.full          (Linear: style -> channels)
+    output.{0: BN, 2: conv1x1}
+    diam_mean, diam_labels                                  (shape [1], requires_grad=False)
+
+Unlike Cellpose's ``forward`` (which returns ``(flows, style, encoder_features)``), ``CPnet.forward`` returns a
+single tensor so that MONAI inferers, trainers and losses can use the network directly; the style vector is
+available from :meth:`CPnet.forward_with_style`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["CPnet", "load_cellpose_checkpoint", "extract_state_dict", "infer_cpnet_args"]
+
+# Cellpose 3 batch-norm settings; the momentum matters when fine-tuning a Cellpose checkpoint.
+_BN_EPS = 1e-5
+_BN_MOMENTUM = 0.05
+
+
+def _bn_relu_conv(in_channels: int, out_channels: int, kernel_size: int) -> nn.Sequential:
+    """Pre-activation conv: BN -> ReLU -> conv ("same" padding). Indices 0, 1, 2 as in Cellpose."""
+    return nn.Sequential(
+        nn.BatchNorm2d(in_channels, eps=_BN_EPS, momentum=_BN_MOMENTUM),
+        # in-place is safe: the ReLU only ever sees the fresh BN output, never a tensor reused elsewhere
+        nn.ReLU(inplace=True),
+        nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2),
+    )
+
+
+def _bn_conv(in_channels: int, out_channels: int, kernel_size: int) -> nn.Sequential:
+    """BN -> conv without activation (used for the residual projections). Indices 0, 1 as in Cellpose."""
+    return nn.Sequential(
+        nn.BatchNorm2d(in_channels, eps=_BN_EPS, momentum=_BN_MOMENTUM),
+        nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2),
+    )
+
+
+class _ResDown(nn.Module):
+    """Encoder block: two residual units of two pre-activation convs; the first unit projects the input.
+
+    ``[B, in_channels, H, W] -> [B, out_channels, H, W]``
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int) -> None:
+        super().__init__()
+        # registration order (conv before proj) only fixes the state-dict key order, matching Cellpose's
+        self.conv = nn.Sequential()
+        for t in range(4):
+            cin = in_channels if t == 0 else out_channels
+            self.conv.add_module(f"conv_{t}", _bn_relu_conv(cin, out_channels, kernel_size))
+        self.proj = _bn_conv(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x) + self.conv[1](self.conv[0](x))
+        return x + self.conv[3](self.conv[2](x))
+
+
+class _Encoder(nn.Module):
+    """Residual down path; returns the features of every level, finest first.
+
+    ``[B, nbase[0], H, W] -> [[B, nbase[1], H, W], [B, nbase[2], H/2, W/2], ...]``
+    """
+
+    def __init__(self, nbase: Sequence[int], kernel_size: int, max_pool: bool = True) -> None:
+        super().__init__()
+        self.down = nn.Sequential()
+        for k in range(len(nbase) - 1):
+            self.down.add_module(f"res_down_{k}", _ResDown(nbase[k], nbase[k + 1], kernel_size))
+        self.maxpool = nn.MaxPool2d(2, stride=2) if max_pool else nn.AvgPool2d(2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        features = []
+        for k, block in enumerate(self.down):
+            x = block(x if k == 0 else self.maxpool(x))
+            features.append(x)
+        return features
+
+
+class _StyleVector(nn.Module):
+    """Global average of the deepest features, L2-normalised per sample: ``[B, C, h, w] -> [B, C]``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        style = x.mean(dim=(2, 3))
+        # F.normalize clamps the norm at 1e-12; identical to Cellpose's plain division except for all-zero features
+        return F.normalize(style, p=2.0, dim=1)
+
+
+class _StyleConv(nn.Module):
+    """Adds an optional skip and the projected style to ``x``, then BN -> ReLU -> conv.
+
+    ``style [B, S], x [B, C, H, W], skip [B, C, H, W] | None -> [B, out_channels, H, W]``
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, style_channels: int, kernel_size: int) -> None:
+        super().__init__()
+        self.conv = _bn_relu_conv(in_channels, out_channels, kernel_size)
+        self.full = nn.Linear(style_channels, in_channels)
+
+    def forward(self, style: torch.Tensor, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        if skip is not None:
+            x = x + skip
+        return self.conv(x + self.full(style)[:, :, None, None])
+
+
+class _ResUp(nn.Module):
+    """Decoder block: like :class:`_ResDown`, but the skip features and the style are added before convs 1-3.
+
+    ``x [B, in_channels, H, W], skip [B, out_channels, H, W], style [B, S] -> [B, out_channels, H, W]``
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, style_channels: int, kernel_size: int) -> None:
+        super().__init__()
+        self.conv = nn.Sequential()
+        self.conv.add_module("conv_0", _bn_relu_conv(in_channels, out_channels, kernel_size))
+        for t in (1, 2, 3):
+            self.conv.add_module(f"conv_{t}", _StyleConv(out_channels, out_channels, style_channels, kernel_size))
+        self.proj = _bn_conv(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x) + self.conv[1](style, self.conv[0](x), skip)
+        return x + self.conv[3](style, self.conv[2](style, x))
+
+
+class _Decoder(nn.Module):
+    """Residual up path with nearest-neighbour upsampling; ``nbaseup = nbase[1:] + [nbase[-1]]``.
+
+    ``style [B, nbase[-1]], features (from :class:`_Encoder`) -> [B, nbase[1], H, W]``
+    """
+
+    def __init__(self, nbaseup: Sequence[int], kernel_size: int) -> None:
+        super().__init__()
+        self.upsampling = nn.Upsample(scale_factor=2, mode="nearest")
+        self.up = nn.Sequential()
+        for k in range(len(nbaseup) - 1):
+            self.up.add_module(f"res_up_{k}", _ResUp(nbaseup[k + 1], nbaseup[k], nbaseup[-1], kernel_size))
+
+    def forward(self, style: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        # the deepest block uses the deepest features both as input and as skip (as in Cellpose)
+        x = self.up[-1](features[-1], features[-1], style)
+        for k in range(len(self.up) - 2, -1, -1):
+            x = self.up[k](self.upsampling(x), features[k], style)
+        return x
+
+
+class CPnet(nn.Module):
+    """Cellpose 3 network (``cellpose.resnet_torch.CPnet``, 2D) with a single-tensor ``forward``.
+
+    Args:
+        nbase: channels per level; ``nbase[0]`` is the number of input channels (2 here: cytoplasm, nucleus),
+            e.g. ``(2, 32, 64, 128, 256)`` for the Cellpose 3 models. ``len(nbase) - 2`` poolings are applied.
+        nout: output channels; 3 for (dY, dX, cell-probability logit).
+        sz: kernel size of the 'same'-padded convolutions.
+        max_pool: max pooling between levels (Cellpose default); average pooling otherwise.
+        diam_mean: mean cell diameter in pixels that training rescales images to; stored in the state dict
+            as ``diam_mean`` and used as the initial ``diam_labels``.
+        pad_divisor: ``forward`` zero-pads H and W (centred) up to a multiple of this, then crops back.
+            Defaults to ``max(16, 2 ** (len(nbase) - 2))``; must be a multiple of ``2 ** (len(nbase) - 2)``.
+
+    Zero padding (not reflect) is used because Cellpose pads with zeros at inference, training crops/rotations
+    also fill outside the image with zeros, and reflect padding fails for inputs smaller than the pad.
+    On inputs whose H and W are already multiples of ``pad_divisor`` nothing is padded, so outputs equal
+    Cellpose's ``net(x)[0]`` exactly. Note the padded border does enter the style vector (global average).
+    """
+
+    def __init__(
+        self,
+        nbase: Sequence[int] = (2, 32, 64, 128, 256),
+        nout: int = 3,
+        sz: int = 3,
+        max_pool: bool = True,
+        diam_mean: float = 30.0,
+        pad_divisor: int | None = None,
+    ) -> None:
+        super().__init__()
+        nbase = [int(n) for n in nbase]
+        if len(nbase) < 2 or min(nbase) < 1:
+            raise ValueError(f"nbase needs at least 2 positive entries (input channels, features), got {nbase}.")
+        min_divisor = 2 ** max(len(nbase) - 2, 0)
+        pad_divisor = max(16, min_divisor) if pad_divisor is None else int(pad_divisor)
+        if pad_divisor < 1 or pad_divisor % min_divisor:
+            raise ValueError(f"pad_divisor must be a positive multiple of {min_divisor} for nbase={nbase}.")
+        self.nbase = nbase
+        self.nchan = nbase[0]
+        self.nout = int(nout)
+        self.sz = int(sz)
+        self.max_pool = bool(max_pool)
+        self.pad_divisor = pad_divisor
+
+        nbaseup = nbase[1:] + [nbase[-1]]
+        self.downsample = _Encoder(nbase, self.sz, max_pool=self.max_pool)
+        self.upsample = _Decoder(nbaseup, self.sz)
+        self.make_style = _StyleVector()
+        self.output = _bn_relu_conv(nbaseup[0], self.nout, 1)
+        # carried in the state dict like Cellpose does, but never trained
+        self.diam_mean = nn.Parameter(torch.full((1,), float(diam_mean)), requires_grad=False)
+        self.diam_labels = nn.Parameter(torch.full((1,), float(diam_mean)), requires_grad=False)
+
+    # ------------------------------------------------------------------ forward
+    def forward_with_style(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the network and also return the style vector.
+
+        Args:
+            x: images ``[B, nbase[0], H, W]`` float, any H and W.
+
+        Returns:
+            ``(out, style)``: ``out [B, nout, H, W]`` = (dY, dX, cell-probability logit) for ``nout=3``,
+            flows scaled like Cellpose (about 5 x unit vectors); ``style [B, nbase[-1]]`` unit L2 norm.
+        """
+        if x.ndim != 4 or x.shape[1] != self.nchan:
+            raise ValueError(f"CPnet expects input [B, {self.nchan}, H, W], got shape {tuple(x.shape)}.")
+        x, crop = self._pad(x)
+        features = self.downsample(x)
+        style = self.make_style(features[-1])
+        out = self.output(self.upsample(style, features))
+        return out[crop], style
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, nbase[0], H, W] -> [B, nout, H, W]``; see :meth:`forward_with_style`."""
+        return self.forward_with_style(x)[0]
+
+    def _pad(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:
+        """Zero-pad H, W (centred, as Cellpose's ``get_pad_yx`` without its extra margin) to ``pad_divisor``."""
+        h, w = x.shape[-2:]
+        ph, pw = -h % self.pad_divisor, -w % self.pad_divisor
+        if ph == 0 and pw == 0:
+            return x, (slice(None),)
+        top, left = ph // 2, pw // 2
+        x = F.pad(x, (left, pw - left, top, ph - top), mode="constant", value=0.0)
+        return x, (slice(None), slice(None), slice(top, top + h), slice(left, left + w))
+
+    # ------------------------------------------------------------------ diameters
+    def set_diam_labels(self, value: float) -> None:
+        """Set the mean training-label diameter (pixels, before rescaling to ``diam_mean``)."""
+        with torch.no_grad():
+            self.diam_labels.fill_(float(value))
+
+    def set_diam_mean(self, value: float) -> None:
+        """Set the diameter (pixels) that images are rescaled to for training and inference."""
+        with torch.no_grad():
+            self.diam_mean.fill_(float(value))
+
+    # ------------------------------------------------------------------ checkpoints
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, strict: bool = True, **kwargs) -> CPnet:
+        """Build a CPnet whose shape is inferred from a checkpoint file and load its weights.
+
+        See :func:`load_cellpose_checkpoint`; ``kwargs`` override the inferred constructor arguments
+        (e.g. ``max_pool``, which leaves no trace in the weights).
+        """
+        return load_cellpose_checkpoint(path, net=None, strict=strict, **kwargs)
+
+    def load_checkpoint(self, path: str | Path, strict: bool = True) -> CPnet:
+        """Load a Cellpose 3 or mmcs checkpoint into this network (in place); returns ``self``."""
+        return load_cellpose_checkpoint(path, net=self, strict=strict)
+
+
+# ---------------------------------------------------------------------- checkpoint helpers
+# keys under which trainers nest the network weights, first match wins
+_NESTED_KEYS = ("network", "model", "net", "state_dict", "model_state_dict")
+_DIAM_KEYS = ("diam_mean", "diam_labels")
+
+
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(torch.is_tensor(v) for v in obj.values())
+
+
+def extract_state_dict(obj, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Return the network state dict held by a loaded checkpoint object.
+
+    Accepts a plain state dict (Cellpose ``save_model``) or a dict nesting it under one of
+    ``"network", "model", "net", "state_dict", "model_state_dict"`` (MONAI ``CheckpointSaver`` with
+    ``save_dict={"network": net, ...}``). A ``"module."`` prefix (DataParallel/DDP) is stripped.
+
+    Raises:
+        ValueError: naming ``source`` when no state dict is found.
+    """
+    if _is_state_dict(obj):
+        state = dict(obj)
+    elif isinstance(obj, Mapping):
+        nested = [k for k in _NESTED_KEYS if _is_state_dict(obj.get(k))]
+        if not nested:
+            raise ValueError(
+                f"{source}: no network state dict found; expected a state dict or a dict with one of the keys "
+                f"{list(_NESTED_KEYS)}, got keys {sorted(map(str, obj))[:10]}."
+            )
+        state = dict(obj[nested[0]])
+    else:
+        raise ValueError(f"{source}: expected a state dict (mapping of tensors), got {type(obj).__name__}.")
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state
+
+
+def infer_cpnet_args(state: Mapping[str, torch.Tensor]) -> dict:
+    """Infer ``nbase``, ``nout``, ``sz`` and ``diam_mean`` of :class:`CPnet` from its state dict.
+
+    Raises:
+        ValueError: when the keys do not look like a CPnet (e.g. a Cellpose 4 / SAM checkpoint).
+    """
+    if "W2" in state:
+        raise ValueError("this is a Cellpose 4 (Cellpose-SAM) checkpoint; only Cellpose 3 CPnet weights are supported.")
+    nbase = []
+    k = 0
+    while f"downsample.down.res_down_{k}.proj.1.weight" in state:
+        w = state[f"downsample.down.res_down_{k}.proj.1.weight"]  # [out, in, 1, 1]
+        if k == 0:
+            nbase.append(int(w.shape[1]))
+        nbase.append(int(w.shape[0]))
+        k += 1
+    if not nbase or "output.2.weight" not in state:
+        some = sorted(state)[:5]
+        raise ValueError(f"keys do not look like a Cellpose CPnet (first keys: {some}).")
+    args = {
+        "nbase": nbase,
+        "nout": int(state["output.2.weight"].shape[0]),
+        "sz": int(state["downsample.down.res_down_0.conv.conv_0.2.weight"].shape[-1]),
+    }
+    if "diam_mean" in state:
+        args["diam_mean"] = float(state["diam_mean"].reshape(-1)[0])
+    return args
+
+
+def _read_torch_file(path: Path):
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError/RuntimeError/EOFError... depending on the content
+        raise ValueError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e}).") from e
+
+
+def load_cellpose_checkpoint(
+    path: str | Path, net: CPnet | None = None, strict: bool = True, **kwargs
+) -> CPnet:
+    """Load Cellpose 3 weights (or an mmcs trainer checkpoint) into a :class:`CPnet`.
+
+    The file is read with ``torch.load(map_location="cpu", weights_only=True)``. Checkpoints from before
+    Cellpose 2 lack ``diam_mean``/``diam_labels``; those two are then kept from the network (with a warning).
+
+    Args:
+        path: file written by Cellpose's ``CPnet.save_model`` (a state dict) or by MONAI ``CheckpointSaver``
+            (``{"network": state_dict, ...}``; see :func:`extract_state_dict`).
+        net: network to load into; when ``None`` one is built from :func:`infer_cpnet_args`.
+        strict: require the keys to match exactly (shapes must always match).
+        kwargs: constructor arguments overriding the inferred ones (only when ``net`` is None).
+
+    Returns:
+        the network (on CPU when built here; ``net`` itself otherwise).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: not a torch file, no state dict inside, or keys/shapes that do not match the network;
+            the message names the file and lists a few missing/unexpected keys.
+    """
+    path = Path(path)
+    source = str(path)
+    state = extract_state_dict(_read_torch_file(path), source=source)
+    if net is None:
+        try:
+            args = infer_cpnet_args(state)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from e
+        args.update(kwargs)
+        net = CPnet(**args)
+    elif kwargs:
+        raise TypeError(f"constructor arguments {sorted(kwargs)} are only used when net is None.")
+
+    own = net.state_dict()
+    missing_diams = [k for k in _DIAM_KEYS if k not in state]
+    if missing_diams and all(k in state for k in own if k not in _DIAM_KEYS):
+        warnings.warn(f"{source}: no {missing_diams} in checkpoint; keeping the network's values.", stacklevel=2)
+        state.update({k: own[k] for k in missing_diams})
+
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong_shape = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if wrong_shape or (strict and (missing or unexpected)):
+        raise ValueError(
+            f"{source}: checkpoint does not match CPnet(nbase={net.nbase}, nout={net.nout}, sz={net.sz}): "
+            f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}, "
+            f"{len(wrong_shape)} shape mismatches {wrong_shape[:5]}."
+        )
+    net.load_state_dict(state, strict=strict)
+    return net

@@ -1,0 +1,21 @@
+"""MONAI transforms for microscopy cell segmentation (array forms and their ``...d`` twins)."""
+
+from mmcs_monai.transforms.array import (
+    CellDiameter,
+    FlowsToMasks,
+    LabelsToFlows,
+    LoadMicroscopyImage,
+    NormalizePercentile,
+    RandCellAffine,
+    StackNucleusChannel,
+)
+from mmcs_monai.transforms.dictionary import (
+    CellDiameterd,
+    FlowsToMasksd,
+    LabelsToFlowsd,
+    LoadMicroscopyd,
+    NormalizePercentiled,
+    RandCellAffined,
+    SaveCellOutputsd,
+    StackNucleusChanneld,
+)
