@@ -70,8 +70,15 @@ class CellInferer(Inferer):
         self.diameter = diameter
         self.precision = precision
         self.channels_last = channels_last
-        self.window = SlidingWindowInferer(
-            roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian", padding_mode="constant"
+        self.roi_size = roi_size
+        self.overlap = overlap
+        self.sw_batch_size = sw_batch_size
+
+    def _window(self, height: int, width: int) -> SlidingWindowInferer:
+        """Sliding-window inferer whose tiles are no larger than the image (rounded up to 16 px)."""
+        roi = tuple(min(self.roi_size, -(-size // 16) * 16) for size in (height, width))
+        return SlidingWindowInferer(
+            roi_size=roi, sw_batch_size=self.sw_batch_size, overlap=self.overlap, mode="gaussian", padding_mode="constant"
         )
 
     def zoom_for(self, network: torch.nn.Module, diameter: float | None = None) -> float:
@@ -90,7 +97,7 @@ class CellInferer(Inferer):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad(), autocast_context(x.device, self.precision):
-            flows = self.window(x, network, *args, **kwargs)
+            flows = self._window(*x.shape[-2:])(x, network, *args, **kwargs)
         flows = torch.as_tensor(flows).float()
         if flows.shape[-2:] != (height, width):
             flows = F.interpolate(flows, size=(height, width), mode="bilinear", align_corners=False)

@@ -103,11 +103,13 @@ class CheckpointHandler:
             logger.info("resume: no checkpoint at %s, starting from scratch", self.checkpoint_path)
             return
         state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        max_epochs = engine.state.max_epochs  # the resumed run's own length wins over the saved one
         for name, obj in self.save_dict.items():
             if name not in state:
                 raise KeyError(f"{self.checkpoint_path}: has no entry {name!r} (has {sorted(state)})")
             target = unwrap(obj) if name == "network" else obj
             target.load_state_dict(state[name])
+        engine.state.max_epochs = max(max_epochs, engine.state.epoch)
         if "rng" in state:
             set_rng_state(state["rng"])
         logger.info("resumed from %s at epoch %d", self.checkpoint_path, engine.state.epoch)

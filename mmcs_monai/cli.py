@@ -1,0 +1,126 @@
+"""The ``mmcs`` command: train, infer, evaluate and measure diameters.
+
+Every sub-command runs the bundle's configs (``bundle/configs/*.json``) through
+``monai.bundle.run``, so the CLI and ``python -m monai.bundle run ...`` are the same code path;
+options are bundle config overrides (``--epochs 10``, ``--data_source path``...).
+
+Examples::
+
+    mmcs train                                     # sample data, default recipe
+    mmcs train --data_source ../shared/data/dev/manifest.csv --recipe configs/cpu.json
+    mmcs infer images/ outputs/ --model bundle/models/model.pt --diameter 25
+    mmcs evaluate --data_source ../shared/data/dev/manifest.csv
+    mmcs diameter labels/
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_BUNDLE = REPO_ROOT / "bundle"
+
+
+def _bundle_root(bundle_root: str | os.PathLike | None) -> Path:
+    root = Path(bundle_root) if bundle_root else DEFAULT_BUNDLE
+    if not (root / "configs" / "train.json").is_file():
+        raise SystemExit(f"{root}: not a bundle folder (no configs/train.json); pass --bundle_root")
+    return root.resolve()
+
+
+def _config_files(root: Path, names: list[str], recipe: str | list[str] | None) -> list[str]:
+    files = [str(root / "configs" / n) for n in names]
+    recipes = [recipe] if isinstance(recipe, str) else list(recipe or [])
+    for r in recipes:
+        path = Path(r) if Path(r).is_file() else REPO_ROOT / r
+        if not path.is_file():
+            raise SystemExit(f"{r}: recipe config not found")
+        files.append(str(path))
+    return files
+
+
+def _run(run_id: str, root: Path, config_files: list[str], overrides: dict) -> None:
+    from monai.bundle import run
+
+    run(
+        run_id=run_id,
+        config_file=config_files,
+        meta_file=str(root / "configs" / "metadata.json"),
+        logging_file=str(root / "configs" / "logging.conf"),
+        bundle_root=str(root),
+        **overrides,
+    )
+
+
+def train(recipe: str | list[str] | None = None, bundle_root: str | None = None, **overrides) -> None:
+    """Train a model (supervised) with ``bundle/configs/train.json``.
+
+    Args:
+        recipe: extra config(s) merged over train.json (e.g. ``configs/cpu.json``).
+        bundle_root: bundle folder (default: the repository's ``bundle/``).
+        overrides: config values, e.g. ``--data_source manifest.csv --epochs 50 --resume true``.
+            Models are written to ``<bundle_root>/models`` unless ``--ckpt_dir`` is given.
+    """
+    root = _bundle_root(bundle_root)
+    _run("training", root, _config_files(root, ["train.json"], recipe), overrides)
+
+
+def infer(
+    input_dir: str,
+    output_dir: str,
+    model: str | None = None,
+    diameter: float | None = None,
+    bundle_root: str | None = None,
+    **overrides,
+) -> None:
+    """Segment every image in ``input_dir``; write ``<id>_masks.tif`` and ``<id>_overlay.png`` to ``output_dir``.
+
+    Args:
+        input_dir: folder of images (TIFF, PNG, JPEG, NIfTI), or a data list.
+        output_dir: destination; images that already have masks there are skipped.
+        model: model file (ours or a Cellpose 3 checkpoint); default ``<bundle_root>/models/model.pt``.
+        diameter: cell diameter in pixels in these images; default: the model's training mean.
+        overrides: e.g. ``--nucleus_channel 1 --flow_threshold 0.4 --precision bf16``.
+    """
+    root = _bundle_root(bundle_root)
+    overrides.update(input_dir=str(input_dir), output_dir=str(output_dir), diameter=diameter)
+    if model:
+        overrides["model_path"] = str(model)
+    _run("inference", root, _config_files(root, ["inference.json"], None), overrides)
+
+
+def evaluate(model: str | None = None, bundle_root: str | None = None, recipe=None, **overrides) -> None:
+    """F1 at IoU 0.5 on the validation split; writes ``f1_per_image.csv`` and ``f1_summary.json``.
+
+    Args:
+        model: model file; default ``<bundle_root>/models/model.pt``.
+        overrides: e.g. ``--data_source manifest.csv --val_split val --output_dir eval/``.
+    """
+    root = _bundle_root(bundle_root)
+    if model:
+        overrides["model_path"] = str(model)
+    _run("evaluating", root, _config_files(root, ["train.json", "evaluate.json"], recipe), overrides)
+
+
+def diameter(*paths: str) -> dict[str, float]:
+    """Median cell diameter (pixels) of each label file (or folder of label files), and their mean."""
+    from mmcs_monai.diameters import mean_of_diameters, median_diameter
+    from mmcs_monai.io import is_image_file, read_labels
+
+    files: list[Path] = []
+    for p in map(Path, paths):
+        files += sorted(f for f in p.iterdir() if is_image_file(f)) if p.is_dir() else [p]
+    result = {str(f): round(median_diameter(read_labels(f)), 2) for f in files}
+    result["mean"] = round(mean_of_diameters(result.values()), 2)
+    return result
+
+
+def main() -> None:
+    import fire
+
+    fire.Fire({"train": train, "infer": infer, "evaluate": evaluate, "diameter": diameter}, name="mmcs")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""The bundle runs for real through ``python -m monai.bundle`` on the built-in sample data (tiny network)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from mmcs_monai.networks import CPnet
+
+REPO = Path(__file__).resolve().parents[2]
+BUNDLE = REPO / "bundle"
+TINY = ["--nbase", "[2,8,16,32]", "--patch_size", "64", "--batch_size", "4", "--num_workers", "0"]
+
+
+def bundle(*args, cwd=REPO):
+    cmd = [sys.executable, "-m", "monai.bundle", *args]
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout + result.stderr
+
+
+def configs(*names):
+    return json.dumps([str(BUNDLE / "configs" / n) for n in names])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 2-epoch training run with validation each epoch; returns its checkpoint folder."""
+    out = tmp_path_factory.mktemp("run")
+    bundle(
+        "run", "training", "--config_file", configs("train.json"), "--meta_file", str(BUNDLE / "configs/metadata.json"),
+        "--bundle_root", str(BUNDLE), "--ckpt_dir", str(out / "models"), "--output_dir", str(out / "eval"),
+        "--epochs", "2", "--val_interval", "1", *TINY,
+    )
+    return out
+
+
+def test_training_writes_models_with_training_diameter(trained):
+    models = trained / "models"
+    assert {"checkpoint.pt", "model.pt", "model_final.pt"} <= {p.name for p in models.iterdir()}
+    net = CPnet.from_checkpoint(models / "model_final.pt")
+    # Sample nuclei are 10-25 px across: the stored mean must be in that range, not the 30 px default.
+    assert 8 < net.diam_labels.item() < 30 and net.diam_mean.item() == 30.0
+    state = torch.load(models / "checkpoint.pt", weights_only=False)
+    assert state["trainer"]["iteration"] == 2 * state["trainer"]["epoch_length"] and {"network", "optimizer", "lr_scheduler", "rng"} <= set(state)
+    assert any(p.name.startswith("events.out.tfevents") for p in (trained / "eval").iterdir())
+
+
+def test_resume_continues_to_more_epochs(trained):
+    log = bundle(
+        "run", "training", "--config_file", configs("train.json"), "--bundle_root", str(BUNDLE),
+        "--ckpt_dir", str(trained / "models"), "--output_dir", str(trained / "eval"),
+        "--epochs", "3", "--val_interval", "5", "--resume", "true", *TINY,
+    )
+    assert "Epoch: 3/3" in log and "Epoch: 1/3" not in log
+    trainer_state = torch.load(trained / "models" / "checkpoint.pt", weights_only=False)["trainer"]
+    assert trainer_state["iteration"] == 3 * trainer_state["epoch_length"]
+
+
+def test_evaluate_writes_per_image_f1(trained):
+    bundle(
+        "run", "evaluating", "--config_file", configs("train.json", "evaluate.json"), "--bundle_root", str(BUNDLE),
+        "--ckpt_dir", str(trained / "models"), "--output_dir", str(trained / "eval"), *TINY,
+    )
+    summary = json.loads((trained / "eval" / "f1_summary.json").read_text())
+    assert summary["overall"]["images"] == 3 and 0.0 <= summary["overall"]["f1"] <= 1.0
+    assert (trained / "eval" / "f1_per_image.csv").read_text().count("\n") == 4
+
+
+def test_inference_writes_masks_and_overlays_then_skips_done(trained, tmp_path):
+    images = BUNDLE / "sample_data" / "images"
+    args = [
+        "run", "inference", "--config_file", configs("inference.json"), "--bundle_root", str(BUNDLE),
+        "--model_path", str(trained / "models" / "model.pt"), "--input_dir", str(images),
+        "--output_dir", str(tmp_path), "--cellprob_threshold", "-10",
+    ]
+    bundle(*args)
+    names = {p.name for p in tmp_path.iterdir()}
+    stems = [p.stem for p in images.iterdir()]
+    assert names == {f"{s}_masks.tif" for s in stems} | {f"{s}_overlay.png" for s in stems}
+    first = tmp_path / f"{stems[0]}_masks.tif"
+    masks = tifffile.imread(first)
+    assert masks.dtype == np.uint16 and masks.shape == tifffile.imread(images / f"{stems[0]}.tif").shape[:2]
+    before = first.stat().st_mtime_ns
+    assert "nothing to do" in bundle(*args)
+    assert first.stat().st_mtime_ns == before
+
+
+def test_metadata_and_network_shape_verify_offline():
+    cfg = str(BUNDLE / "configs")
+    bundle("verify_metadata", "--meta_file", f"{cfg}/metadata.json", "--filepath", f"{cfg}/metadata_schema.json")
+    bundle(
+        "verify_net_in_out", "network_def", "--meta_file", f"{cfg}/metadata.json", "--config_file",
+        f"{cfg}/train.json", "--bundle_root", str(BUNDLE), "--n", "4", "--nbase", "[2,8,16,32]",
+    )

@@ -1,0 +1,92 @@
+"""LR schedule values, atomic checkpoints with resume, best-model saving, training diameter."""
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from ignite.engine import Engine, Events
+
+from conftest import disk_labels
+from mmcs_monai.engines import (
+    BestModelSaver,
+    CheckpointHandler,
+    TrainingDiameterHandler,
+    WarmupHalvingSchedule,
+    datalist_mean_diameter,
+)
+from mmcs_monai.networks import CPnet
+
+
+def test_warmup_then_halving_to_floor():
+    s = WarmupHalvingSchedule(warmup_epochs=10, halving_start=1500, halving_every=100, min_factor=0.016)
+    assert s(0) == pytest.approx(0.1) and s(9) == pytest.approx(1.0) and s(10) == 1.0 and s(1499) == 1.0
+    assert s(1500) == 0.5 and s(1599) == 0.5 and s(1600) == 0.25
+    assert s(2499) == pytest.approx(0.016)  # 0.5**10 < floor
+    lr = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), s)
+    assert lr.get_last_lr()[0] == pytest.approx(0.01)
+
+
+def _tiny_training(tmp_path, max_epochs, resume):
+    torch.manual_seed(0)
+    net = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    data = [torch.randn(4, 2) for _ in range(3)]
+
+    def step(engine, x):
+        opt.zero_grad()
+        loss = net(x).pow(2).mean()
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    trainer = Engine(step)
+    CheckpointHandler(str(tmp_path), {"network": net, "optimizer": opt}, save_interval=1, resume=resume).attach(trainer)
+    return trainer, net, data
+
+
+def test_checkpoint_resume_continues_from_last_epoch(tmp_path):
+    trainer, net, data = _tiny_training(tmp_path / "a", 4, resume=False)
+    trainer.run(data, max_epochs=4)
+    full = net.weight.detach().clone()
+
+    # Interrupted run: 2 epochs, then a new process resumes to 4.
+    trainer, net, data = _tiny_training(tmp_path / "b", 2, resume=False)
+    trainer.run(data, max_epochs=2)
+    trainer, net, data = _tiny_training(tmp_path / "b", 4, resume=True)
+    epochs = []
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: epochs.append(e.state.epoch))
+    trainer.run(data, max_epochs=4)
+    assert epochs == [3, 4]
+    torch.testing.assert_close(net.weight.detach(), full)
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["checkpoint.pt", "model_final.pt"]
+
+
+def test_best_model_saver_writes_only_on_improvement(tmp_path):
+    net = CPnet(nbase=(2, 8, 16))
+    saver = BestModelSaver(net, str(tmp_path / "model.pt"), "f1")
+    engine = Engine(lambda e, b: None)
+    scores = iter([0.5, 0.4, 0.7])
+    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: e.state.metrics.update(f1=next(scores)))
+    saver.attach(engine)
+    written = []
+    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: written.append((tmp_path / "model.pt").stat().st_mtime_ns))
+    engine.run([0], max_epochs=3)
+    assert saver.best == 0.7 and written[0] == written[1] and written[2] >= written[1]
+    assert CPnet.from_checkpoint(tmp_path / "model.pt").state_dict().keys() == net.state_dict().keys()
+
+
+def test_training_diameter_is_mean_of_image_medians(tmp_path):
+    small = disk_labels(shape=(64, 64), centers=((20, 20), (45, 45)), radii=(5, 5))
+    large = disk_labels(shape=(64, 64), centers=((20, 20), (45, 45)), radii=(10, 10))
+    items = []
+    for name, lbl in (("s", small), ("l", large)):
+        tifffile.imwrite(tmp_path / f"{name}.tif", lbl)
+        items.append({"label": str(tmp_path / f"{name}.tif")})
+    items.append({"image": "no-label.tif"})
+    expected = np.mean([2 * np.sqrt((small == 1).sum() / np.pi), 2 * np.sqrt((large == 1).sum() / np.pi)])
+    assert datalist_mean_diameter(items) == pytest.approx(expected)
+    net = CPnet(nbase=(2, 8, 16))
+    engine = Engine(lambda e, b: None)
+    TrainingDiameterHandler(net, items).attach(engine)
+    engine.run([0], max_epochs=1)
+    assert net.diam_labels.item() == pytest.approx(expected, rel=1e-5)

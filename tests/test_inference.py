@@ -1,0 +1,64 @@
+"""CellInferer: scale to the model's diameter, tile, and return flows at the input size."""
+
+import pytest
+import torch
+
+from mmcs_monai.inference import CellInferer, PrecisionInferer, autocast_context
+from mmcs_monai.networks import CPnet
+
+
+class RecordingNet(torch.nn.Module):
+    """A stand-in network that records the sizes it is called with and returns x-coordinate ramps."""
+
+    def __init__(self, diam_mean=30.0, diam_labels=15.0):
+        super().__init__()
+        self.diam_mean = torch.nn.Parameter(torch.tensor([diam_mean]), requires_grad=False)
+        self.diam_labels = torch.nn.Parameter(torch.tensor([diam_labels]), requires_grad=False)
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(tuple(x.shape[-2:]))
+        return x[:, :1].repeat(1, 3, 1, 1)
+
+
+def test_zoom_uses_stored_diameter_then_given_one():
+    net = RecordingNet(diam_mean=30.0, diam_labels=15.0)
+    inferer = CellInferer(roi_size=512, overlap=0.0)
+    out = inferer(torch.rand(1, 2, 50, 70), net)
+    assert net.seen[-1] == (112, 144) and out.shape == (1, 3, 50, 70)  # 100 x 140 in one tile, padded to 16s
+    assert inferer.zoom_for(net) == 2.0
+    assert inferer.zoom_for(net, diameter=60.0) == 0.5
+    assert CellInferer(diameter=30.0).zoom_for(net) == 1.0
+
+
+def test_single_tile_matches_direct_forward():
+    torch.manual_seed(0)
+    net = CPnet(nbase=(2, 8, 16, 32)).eval()
+    net.set_diam_labels(30.0)
+    x = torch.rand(1, 2, 64, 64)
+    out = CellInferer(roi_size=64, overlap=0.0)(x, net)
+    with torch.no_grad():
+        torch.testing.assert_close(out, net(x), atol=1e-5, rtol=1e-5)
+
+
+def test_tiled_output_is_close_to_whole_image_forward_inside():
+    torch.manual_seed(0)
+    net = CPnet(nbase=(2, 8, 16, 32)).eval()
+    net.set_diam_labels(30.0)
+    x = torch.rand(1, 2, 96, 160)
+    tiled = CellInferer(roi_size=64, overlap=0.5)(x, net)
+    with torch.no_grad():
+        whole = net(x)
+    assert tiled.shape == whole.shape
+    # Tiles see less context than the whole image, so they agree only approximately.
+    assert torch.corrcoef(torch.stack([tiled.flatten(), whole.flatten()]))[0, 1] > 0.9
+
+
+def test_precision_names_are_checked():
+    with pytest.raises(ValueError, match="precision"):
+        CellInferer(precision="int8")
+    with pytest.raises(ValueError, match="GPU"):
+        autocast_context("cpu", "fp16").__enter__()
+    net = CPnet(nbase=(2, 8, 16)).eval()
+    out = PrecisionInferer("bf16", channels_last=True)(torch.rand(2, 2, 32, 32), net)
+    assert out.dtype == torch.float32 and out.shape == (2, 3, 32, 32)

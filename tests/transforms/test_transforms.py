@@ -1,0 +1,120 @@
+"""Array and dictionary transforms: values against independent computations."""
+
+import math
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from conftest import disk_labels
+from mmcs_monai.diameters import median_diameter
+from mmcs_monai.flows import labels_to_flows
+from mmcs_monai.io import InputError
+from mmcs_monai.transforms import (
+    FlowsToMasks,
+    LabelsToFlows,
+    LoadMicroscopyd,
+    NormalizePercentile,
+    RandCellAffine,
+    RandCellAffined,
+    StackNucleusChannel,
+    StackNucleusChanneld,
+)
+
+
+def test_stack_nucleus_channel():
+    rgb = np.stack([np.full((4, 5), v, np.float32) for v in (1, 2, 6)])
+    out = StackNucleusChannel()(rgb)
+    assert out.shape == (2, 4, 5)
+    np.testing.assert_allclose(out[0], 3.0)  # mean of channels
+    np.testing.assert_array_equal(out[1], 0.0)  # no nucleus stain
+    out = StackNucleusChannel(nucleus_channel=2)(rgb)
+    np.testing.assert_allclose(out[0], 1.5)  # mean of the others
+    np.testing.assert_allclose(out[1], 6.0)
+    out = StackNucleusChannel(cyto_channel=1, nucleus_channel=0)(rgb)
+    np.testing.assert_allclose(out, np.stack([rgb[1], rgb[0]]))
+    with pytest.raises(ValueError, match="nucleus_channel=3"):
+        StackNucleusChannel(nucleus_channel=3)(rgb)
+
+
+def test_stack_nucleus_channeld_per_item_override():
+    img = np.stack([np.full((3, 3), 1.0), np.full((3, 3), 5.0)]).astype(np.float32)
+    out = StackNucleusChanneld()({"image": img, "nucleus_channel": 1})
+    np.testing.assert_allclose(out["image"][1], 5.0)
+    with pytest.raises(InputError, match="f.tif"):
+        StackNucleusChanneld()({"image": img, "nucleus_channel": 4, "image_file": "f.tif"})
+
+
+def test_normalize_percentile_matches_numpy():
+    rng = np.random.default_rng(0)
+    img = np.stack([rng.normal(100, 20, (32, 32)), np.full((32, 32), 3.0)]).astype(np.float32)
+    out = NormalizePercentile(1, 99)(img)
+    lo, hi = np.percentile(img[0], (1, 99))
+    np.testing.assert_allclose(out[0], (img[0] - lo) / (hi - lo), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(out[1], 0.0)  # constant channel: zeros, not NaN
+
+
+def test_labels_to_flows_target_layout(discs):
+    target = LabelsToFlows()(discs[None])
+    assert target.shape == (3, *discs.shape) and target.dtype == np.float32
+    np.testing.assert_array_equal(target[2], (discs > 0).astype(np.float32))
+    np.testing.assert_allclose(target[:2], labels_to_flows(discs), atol=1e-6)
+
+
+def _cosine_inside(a, b, mask):
+    dot = (a * b).sum(0)[mask]
+    norm = np.linalg.norm(a, axis=0)[mask] * np.linalg.norm(b, axis=0)[mask] + 1e-8
+    return float((dot / norm).mean())
+
+
+@pytest.mark.parametrize("angle, flip", [(math.pi / 2, False), (math.pi, True), (0.7, True)])
+def test_rand_cell_affine_rotates_flow_vectors_with_the_image(discs, angle, flip):
+    affine = RandCellAffine(spatial_size=96, target_diameter=30, scale_range=0.0)
+    affine._angle, affine._flip, affine._scale, affine._center_frac = angle, flip, 1.0, (0.5, 0.5)
+    flows = LabelsToFlows()(discs[None])
+    labels_w, flows_w = affine([discs[None], flows], ["label", "flows"], diameter=30.0, randomize=False)
+    labels_w = labels_w[0].numpy()
+    # Flows recomputed from the warped labels are what the warped flows must match.
+    expected = labels_to_flows(labels_w)
+    interior = (labels_w > 0) & (flows_w[2].numpy() > 0.99)
+    assert _cosine_inside(flows_w[:2].numpy(), expected, interior) > 0.95
+    assert len(np.unique(labels_w)) == len(np.unique(discs))
+
+
+def test_rand_cell_affine_resizes_to_target_diameter():
+    labels = disk_labels(shape=(200, 200), centers=((50, 50), (150, 60), (100, 150)), radii=(10, 10, 10))
+    affine = RandCellAffine(spatial_size=256, target_diameter=30, scale_range=0.0, rotate=False, flip=False)
+    (warped,) = affine([labels[None]], ["label"], diameter=median_diameter(labels))
+    assert median_diameter(warped) == pytest.approx(30, rel=0.05)
+
+
+def test_rand_cell_affined_is_reproducible_and_crops(discs):
+    data = {"image": np.random.default_rng(0).random((2, 96, 96)).astype(np.float32), "flows": LabelsToFlows()(discs[None]), "diameter": 20.0}
+    t1 = RandCellAffined(keys=["image", "flows"], spatial_size=64).set_random_state(seed=3)
+    t2 = RandCellAffined(keys=["image", "flows"], spatial_size=64).set_random_state(seed=3)
+    a, b = t1(data), t2(data)
+    assert a["image"].shape == (2, 64, 64) and a["flows"].shape == (3, 64, 64)
+    torch.testing.assert_close(a["image"], b["image"])
+    torch.testing.assert_close(a["flows"], b["flows"])
+    c = t1(data)
+    assert not torch.equal(a["image"], c["image"])  # a new draw each call
+
+
+def test_load_microscopyd_checks_label_size(tmp_path):
+    tifffile.imwrite(tmp_path / "img.tif", np.zeros((10, 12), np.uint8))
+    tifffile.imwrite(tmp_path / "lbl.tif", np.zeros((10, 11), np.uint16))
+    with pytest.raises(InputError, match="lbl.tif.*image is"):
+        LoadMicroscopyd()({"image": str(tmp_path / "img.tif"), "label": str(tmp_path / "lbl.tif")})
+    tifffile.imwrite(tmp_path / "lbl.tif", np.ones((10, 12), np.uint16))
+    out = LoadMicroscopyd()({"image": str(tmp_path / "img.tif"), "label": str(tmp_path / "lbl.tif")})
+    assert out["image"].shape == (1, 10, 12) and out["label"].shape == (1, 10, 12)
+    assert out["image_file"].endswith("img.tif")
+
+
+def test_flows_to_masks_transform_recovers_labels(discs):
+    target = LabelsToFlows()(discs[None])
+    output = np.concatenate([5 * target[:2], np.where(target[2:] > 0, 10.0, -10.0)])
+    masks = FlowsToMasks()(output)
+    assert masks.shape == (1, *discs.shape) and masks.dtype == torch.int32
+    assert int(masks.max()) == 3
