@@ -29,7 +29,8 @@ centre for ``labels_to_flows``, and Euler integration + convergence histogram fo
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+import contextlib
+from typing import Iterator, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -79,16 +80,46 @@ def _like_input(t: torch.Tensor, ref: ArrayLike) -> ArrayLike:
     return t.cpu().numpy()
 
 
+@contextlib.contextmanager
+def _serial_on_cpu(device: torch.device) -> Iterator[None]:
+    """Run torch CPU ops of the calling thread single-threaded inside the block.
+
+    ``torch.set_num_threads`` acts on the calling thread's OpenMP setting (other threads that
+    already ran torch ops keep theirs) and is restored on exit.  The loops here issue thousands of
+    small ops.  Each multi-threaded op ends in an OpenMP barrier,
+    and on a CPU shared with other work a barrier waits for a descheduled thread (measured: one
+    labels_to_flows call went from 35 ms to 14 s next to a training job on 2 cores); the parallel
+    speed-up on ops this small is minor anyway.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def relabel_sequential(labels: torch.Tensor) -> torch.Tensor:
-    """Map the ids of ``labels`` [H, W] (any int dtype) to 1..n in increasing order, 0 stays 0.
+    """Map the ids of ``labels`` [H, W] (non-negative ints) to 1..n in increasing order, 0 stays 0.
 
     Returns int32 labels of the same shape on the same device.
     """
-    ids, inv = torch.unique(labels, return_inverse=True)
-    # unique() sorts, so background (0) is ids[0] when present and keeps index 0
-    if ids.numel() and ids[0] != 0:
-        inv = inv + 1
-    return inv.to(torch.int32).reshape(labels.shape)
+    flat = labels.reshape(-1).long()
+    if flat.numel() == 0:
+        return labels.to(torch.int32)
+    max_id = int(flat.max())
+    if max_id > 4 * flat.numel() + 4096:  # sparse huge ids: sort instead of a lookup table
+        ids, inv = torch.unique(flat, return_inverse=True)
+        inv = inv if int(ids[0]) == 0 else inv + 1
+        return inv.to(torch.int32).view(labels.shape)
+    present = torch.zeros(max_id + 1, dtype=torch.int32, device=labels.device)
+    present[flat] = 1
+    present[0] = 0
+    lut = torch.cumsum(present, 0, dtype=torch.int32) * present
+    return lut[flat].view(labels.shape)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,7 +127,7 @@ def relabel_sequential(labels: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
-def _cell_geometry(labels: torch.Tensor):
+def _cell_geometry(labels: torch.Tensor) -> dict:
     """Pixels, bounding boxes and diffusion sources of every cell of ``labels`` [H, W].
 
     Returns a dict of tensors on the labels' device:
@@ -108,7 +139,15 @@ def _cell_geometry(labels: torch.Tensor):
     H, W = labels.shape
     flat = labels.reshape(-1)
     pix = torch.nonzero(flat, as_tuple=False).squeeze(1)  # raster order
-    _, cell = torch.unique(flat[pix], return_inverse=True)
+    ids = flat[pix].long()
+    max_id = int(ids.max())
+    if 0 < ids.min() and max_id <= 4 * pix.numel() + 4096:
+        # dense id range: a lookup table is much cheaper than unique() (a sort)
+        present = torch.zeros(max_id + 1, dtype=torch.int64, device=labels.device)
+        present[ids] = 1
+        cell = (torch.cumsum(present, 0) - 1)[ids]
+    else:
+        cell = torch.unique(ids, return_inverse=True)[1]
     n = int(cell.max()) + 1
     y, x = pix // W, pix % W
 
@@ -139,37 +178,47 @@ def _shelf_pack(hc: torch.Tensor, wc: torch.Tensor, width: int):
     """Place boxes [n] (heights ``hc``, widths ``wc``, already in packing order) on shelves.
 
     Boxes are laid left to right; a box starts a new shelf when its left edge would be at or past
-    ``width`` (so a shelf may overhang by less than one box).  Fully vectorised.
+    ``width`` (so a shelf may overhang by less than one box; ``width >= max(wc)`` keeps shelf ids
+    dense).  Fully vectorised.
 
-    Returns (oy [n], ox [n], shelf [n], shelf_top [S], shelf_height [S], canvas_h, canvas_w).
+    Returns (oy [n], ox [n] box corners, shelf [n] shelf of each box, shelf_top [S],
+    shelf_h [S], canvas_h, canvas_w).
     """
     start = torch.cumsum(wc, 0) - wc
     shelf = start // width
-    # renumber shelves densely (an extra-wide box can skip shelf ids)
-    _, shelf = torch.unique_consecutive(shelf, return_inverse=True)
+    first = torch.searchsorted(shelf, shelf)  # first box of each box's shelf (shelf is sorted)
+    ox = start - start[first]
     n_shelf = int(shelf[-1]) + 1
-    first = torch.full((n_shelf,), start.numel(), dtype=torch.int64, device=hc.device)
-    first.scatter_reduce_(0, shelf, torch.arange(start.numel(), device=hc.device), "amin")
-    ox = start - start[first][shelf]
     shelf_h = torch.zeros(n_shelf, dtype=torch.int64, device=hc.device).scatter_reduce_(0, shelf, hc, "amax")
     shelf_top = torch.cumsum(shelf_h, 0) - shelf_h
-    oy = shelf_top[shelf]
-    return oy, ox, shelf, shelf_top, shelf_h, int(shelf_h.sum()), int((ox + wc).max())
+    return ox.new_tensor(0) + shelf_top[shelf], ox, shelf, shelf_top, shelf_h, int(shelf_h.sum()), int((ox + wc).max())
 
 
-def _diffuse_packed(geo: dict, niter: Optional[int], dtype: torch.dtype) -> torch.Tensor:
-    """Cellpose heat diffusion for all cells at once; returns the raw gradients [2, P] (dY, dX).
+# Flush period and level keeping float32 heat out of the denormal range, whose arithmetic is ~100x
+# slower on x86.  One step divides the smallest non-zero value by at most 9, and
+# 1e-30 / 9**8 > 1.2e-38 (smallest normal float32).  Heat this small does not matter: cells whose
+# final heat gets near it are recomputed in float64 (see labels_to_flows).
+_FLUSH_EVERY = 8
+_FLUSH_BELOW = {torch.float32: 1e-30, torch.float64: 1e-290}
+
+
+def _diffuse_packed(geo: dict, niter: Optional[int], dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Cellpose heat diffusion for all cells at once.
 
     Per cell, as ``cellpose.dynamics.masks_to_flows_cpu``: ``niter_c`` times (default
     ``2 * (h + 2 + w + 2)`` with (h, w) the bounding box), add 1 at the source, then replace every
     in-cell value by the mean of its 3x3 neighbourhood, where out-of-cell pixels count as 0.
-    The gradient is the central difference of the final heat (0 outside the cell).
 
     The update is linear, so with M the cell mask and e the source,
     ``T <- M * box(T + e) / 9 = (M / 9) * box(T) + S`` with ``S = (M / 9) * box(e)`` precomputed.
-    Cells live on a shelf-packed canvas, each in its bounding box plus a zero ring, sorted by
-    decreasing ``niter_c``: at step t only the leading shelves with cells still iterating are
-    updated, and a cell's gradient is read out right after its last step.
+    Cells live on a shelf-packed canvas, each in its bounding box framed by a zero ring (shared
+    with its neighbours), sorted by decreasing ``niter_c``: at step t only the leading shelves with
+    cells still iterating are updated (5 dense ops), and a cell's heat is read out right after its
+    last step.
+
+    Returns:
+        (grads [2, P] (dY, dX) central differences of the final heat, heat [5, P] final heat at the
+        pixel and its up, down, left and right neighbours), in raster pixel order, ``dtype``.
     """
     device = geo["pix"].device
     h, w, cell = geo["h"], geo["w"], geo["cell"]
@@ -180,81 +229,85 @@ def _diffuse_packed(geo: dict, niter: Optional[int], dtype: torch.dtype) -> torc
     order = torch.sort(n_it, descending=True, stable=True).indices
     rank = torch.empty_like(order)
     rank[order] = torch.arange(n, device=device)
-    hc, wc = h[order] + 2, w[order] + 2  # + zero ring (the "outside" of the cell)
-    total = int((hc * wc).sum())
-    # near-square canvas; wide enough for the widest box
-    width = max(int(wc.max()), int(np.sqrt(total)))
+    hc, wc = h[order] + 1, w[order] + 1  # box + one ring row/column (the other is the neighbour's)
+    # near-square canvas, at least as wide as the widest box
+    width = max(int(wc.max()), int(0.75 * float((hc * wc).sum()) ** 0.5))
     oy, ox, shelf, shelf_top, shelf_h, Hc, Wc = _shelf_pack(hc, wc, width)
-    Hc += 2  # one spare zero row above/below so every shelf can be updated with plain slicing
-    oy = oy + 1
-    shelf_top = shelf_top + 1
+    Hc, Wc = Hc + 1, Wc + 1  # closing ring row / column
 
-    # canvas coordinates of the pixels, grouped by packing rank (cells with the same number of
-    # iterations become contiguous ranges)
+    # pixels grouped by packing rank: cells with equal iteration counts become contiguous ranges
     r = rank[cell]
     perm = torch.sort(r, stable=True).indices
-    cy = geo["y"][perm] - geo["ymin"][cell[perm]] + 1 + oy[r[perm]]
-    cx = geo["x"][perm] - geo["xmin"][cell[perm]] + 1 + ox[r[perm]]
-    q = cy * Wc + cx  # [P] flat canvas index, in rank order
+    rp, cp = r[perm], cell[perm]
+    q = (geo["y"][perm] - geo["ymin"][cp] + 1 + oy[rp]) * Wc + (geo["x"][perm] - geo["xmin"][cp] + 1 + ox[rp])
+    inv_perm = torch.empty_like(perm)
+    inv_perm[perm] = torch.arange(perm.numel(), device=device)
 
     m9 = torch.zeros(Hc * Wc, dtype=dtype, device=device)
     m9[q] = 1.0 / 9.0
     m9 = m9.view(Hc, Wc)
     e = torch.zeros(Hc * Wc, dtype=dtype, device=device)
-    inv_perm = torch.empty_like(perm)
-    inv_perm[perm] = torch.arange(perm.numel(), device=device)
     e[q[inv_perm[geo["center"]]]] = 1.0
     S = torch.zeros_like(m9)
     S[1:-1, 1:-1] = _box3(e.view(Hc, Wc)) * m9[1:-1, 1:-1]
+    del e
 
-    # schedule (host side): cells sorted by decreasing niter -> end of the active shelf rows
+    # host-side schedule: active shelves per step, and when each group of cells is final
     n_it_sorted = n_it[order]
-    shelf_niter = torch.zeros(int(shelf.max()) + 1, dtype=torch.int64, device=device)
-    shelf_niter.scatter_reduce_(0, shelf, n_it_sorted, "amax")
-    shelf_end = (shelf_top + shelf_h).tolist()
-    shelf_niter = shelf_niter.tolist()
-    cells_per_rank = torch.bincount(r, minlength=n)
-    pix_end = torch.cumsum(cells_per_rank, 0).tolist()  # pixel range end of each rank
-    n_it_sorted = n_it_sorted.tolist()
+    shelf_niter = torch.zeros(int(shelf[-1]) + 1, dtype=torch.int64, device=device)
+    shelf_niter = shelf_niter.scatter_reduce_(0, shelf, n_it_sorted, "amax").tolist()
+    shelf_end = (shelf_top + shelf_h).tolist()  # row of each shelf's closing ring
+    pix_end = torch.cumsum(torch.bincount(r, minlength=n), 0).tolist()
+    events = {}  # n_it -> [first, last) pixel (in rank order) of the cells that stop there
+    for k, nk in enumerate(n_it_sorted.tolist()):
+        events.setdefault(nk, [pix_end[k - 1] if k else 0, 0])[1] = pix_end[k]
+    # neighbourhood of every pixel: centre, up, down, left, right
+    nbr = torch.stack((q, q - Wc, q + Wc, q - 1, q + 1))
 
-    # readout events: after step t, the cells with n_it == t are final
-    events = {}
-    for k, nk in enumerate(n_it_sorted):
-        lo = pix_end[k - 1] if k else 0
-        ev = events.setdefault(nk, [lo, lo])
-        ev[1] = pix_end[k]
-    grads = torch.zeros(2, q.numel(), dtype=dtype, device=device)
-
-    def read_out(lo, hi, T):
-        qq = q[lo:hi]
-        Tf = T.view(-1)
-        grads[0, lo:hi] = Tf[qq + Wc] - Tf[qq - Wc]
-        grads[1, lo:hi] = Tf[qq + 1] - Tf[qq - 1]
-
-    A = torch.zeros(Hc, Wc, dtype=dtype, device=device)
-    B = torch.zeros_like(A)
+    # Double-buffered canvas: step t reads bufs[(t - 1) % 2] and writes bufs[t % 2].
+    bufs = (torch.zeros(Hc, Wc, dtype=dtype, device=device), torch.zeros(Hc, Wc, dtype=dtype, device=device))
     rows = torch.empty(Hc - 2, Wc, dtype=dtype, device=device)
     box = torch.empty(Hc - 2, Wc - 2, dtype=dtype, device=device)
+
+    def step_views(m, src, dst):
+        # slicing costs as much as the arithmetic on small canvases: build the views once per
+        # active prefix (interior rows 1..m) and buffer parity
+        rv, bv = rows[:m], box[:m]
+        return (src[:m], src[1 : m + 1], src[2 : m + 2], rv, rv[:, :-2], rv[:, 1:-1], rv[:, 2:], bv,
+                S[1 : m + 1, 1:-1], m9[1 : m + 1, 1:-1], dst[1 : m + 1, 1:-1])
+
+    # segments of steps with the same active shelves
+    t_last = max(events)
+    segments, t0 = [], 1
+    for k in range(len(shelf_end) - 1, -1, -1):
+        t1 = min(shelf_niter[k], t_last)  # shelves 0..k are active up to step shelf_niter[k]
+        if t1 >= t0:
+            segments.append((t0, t1, shelf_end[k] - 1))
+            t0 = t1 + 1
+    flush = _FLUSH_BELOW[dtype]
+    samples = []  # (first, last, [5, k] heat around the pixels)
     if 0 in events:  # niter=0: no diffusion, zero heat
-        read_out(*events[0], A)
-    n_active_shelves = len(shelf_end)
-    for t in range(1, max(n_it_sorted) + 1):
-        while shelf_niter[n_active_shelves - 1] < t:
-            n_active_shelves -= 1
-        end = shelf_end[n_active_shelves - 1] + 1  # rows [0, end) hold every active shelf
-        m = end - 2  # interior rows updated this step
-        rv = rows[:m]
-        torch.add(A[:m], A[1 : m + 1], out=rv)
-        rv.add_(A[2 : m + 2])
-        bv = box[:m]
-        torch.add(rv[:, :-2], rv[:, 1:-1], out=bv)
-        bv.add_(rv[:, 2:])
-        torch.addcmul(S[1 : m + 1, 1:-1], bv, m9[1 : m + 1, 1:-1], out=B[1 : m + 1, 1:-1])
-        A, B = B, A
-        if t in events:
-            read_out(*events[t], A)
-    # back to raster pixel order
-    return grads[:, inv_perm]
+        samples.append((*events[0], bufs[0].view(-1)[nbr[:, slice(*events[0])]]))
+    add, addcmul = torch.add, torch.addcmul
+    for t0, t1, m in segments:
+        views = (step_views(m, bufs[1], bufs[0]), step_views(m, bufs[0], bufs[1]))  # by parity of t
+        for t in range(t0, t1 + 1):
+            a0, a1, a2, rv, r0, r1, r2, bv, s, mm, out = views[t & 1]
+            add(a0, a1, out=rv)
+            rv.add_(a2)
+            add(r0, r1, out=bv)
+            bv.add_(r2)
+            addcmul(s, bv, mm, out=out)
+            if t % _FLUSH_EVERY == 0:
+                F.threshold(out, flush, 0.0, inplace=True)
+            if t in events:
+                lo, hi = events[t]
+                samples.append((lo, hi, bufs[t & 1].view(-1)[nbr[:, lo:hi]]))
+    heat5 = torch.empty(5, q.numel(), dtype=dtype, device=device)
+    for lo, hi, s5 in samples:
+        heat5[:, lo:hi] = s5
+    heat5 = heat5[:, inv_perm]  # back to raster pixel order
+    return torch.stack((heat5[2] - heat5[1], heat5[4] - heat5[3])), heat5
 
 
 def _box3(x: torch.Tensor) -> torch.Tensor:
@@ -272,7 +325,8 @@ def labels_to_flows(
     cell, heat is injected at the in-cell pixel closest to the cell's mean position and diffused
     inside the cell (absorbing boundary) for ``2 * (h + w + 4)`` steps, (h, w) = bounding box; the
     flow is the normalised central-difference gradient of the heat.  All cells are computed at
-    once on a packed canvas (see :func:`_diffuse_packed`).
+    once on a packed canvas (see :func:`_diffuse_packed`), in float32 (float64 where float32
+    would underflow).
 
     Args:
         labels: [H, W] integer instance ids (numpy array or torch tensor), 0 = background.
@@ -288,30 +342,49 @@ def labels_to_flows(
     lab = _to_tensor(labels, device)
     if lab.ndim != 2:
         raise ValueError(f"labels must be [H, W], got shape {tuple(lab.shape)}")
-    if lab.is_floating_point():
-        lab = lab.long()
-    H, W = lab.shape
-    out = torch.zeros(2, H * W, dtype=torch.float32, device=lab.device)
-    if H * W and bool((lab != 0).any()):
-        geo = _cell_geometry(lab)
-        grads = _diffuse_packed(geo, niter, torch.float32)
-        # float32 heat can underflow far from the source in very long/thin cells (Cellpose uses
-        # float64); redo in float64 when any reachable pixel got (nearly) no heat.
-        if _needs_float64(grads):
-            grads = _diffuse_packed(geo, niter, torch.float64)
-        norm = torch.sqrt((grads.double() ** 2).sum(0)) if grads.dtype == torch.float64 else grads.norm(dim=0)
-        unit = torch.where(norm > 0, grads / norm.clamp_min(torch.finfo(grads.dtype).tiny), 0.0)
-        out[:, geo["pix"]] = unit.float()
-    return _like_input(out.view(2, H, W), labels)
+    with _serial_on_cpu(lab.device):
+        out = _labels_to_flows(lab, niter)
+    return _like_input(out, labels)
 
 
-def _needs_float64(grads: torch.Tensor) -> bool:
-    """True when float32 gradients are so small that they may have lost precision (underflow)."""
-    if grads.dtype == torch.float64:
+def _labels_to_flows(labels: torch.Tensor, niter: Optional[int] = None) -> torch.Tensor:
+    """Tensor version of :func:`labels_to_flows`: [H, W] ints -> [2, H, W] float32, same device."""
+    if labels.is_floating_point():
+        labels = labels.long()
+    H, W = labels.shape
+    out = torch.zeros(2, H * W, dtype=torch.float32, device=labels.device)
+    if H * W == 0 or not bool(labels.any()):
+        return out.view(2, H, W)
+    geo = _cell_geometry(labels)
+    grads, heat = _diffuse_packed(geo, niter, torch.float32)
+    if _underflow(heat):
+        grads, _ = _diffuse_packed(geo, niter, torch.float64)
+    # in float64: the squares of tiny gradients would underflow float32
+    norm = torch.sqrt(grads[0].double() ** 2 + grads[1].double() ** 2)
+    unit = torch.where(norm > 0, grads / norm.clamp_min(1e-300), 0.0)
+    out[:, geo["pix"]] = unit.float()
+    return out.view(2, H, W)
+
+
+# Smallest heat trusted in float32: far above the flush level and float32's normal range, so that
+# central differences keep ~all their bits.
+_MIN_FLOAT32_HEAT = 1e-20
+
+
+def _underflow(heat: torch.Tensor) -> bool:
+    """Whether float32 heat [5, P] (pixel, up, down, left, right) may have underflowed.
+
+    Far from the source of a long, thin cell the heat can fall below what float32 holds (Cellpose
+    works in float64); there the heat is tiny, or flushed to 0 next to a pixel that still has some.
+    Pixels with no heat in their whole 4-neighbourhood are fine: they are not connected to the
+    source (cells made of several pieces), and Cellpose gives them no flow either.
+    """
+    if heat.dtype == torch.float64:
         return False
-    mag = grads.abs().amax(0)
-    # exact zeros are legitimate (symmetric points, single pixels); tiny non-zeros are not trustworthy
-    return bool(((mag > 0) & (mag < 1e-30)).any())
+    centre = heat[0]
+    tiny = (centre > 0) & (centre < _MIN_FLOAT32_HEAT)
+    cut_off = (centre == 0) & (heat[1:].amax(0) > 0)
+    return bool((tiny | cut_off).any())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -341,18 +414,36 @@ def follow_flows(flows: torch.Tensor, inds: Tuple[torch.Tensor, torch.Tensor], n
     sy = 2.0 / (H - 1) if H > 1 else 0.0
     sx = 2.0 / (W - 1) if W > 1 else 0.0
     field = torch.stack((flows[1] * sx, flows[0] * sy)).to(torch.float32)[None]  # [1, 2, H, W] (x, y)
-    grid = torch.stack((x * sx - 1.0, y * sy - 1.0), -1).to(torch.float32).view(1, 1, -1, 2)
-    g = grid.view(-1, 2)
+    # positions stored planar [2, N] (x, y) so the update is a contiguous add; grid_sample reads
+    # the transposed view [1, 1, N, 2] without a copy
+    p = torch.stack((x * sx - 1.0, y * sy - 1.0)).to(torch.float32)
+    grid = p.t().view(1, 1, -1, 2)
     for _ in range(int(niter)):
-        step = F.grid_sample(field, grid, mode="bilinear", padding_mode="border", align_corners=True)
-        g.add_(step.view(2, -1).t())
-        g.clamp_(-1.0, 1.0)
-    pos = torch.stack(((g[:, 1] + 1.0) / sy if sy else torch.zeros_like(g[:, 1]),
-                       (g[:, 0] + 1.0) / sx if sx else torch.zeros_like(g[:, 0])))
+        # positions stay inside [-1, 1], where zero padding (faster) equals Cellpose's edge clamp:
+        # an out-of-range corner only occurs at the last pixel, with weight 0
+        step = F.grid_sample(field, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+        p.add_(step.view(2, -1))
+        p.clamp_(-1.0, 1.0)
+    pos = torch.stack(((p[1] + 1.0) / sy if sy else torch.zeros_like(p[1]),
+                       (p[0] + 1.0) / sx if sx else torch.zeros_like(p[0])))
     # undo the normalisation; clamp away float round-off at the upper edge
     pos[0].clamp_(0, H - 1)
     pos[1].clamp_(0, W - 1)
     return pos
+
+
+def _max_filter(x: torch.Tensor, radius: int) -> torch.Tensor:
+    """Max over a (2r+1)x(2r+1) window of the last two dims of ``x`` [..., H, W] (edges: window
+    cut at the border).  Shifted ``torch.maximum`` calls: ~30x faster than CPU ``max_pool2d``."""
+    out = x.clone()
+    for d in range(1, radius + 1):  # along W
+        torch.maximum(out[..., d:], x[..., :-d], out=out[..., d:])
+        torch.maximum(out[..., :-d], x[..., d:], out=out[..., :-d])
+    rows = out.clone()
+    for d in range(1, radius + 1):  # along H
+        torch.maximum(out[..., d:, :], rows[..., :-d, :], out=out[..., d:, :])
+        torch.maximum(out[..., :-d, :], rows[..., d:, :], out=out[..., :-d, :])
+    return out
 
 
 def get_masks(
@@ -390,7 +481,7 @@ def get_masks(
     bins = pt[0] * Wh + pt[1]
     hist = torch.bincount(bins, minlength=Hh * Wh).view(Hh, Wh).to(torch.float32)
 
-    hmax = F.max_pool2d(hist[None, None], 5, stride=1, padding=2)[0, 0]
+    hmax = _max_filter(hist, 2)
     seeds = torch.nonzero((hist >= hmax) & (hist > 10))  # [n, 2] raster order
     if seeds.shape[0] == 0:
         return labels.view(H, W)
@@ -403,12 +494,12 @@ def get_masks(
     wy = (seeds[:, 0, None] + off)[:, :, None].expand(n, 11, 11)  # seeds are >= 20 px from the edge
     wx = (seeds[:, 1, None] + off)[:, None, :].expand(n, 11, 11)
     win = wy * Wh + wx  # [n, 11, 11] flat histogram index
-    allowed = (hist.view(-1)[win] > 2).to(torch.float32)
-    grow = torch.zeros(n, 1, 11, 11, device=device)
-    grow[:, 0, 5, 5] = 1.0
+    allowed = hist.view(-1)[win] > 2
+    grow = torch.zeros(n, 11, 11, dtype=torch.bool, device=device)
+    grow[:, 5, 5] = True
     for _ in range(5):
-        grow = F.max_pool2d(grow, 3, stride=1, padding=1) * allowed[:, None]
-    k, iy, ix = torch.nonzero(grow[:, 0] > 0, as_tuple=True)
+        grow = _max_filter(grow, 1) & allowed
+    k, iy, ix = torch.nonzero(grow, as_tuple=True)
     seed_map = torch.zeros(Hh * Wh, dtype=torch.int64, device=device)
     seed_map.scatter_reduce_(0, win[k, iy, ix], k + 1, "amax")
 
@@ -449,7 +540,7 @@ def flow_error(labels: ArrayLike, flows: ArrayLike) -> Tuple[ArrayLike, ArrayLik
 
 
 def _flow_error(labels: torch.Tensor, flows: torch.Tensor):
-    mflows = labels_to_flows(labels)
+    mflows = _labels_to_flows(labels)
     n = int(labels.max()) + 1 if labels.numel() else 1
     idx = labels.reshape(-1)
     diff2 = ((mflows - flows.to(torch.float32) / FLOW_SCALE) ** 2).reshape(2, -1).sum(0)
@@ -517,29 +608,37 @@ def _fill_holes_and_remove_small(labels: torch.Tensor, min_size: int) -> torch.T
 
 def _fill_holes(labels: torch.Tensor) -> torch.Tensor:
     """Fill background regions enclosed by a single mask (see fill_holes_and_remove_small_masks)."""
-    H, W = labels.shape
     bg = (labels == 0).cpu().numpy()
     comp_np, n_comp = ndimage.label(bg)  # 4-connectivity, like fill_voids in 2D
-    if n_comp == 0:
-        return labels
-    comp = torch.from_numpy(comp_np.astype(np.int64)).to(labels.device)
     # regions touching the image border are outside, never holes
-    border = torch.cat((comp[0], comp[-1], comp[:, 0], comp[:, -1]))
-    lo = torch.full((n_comp + 1,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=labels.device)
-    hi = torch.full((n_comp + 1,), -1, dtype=torch.int64, device=labels.device)
-    # each background pixel looks at its 4 neighbours: which masks surround its region?
-    for a, b in (((slice(1, None), slice(None)), (slice(None, -1), slice(None))),
-                 ((slice(None, -1), slice(None)), (slice(1, None), slice(None))),
-                 ((slice(None), slice(1, None)), (slice(None), slice(None, -1))),
-                 ((slice(None), slice(None, -1)), (slice(None), slice(1, None)))):
-        c, nb = comp[a].reshape(-1), labels[b].reshape(-1)
-        keep = (c > 0) & (nb > 0)
-        lo.scatter_reduce_(0, c[keep], nb[keep], "amin")
-        hi.scatter_reduce_(0, c[keep], nb[keep], "amax")
-    fill = torch.where((lo == hi) & (hi > 0), hi, 0)
-    fill[border] = 0
-    fill[0] = 0
-    return torch.where(comp > 0, fill[comp], labels)
+    inner = np.ones(n_comp + 1, dtype=bool)
+    inner[0] = False
+    for edge in (comp_np[0], comp_np[-1], comp_np[:, 0], comp_np[:, -1]):
+        inner[edge] = False
+    if not inner.any():
+        return labels
+    # Only the (few, small) enclosed regions matter: look at the 4 neighbours of their pixels.
+    # A region is a hole of mask k when every mask pixel next to it belongs to k.
+    comp_np = np.where(inner[comp_np], comp_np, 0)
+    ys, xs = np.nonzero(comp_np)
+    H, W = labels.shape
+    lab_np = labels.cpu().numpy()
+    c = comp_np[ys, xs]
+    lo = np.full(n_comp + 1, np.iinfo(np.int64).max)
+    hi = np.zeros(n_comp + 1, dtype=np.int64)
+    for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+        # enclosed regions never touch the border, so their neighbours are inside the image
+        nb = lab_np[ys + dy, xs + dx].astype(np.int64)
+        keep = nb > 0
+        np.minimum.at(lo, c[keep], nb[keep])
+        np.maximum.at(hi, c[keep], nb[keep])
+    fill = np.where(inner & (lo == hi), hi, 0)
+    filled = fill[c]
+    ok = filled > 0
+    out = labels.clone()
+    idx = torch.from_numpy(ys[ok] * W + xs[ok]).to(labels.device)
+    out.view(-1)[idx] = torch.from_numpy(filled[ok]).to(labels.device, labels.dtype)
+    return out
 
 
 def flows_to_masks(
@@ -579,16 +678,22 @@ def flows_to_masks(
     if fl.ndim != 3 or fl.shape[0] != 2:
         raise ValueError(f"flows must be [2, H, W], got shape {tuple(fl.shape)}")
     prob = _to_tensor(cellprob, fl.device)
-    H, W = prob.shape
-    fl = fl.to(torch.float32)
-    inside = prob > cellprob_threshold
+    if tuple(prob.shape) != tuple(fl.shape[1:]):
+        raise ValueError(f"cellprob {tuple(prob.shape)} does not match flows {tuple(fl.shape)}")
+    with _serial_on_cpu(fl.device):
+        labels = _flows_to_masks(fl.to(torch.float32), prob, niter, cellprob_threshold, flow_threshold,
+                                 min_size, max_size_fraction)
+    return _like_input(labels, flows)
+
+
+def _flows_to_masks(flows, cellprob, niter, cellprob_threshold, flow_threshold, min_size, max_size_fraction):
+    H, W = cellprob.shape
+    inside = cellprob > cellprob_threshold
     y, x = torch.nonzero(inside, as_tuple=True)
     if y.numel() == 0:
-        return _like_input(torch.zeros(H, W, dtype=torch.int32, device=fl.device), flows)
-    step = fl * inside / FLOW_SCALE
-    pos = follow_flows(step, (y, x), niter=niter)
+        return torch.zeros(H, W, dtype=torch.int32, device=flows.device)
+    pos = follow_flows(flows * inside / FLOW_SCALE, (y, x), niter=niter)
     labels = get_masks(pos, (y, x), (H, W), max_size_fraction=max_size_fraction)
     if flow_threshold is not None and flow_threshold > 0:
-        labels = _remove_bad_flow_masks(labels, fl, flow_threshold)
-    labels = _fill_holes_and_remove_small(labels.long(), min_size)
-    return _like_input(labels, flows)
+        labels = _remove_bad_flow_masks(labels, flows, flow_threshold)
+    return _fill_holes_and_remove_small(labels.long(), min_size)

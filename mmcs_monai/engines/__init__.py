@@ -5,6 +5,7 @@ from mmcs_monai.engines.handlers import (
     CheckpointHandler,
     F1ReportHandler,
     LearningRateLogger,
+    TimeBudgetHandler,
     TrainingDiameterHandler,
     datalist_mean_diameter,
     save_atomic,

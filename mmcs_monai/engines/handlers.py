@@ -254,3 +254,33 @@ class F1ReportHandler:
         lines += [f"{name:<48} {s['images']:>6} {s['f1']:>7.3f}" for name, s in summary.items()]
         logger.info("F1 at IoU 0.5 (border %d px removed):\n%s", self.border, "\n".join(lines))
         print("\n".join(lines))
+
+
+class TimeBudgetHandler:
+    """Stop training cleanly once ``minutes`` of wall time have passed since the run started.
+
+    The trainer then completes as usual (final checkpoint and model written, ``COMPLETED`` handlers
+    run), which makes same-budget comparisons and "train for the night" runs possible. None or
+    a value <= 0 disables it.
+    """
+
+    def __init__(self, minutes: float | None = None) -> None:
+        self.minutes = minutes
+        self._start = 0.0
+
+    def attach(self, engine: Engine) -> None:
+        if self.minutes and self.minutes > 0:
+            engine.add_event_handler(Events.STARTED, self._started)
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def _started(self, engine: Engine) -> None:
+        import time
+
+        self._start = time.monotonic()
+
+    def __call__(self, engine: Engine) -> None:
+        import time
+
+        if time.monotonic() - self._start > self.minutes * 60:
+            logger.info("time budget of %.1f min reached at epoch %d: stopping", self.minutes, engine.state.epoch)
+            engine.terminate()
