@@ -48,6 +48,7 @@ train.train_seg(net, train_data=imgs, train_labels=labels, channels=[0, 0], save
 
 def _run_with_budget(cmd: list[str], minutes: float, log: Path, env=None) -> float:
     """Run ``cmd``; kill it at ``minutes`` (a small grace period for ours, which stops itself). Returns seconds."""
+    log.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)

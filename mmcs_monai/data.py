@@ -70,6 +70,7 @@ def _from_rows(rows: list[dict[str, Any]], base: Path, split: str | None) -> lis
 
 
 def _from_folder(folder: Path) -> list[dict[str, Any]]:
+    folder = folder.resolve()
     images_dir, labels_dir = folder / "images", folder / "labels"
     if images_dir.is_dir():
         labels = {_stem(p): p for p in labels_dir.iterdir() if is_image_file(p)} if labels_dir.is_dir() else {}
@@ -134,6 +135,11 @@ def load_datalist(
 def labelled(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows that have a label."""
     return [i for i in items if i.get("label")]
+
+
+def unlabelled(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The same rows with their labels removed: images to use as unlabelled data."""
+    return [{k: v for k, v in i.items() if k != "label"} for i in items]
 
 
 def write_datalist(path: str | os.PathLike, sections: dict[str, list[dict[str, Any]]]) -> Path:

@@ -26,7 +26,8 @@ centre for ``labels_to_flows``, and Euler integration + convergence histogram fo
   a handful of dense tensor ops over the cells that are still iterating;
 - seeds of the convergence histogram are grown in a batch of 11x11 windows.
 
-On the CPU both run their torch ops single-threaded (see :func:`_serial_on_cpu`).  Measured on the
+Both use torch's current thread setting: they never change the process-wide thread count (doing so
+inside CacheDataset's caching threads left whole training runs single-threaded).  Measured on the
 68 dev-val label images (2-core CPU, ``benchmarks/bench_flows.py``): labels -> flows 0.06 s/MP vs
 0.40 for Cellpose 3.1.1.3 (mean cosine 0.99999), flows -> masks 0.21 s/MP vs 0.72 (F1 of the
 ground-truth round trip 0.9996 for both).
@@ -34,8 +35,7 @@ ground-truth round trip 0.9996 for both).
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -83,28 +83,6 @@ def _like_input(t: torch.Tensor, ref: ArrayLike) -> ArrayLike:
     if isinstance(ref, torch.Tensor):
         return t.to(ref.device)
     return t.cpu().numpy()
-
-
-@contextlib.contextmanager
-def _serial_on_cpu(device: torch.device) -> Iterator[None]:
-    """Run torch CPU ops of the calling thread single-threaded inside the block.
-
-    ``torch.set_num_threads`` acts on the calling thread's OpenMP setting (other threads that
-    already ran torch ops keep theirs) and is restored on exit.  The loops here issue thousands of
-    small ops; each multi-threaded op ends in an OpenMP barrier, and on a CPU shared with other
-    work the barrier waits for a descheduled thread (measured: one labels_to_flows call went from
-    35 ms to 14 s next to a training job on 2 cores).  The parallel speed-up on ops this small is
-    minor anyway (measured on an idle 2-core machine: 2 threads ~8% faster than 1).
-    """
-    if device.type != "cpu":
-        yield
-        return
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def relabel_sequential(labels: torch.Tensor) -> torch.Tensor:
@@ -355,8 +333,7 @@ def labels_to_flows(
     lab = _to_tensor(labels, device)
     if lab.ndim != 2:
         raise ValueError(f"labels must be [H, W], got shape {tuple(lab.shape)}")
-    with _serial_on_cpu(lab.device):
-        out = _labels_to_flows(lab, niter)
+    out = _labels_to_flows(lab, niter)
     return _like_input(out, labels)
 
 
@@ -693,9 +670,9 @@ def flows_to_masks(
     prob = _to_tensor(cellprob, fl.device)
     if tuple(prob.shape) != tuple(fl.shape[1:]):
         raise ValueError(f"cellprob {tuple(prob.shape)} does not match flows {tuple(fl.shape)}")
-    with _serial_on_cpu(fl.device):
-        labels = _flows_to_masks(fl.to(torch.float32), prob, niter, cellprob_threshold, flow_threshold,
-                                 min_size, max_size_fraction)
+    labels = _flows_to_masks(
+        fl.to(torch.float32), prob, niter, cellprob_threshold, flow_threshold, min_size, max_size_fraction
+    )
     return _like_input(labels, flows)
 
 

@@ -27,6 +27,12 @@ def test_folder_with_images_and_labels(folder):
     assert items[0]["subset"] == "default" and items[0]["nucleus_channel"] is None
 
 
+def test_relative_folder_path(folder, monkeypatch):
+    monkeypatch.chdir(folder.parent)
+    items = load_datalist(folder.name)
+    assert items[0]["image"] == str(folder / "images" / "a.tif")
+
+
 def test_manifest_csv_split_modality_and_partial(tmp_path):
     (tmp_path / "m.csv").write_text(
         "split,id,image,label,nucleus_channel,modality,gt_complete\n"

@@ -1,4 +1,4 @@
-"""Ignite engines' building blocks: batch preparation, handlers and schedules."""
+"""Ignite engines' building blocks: batch preparation, handlers, schedules and the semi-supervised phase."""
 
 from mmcs_monai.engines.handlers import (
     BestModelSaver,
@@ -12,4 +12,12 @@ from mmcs_monai.engines.handlers import (
     set_diameter_labels,
 )
 from mmcs_monai.engines.schedules import WarmupHalvingSchedule
+from mmcs_monai.engines.semi import (
+    MixedBatchLoader,
+    PseudoLabelRefresher,
+    PseudoLabelStore,
+    UnlabelledWeightHandler,
+    prediction_to_pseudo,
+    sigmoid_rampup,
+)
 from mmcs_monai.engines.utils import PrepareFlowBatch

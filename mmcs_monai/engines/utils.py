@@ -10,14 +10,21 @@ class PrepareFlowBatch(PrepareBatch):
     """Take ``(image, flows)`` from a collated batch dict and move them to ``device``.
 
     ``image`` is float32 [B, 2, H, W]; ``flows`` (the training target) float32 [B, 3, H, W].
+    With ``flag_key`` (semi-supervised batches), the per-sample flag float [B] is appended to the
+    target as a fourth channel, broadcast over the image: target [B, 4, H, W].
     """
 
-    def __init__(self, image_key: str = "image", target_key: str = "flows"):
+    def __init__(self, image_key: str = "image", target_key: str = "flows", flag_key: str | None = None):
         self.image_key = image_key
         self.target_key = target_key
+        self.flag_key = flag_key
 
     def __call__(self, batchdata, device=None, non_blocking: bool = False, **kwargs):
         def move(x):
             return torch.as_tensor(x).to(device=device, non_blocking=non_blocking, **kwargs)
 
-        return move(batchdata[self.image_key]), move(batchdata[self.target_key])
+        image, target = move(batchdata[self.image_key]), move(batchdata[self.target_key])
+        if self.flag_key is not None:
+            flag = move(batchdata[self.flag_key]).to(target.dtype)
+            target = torch.cat([target, flag[:, None, None, None].expand(-1, 1, *target.shape[-2:])], dim=1)
+        return image, target

@@ -10,6 +10,7 @@ from mmcs_monai.transforms.array import (
     StackNucleusChannel,
 )
 from mmcs_monai.transforms.dictionary import (
+    AttachPseudoTargetd,
     CellDiameterd,
     FlowsToMasksd,
     LabelsToFlowsd,

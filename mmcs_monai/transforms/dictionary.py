@@ -33,6 +33,7 @@ __all__ = [
     "RandCellAffined",
     "FlowsToMasksd",
     "SaveCellOutputsd",
+    "AttachPseudoTargetd",
 ]
 
 
@@ -261,4 +262,34 @@ class SaveCellOutputsd(MapTransform):
             if self.overlay and self.image_key and self.image_key in d:
                 image = np.asarray(torch.as_tensor(d[self.image_key]).cpu())
                 write_overlay(self.output_dir / overlay_filename(stem), image, masks)
+        return d
+
+
+class AttachPseudoTargetd(MapTransform):
+    """Put an unlabelled image's current pseudo target and its diameter into the item.
+
+    Reads ``store.target(id)`` (float32 [3, H, W]: unit flows and cell probability at the image's own
+    size) into ``output_key`` and ``store.diameter(id)`` into ``diameter_key``, so the random spatial
+    transform that follows warps image and target together and rotates the flow vectors.
+    Runs after the cached (deterministic) transforms, so every epoch sees the latest ensemble; with
+    DataLoader worker processes, each epoch's workers see the store as it was when they started.
+
+    Args:
+        store: an ``engines.semi.PseudoLabelStore``.
+    """
+
+    def __init__(self, store, keys: KeysCollection = "id", output_key: str = "flows", diameter_key: str = "diameter"):
+        super().__init__(keys)
+        self.store = store
+        self.output_key = output_key
+        self.diameter_key = diameter_key
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image_id = str(d[key])
+            if image_id not in self.store:
+                raise KeyError(f"no pseudo label for unlabelled image {image_id!r}; was the store filled?")
+            d[self.output_key] = self.store.target(image_id)
+            d[self.diameter_key] = self.store.diameter(image_id)
         return d

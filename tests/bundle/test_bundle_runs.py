@@ -100,3 +100,30 @@ def test_metadata_and_network_shape_verify_offline():
         "verify_net_in_out", "network_def", "--meta_file", f"{cfg}/metadata.json", "--config_file",
         f"{cfg}/train.json", "--bundle_root", str(BUNDLE), "--n", "4", "--nbase", "[2,8,16,32]",
     )
+
+
+def test_two_phase_semi_supervised_run(trained, tmp_path):
+    """Phase 2 starts from phase 1's model, trains on labelled + unlabelled sample images."""
+    out = tmp_path / "semi"
+    bundle(
+        "run", "training", "--config_file", configs("train.json", "semi.json"), "--bundle_root", str(BUNDLE),
+        "--pretrained", str(trained / "models" / "model_final.pt"), "--ckpt_dir", str(out / "models"),
+        "--output_dir", str(out / "eval"), "--epochs", "2", "--val_interval", "1", "--pseudo_interval", "1",
+        "--unlabelled_batch_size", "2", "--w_unlabelled", "0.4", *TINY,
+    )
+    state = torch.load(out / "models" / "checkpoint.pt", weights_only=False)
+    images = sorted(p.stem for p in (BUNDLE / "sample_data" / "images").iterdir())
+    store = state["pseudo_labels"]["entries"]
+    assert sorted(store) == images
+    # pretrained start + 2 refreshes (after epochs 1 and 2)
+    assert {e["count"] for e in store.values()} == {3}
+    assert set(state["teacher"]) == set(state["network"])
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "eval"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss_labelled", "loss_unlabelled", "w_unlabelled", "lr", "val_f1", "val_f1_teacher"} <= tags
+    assert "unlabelled/pseudo_masks" in events.Tags()["images"]
+    assert events.Scalars("w_unlabelled")[-1].value == pytest.approx(0.4)
