@@ -78,9 +78,8 @@ def training_step_times(items, nbase, batch=8, patch=128, steps=5):
     def theirs():
         x, lbl, _ = cp_transforms.random_rotate_and_resize(imgs, Y=flows, scale_range=0.5, xy=(patch, patch), rescale=np.ones(len(imgs), np.float32))
         x = torch.from_numpy(x).float()
-        lbl = torch.from_numpy(lbl[:, 1:]).float()
         out = cp_net(x)[0]
-        loss = cp_train._loss_fn_seg(lbl, out, torch.device("cpu"))
+        loss = cp_train._loss_fn_seg(lbl[:, 1:], out, torch.device("cpu"))  # as train_seg: (cellprob, dY, dX)
         cp_opt.zero_grad()
         loss.backward()
         cp_opt.step()

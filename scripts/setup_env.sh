@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create (or refresh) the project's virtual environment.
+# Create (or refresh) the project's virtual environment: bash scripts/setup_env.sh [EXTRAS]
+# (EXTRAS e.g. "dev" for the tests' dependencies).
 # torch is installed first from the local CPU build and pinned by constraints.txt, so no later
 # install can replace it with a CUDA build.
 set -euo pipefail
@@ -7,7 +8,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 venv=${MMCS_VENV:-$HOME/.venvs/mmcs}
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 py="$venv/bin/python"
-"$py" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 "$py" -m pip install -q "torch==2.13.0"
-"$py" -m pip install -q -c "$repo/constraints.txt" -e "$repo[dev]"
+extras=${1:+[$1]}
+"$py" -m pip install -q -c "$repo/constraints.txt" -e "$repo$extras"
 echo "environment ready: $venv"

@@ -3,6 +3,6 @@
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 venv=${MMCS_VENV:-$HOME/.venvs/mmcs}
-bash "$repo/scripts/setup_env.sh"
+bash "$repo/scripts/setup_env.sh" dev
 cd "$repo"
 exec "$venv/bin/python" -m pytest -q "$@"

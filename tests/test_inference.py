@@ -36,7 +36,7 @@ def test_single_tile_matches_direct_forward():
     net = CPnet(nbase=(2, 8, 16, 32)).eval()
     net.set_diam_labels(30.0)
     x = torch.rand(1, 2, 64, 64)
-    out = CellInferer(roi_size=64, overlap=0.0)(x, net)
+    out = CellInferer(roi_size=64, overlap=0.0, precision="fp32")(x, net)
     with torch.no_grad():
         torch.testing.assert_close(out, net(x), atol=1e-5, rtol=1e-5)
 
@@ -46,12 +46,26 @@ def test_tiled_output_is_close_to_whole_image_forward_inside():
     net = CPnet(nbase=(2, 8, 16, 32)).eval()
     net.set_diam_labels(30.0)
     x = torch.rand(1, 2, 96, 160)
-    tiled = CellInferer(roi_size=64, overlap=0.5)(x, net)
+    tiled = CellInferer(roi_size=64, overlap=0.5, precision="fp32")(x, net)
     with torch.no_grad():
         whole = net(x)
     assert tiled.shape == whole.shape
     # Tiles see less context than the whole image, so they agree only approximately.
     assert torch.corrcoef(torch.stack([tiled.flatten(), whole.flatten()]))[0, 1] > 0.9
+
+
+def test_auto_precision_and_bf16_close_to_fp32():
+    from mmcs_monai.inference import native_bf16, resolve_precision
+
+    assert resolve_precision("auto", "cpu") == ("bf16" if native_bf16("cpu") else "fp32")
+    assert resolve_precision("fp32", "cpu") == "fp32"
+    torch.manual_seed(0)
+    net = CPnet(nbase=(2, 8, 16, 32)).eval()
+    x = torch.rand(1, 2, 64, 64)
+    fp32 = CellInferer(roi_size=64, precision="fp32")(x, net)
+    bf16 = CellInferer(roi_size=64, precision="bf16", channels_last=True)(x, net)
+    assert bf16.dtype == torch.float32
+    assert (bf16 - fp32).abs().max() < 0.05 * fp32.abs().max()
 
 
 def test_precision_names_are_checked():
