@@ -50,7 +50,8 @@ class CheckpointHandler:
       engine the handler is attached to (epoch, iteration) under ``trainer``, and the RNG state;
       ``save_dict`` holds the network, optimizer, scheduler and any other stateful object.
     - ``model_final.pt``: the network's state dict alone at the end of training (Cellpose-3
-      compatible keys, ``diam_mean``/``diam_labels`` included).
+      compatible keys, ``diam_mean``/``diam_labels`` included); also written as ``model.pt`` when
+      no best-by-validation model exists there.
 
     Both are written to a temporary file and renamed, so killing the process at any moment leaves
     the previous complete file.
@@ -96,7 +97,11 @@ class CheckpointHandler:
 
     def save_final(self, engine: Engine) -> None:
         self.save(engine)
-        save_atomic(unwrap(self.save_dict["network"]).state_dict(), self.save_dir / "model_final.pt")
+        weights = unwrap(self.save_dict["network"]).state_dict()
+        save_atomic(weights, self.save_dir / "model_final.pt")
+        if not (self.save_dir / "model.pt").is_file():
+            # No validation ran (or none saved a best model): inference's default file is the final model.
+            save_atomic(weights, self.save_dir / "model.pt")
 
     def load(self, engine: Engine) -> None:
         if not self.checkpoint_path.is_file():

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from mmcs_monai.engines.handlers import unwrap
 from mmcs_monai.flows import FLOW_SCALE
 
 logger = logging.getLogger(__name__)
@@ -132,11 +133,11 @@ class PseudoLabelRefresher:
     def refresh(self, engine: Engine) -> None:
         # The teacher copied the student's diameters when it was made; keep them in step.
         for name in ("diam_mean", "diam_labels"):
-            getattr(self.teacher, name).data.copy_(getattr(_unwrap(self.initial_network), name).data)
+            getattr(self.teacher, name).data.copy_(getattr(unwrap(self.initial_network), name).data)
         self.predict_all(self.teacher, engine)
 
     def predict_all(self, network: torch.nn.Module, engine: Engine | None = None) -> None:
-        network = _unwrap(network)
+        network = unwrap(network)
         was_training = network.training
         network.eval()
         device = next(network.parameters()).device
@@ -165,10 +166,6 @@ class PseudoLabelRefresher:
         edges = torch.as_tensor(find_boundaries(np.asarray(masks), mode="inner"))
         panel[0][edges], panel[1][edges], panel[2][edges] = 1.0, 0.0, 0.0
         self.writer.add_image("unlabelled/pseudo_masks", panel, engine.state.epoch)
-
-
-def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
-    return getattr(network, "module", network)
 
 
 class MixedBatchLoader:

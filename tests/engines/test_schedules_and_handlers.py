@@ -58,7 +58,7 @@ def test_checkpoint_resume_continues_from_last_epoch(tmp_path):
     trainer.run(data, max_epochs=4)
     assert epochs == [3, 4]
     torch.testing.assert_close(net.weight.detach(), full)
-    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["checkpoint.pt", "model_final.pt"]
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["checkpoint.pt", "model.pt", "model_final.pt"]
 
 
 def test_best_model_saver_writes_only_on_improvement(tmp_path):
