@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from monai.inferers import Inferer, SlidingWindowInferer
 
-from mmcs_monai.diameters import scale_to_target
+from mmcs_monai.diameters import median_diameter, scale_to_target
+from mmcs_monai.flows import flows_to_masks
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -77,14 +78,17 @@ class CellInferer(Inferer):
         overlap: fraction of a tile that overlaps its neighbour.
         sw_batch_size: tiles per network call.
         diameter: cell diameter (pixels) in the input images; None uses the model's stored
-            training-set mean (``diam_labels``).
+            training-set mean (``diam_labels``); ``"auto"`` segments once at the stored diameter,
+            measures the median diameter of the cells found, and segments again at that size
+            (the measured values are kept in ``last_diameters``).
         precision: ``auto`` (bf16 where the device has native bf16, else fp32), ``fp32``, ``bf16``
             (CPU/GPU autocast) or ``fp16`` (GPU).
         channels_last: run the network in channels-last memory layout (faster with bf16 on CPU);
             None: on when the resolved precision is bf16.
 
     Call: ``inferer(images [B, 2, H, W] float32, network, diameter=None) -> flows [B, 3, H, W] float32``
-    (dY, dX as the network scales them, cell probability logit), at the input's H, W.
+    (dY, dX as the network scales them, cell probability logit), at the input's H, W; ``diameter``
+    overrides the constructor's for this call.
     """
 
     def __init__(
@@ -92,7 +96,7 @@ class CellInferer(Inferer):
         roi_size: int = 224,
         overlap: float = 0.1,
         sw_batch_size: int = 8,
-        diameter: float | None = None,
+        diameter: float | str | None = None,
         precision: str = "auto",
         channels_last: bool | None = None,
     ):
@@ -101,6 +105,9 @@ class CellInferer(Inferer):
         self.diameter = diameter
         self.precision = precision
         self.channels_last = channels_last
+        if isinstance(diameter, str) and diameter != "auto":
+            raise ValueError(f"diameter must be a number, None or 'auto', got {diameter!r}")
+        self.last_diameters: list[float] = []
         self.roi_size = roi_size
         self.overlap = overlap
         self.sw_batch_size = sw_batch_size
@@ -112,13 +119,30 @@ class CellInferer(Inferer):
             roi_size=roi, sw_batch_size=self.sw_batch_size, overlap=self.overlap, mode="gaussian", padding_mode="constant"
         )
 
-    def zoom_for(self, network: torch.nn.Module, diameter: float | None = None) -> float:
-        """Factor by which input images are resized before the network."""
+    def zoom_for(self, network: torch.nn.Module, diameter: float | str | None = None) -> float:
+        """Factor by which input images are resized before the network (``auto`` counts as the stored diameter)."""
         diam_mean, diam_labels = model_diameters(network)
-        diameter = diameter or self.diameter or diam_labels
-        return scale_to_target(diameter, diam_mean)
+        given = [d for d in (diameter, self.diameter) if d not in (None, "auto")]
+        return scale_to_target(float(given[0]) if given else diam_labels, diam_mean)
 
-    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, diameter: float | None = None, **kwargs):
+    def __call__(
+        self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, diameter: float | str | None = None, **kwargs
+    ) -> torch.Tensor:
+        diameter = diameter if diameter is not None else self.diameter
+        if diameter != "auto":
+            return self._predict(inputs, network, diameter, *args, **kwargs)
+        # Cellpose's size model in spirit: segment at the stored diameter, measure the cells found,
+        # then segment again at that size. Images whose cells are 2-4x off the training size are
+        # otherwise segmented at a scale where the network finds few or no cells.
+        outputs, self.last_diameters = [], []
+        for image in inputs.split(1):
+            first = self._predict(image, network, None, *args, **kwargs)
+            measured = median_diameter(flows_to_masks(first[0, :2].numpy(), first[0, 2].numpy()))
+            self.last_diameters.append(measured)
+            outputs.append(self._predict(image, network, measured, *args, **kwargs) if measured > 0 else first)
+        return torch.cat(outputs)
+
+    def _predict(self, inputs: torch.Tensor, network: torch.nn.Module, diameter, *args: Any, **kwargs) -> torch.Tensor:
         height, width = inputs.shape[-2:]
         zoom = self.zoom_for(network, diameter)
         x = torch.as_tensor(inputs, dtype=torch.float32)

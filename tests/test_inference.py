@@ -76,3 +76,36 @@ def test_precision_names_are_checked():
     net = CPnet(nbase=(2, 8, 16)).eval()
     out = PrecisionInferer("bf16", channels_last=True)(torch.rand(2, 2, 32, 32), net)
     assert out.dtype == torch.float32 and out.shape == (2, 3, 32, 32)
+
+
+class OracleNet(RecordingNet):
+    """Stand-in network that returns perfect outputs for a binary disc image at any scale."""
+
+    def forward(self, x):
+        from skimage.measure import label
+
+        from mmcs_monai.flows import labels_to_flows
+
+        self.seen.append(tuple(x.shape[-2:]))
+        outs = []
+        for image in x[:, 0].float():
+            labels = label(image.numpy() > 0.5)
+            flows = torch.as_tensor(labels_to_flows(labels)) * 5
+            outs.append(torch.cat([flows, torch.where(torch.as_tensor(labels > 0), 10.0, -10.0)[None]]))
+        return torch.stack(outs)
+
+
+def test_auto_diameter_measures_cells_then_rescales():
+    from conftest import disk_labels
+
+    labels = disk_labels(shape=(96, 96), centers=((25, 25), (70, 68), (25, 72)), radii=(18, 18, 18))
+    image = torch.stack([torch.as_tensor(labels > 0, dtype=torch.float32), torch.zeros(96, 96)])[None]
+    net = OracleNet(diam_mean=30.0, diam_labels=12.0)  # stored size 3x too small for these cells
+    inferer = CellInferer(diameter="auto", precision="fp32")
+    out = inferer(image, net)
+    assert out.shape == (1, 3, 96, 96)
+    assert inferer.last_diameters[0] == pytest.approx(36, rel=0.1)
+    # second pass at zoom 30/36: a 80 x 80 image, one tile (rounded up to 16 px)
+    assert net.seen[-1] == (80, 80)
+    with pytest.raises(ValueError, match="auto"):
+        CellInferer(diameter="big")
