@@ -132,24 +132,9 @@ def load_datalist(
     return items[:limit] if limit else items
 
 
-def labelled(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows that have a label."""
-    return [i for i in items if i.get("label")]
-
-
 def unlabelled(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The same rows with their labels removed: images to use as unlabelled data."""
     return [{k: v for k, v in i.items() if k != "label"} for i in items]
-
-
-def write_datalist(path: str | os.PathLike, sections: dict[str, list[dict[str, Any]]]) -> Path:
-    """Write a Decathlon-style JSON data list (paths as given), atomically."""
-    from mmcs_monai.io import atomic_path
-
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(sections, indent=1))
-    return path
 
 
 def pending_outputs(items: list[dict[str, Any]], output_dir: str | os.PathLike) -> list[dict[str, Any]]:

@@ -9,7 +9,6 @@ from mmcs_monai.engines.handlers import (
     TrainingDiameterHandler,
     datalist_mean_diameter,
     save_atomic,
-    set_diameter_labels,
 )
 from mmcs_monai.engines.schedules import WarmupHalvingSchedule
 from mmcs_monai.engines.semi import (

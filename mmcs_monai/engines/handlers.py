@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import logging
 import random
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -14,6 +17,7 @@ from ignite.engine import Engine, Events
 
 from mmcs_monai.diameters import mean_of_diameters, median_diameter
 from mmcs_monai.io import atomic_path, read_labels
+from mmcs_monai.metrics import f1_score
 
 logger = logging.getLogger(__name__)
 
@@ -149,12 +153,6 @@ class BestModelSaver:
         self.best = float(state["best"])
 
 
-def set_diameter_labels(network: torch.nn.Module, diameter: float) -> None:
-    """Write the training set's mean cell diameter (pixels) into the network's ``diam_labels``."""
-    with torch.no_grad():
-        unwrap(network).diam_labels.fill_(float(diameter))
-
-
 def datalist_mean_diameter(items: list[Mapping[str, Any]]) -> float:
     """Mean over labelled items of their median cell diameter (pixels); explicit ``diameter`` entries win."""
     return mean_of_diameters(
@@ -180,7 +178,7 @@ class TrainingDiameterHandler:
     def __call__(self, engine: Engine) -> None:
         diameter = datalist_mean_diameter(self.datalist)
         if diameter > 0:
-            set_diameter_labels(self.network, diameter)
+            unwrap(self.network).set_diam_labels(diameter)
             logger.info("training set mean cell diameter: %.2f px", diameter)
 
 
@@ -225,8 +223,6 @@ class F1ReportHandler:
         engine.add_event_handler(Events.COMPLETED, self.write)
 
     def record(self, engine: Engine) -> None:
-        from mmcs_monai.metrics import f1_score
-
         outputs, batch = engine.state.output, engine.state.batch
         for out, item in zip(outputs, batch):
             gt = np.asarray(torch.as_tensor(out[self.label_key]).cpu())
@@ -244,9 +240,6 @@ class F1ReportHandler:
         return {name: {"f1": float(np.mean(v)) if v else float("nan"), "images": len(v)} for name, v in groups.items()}
 
     def write(self, engine: Engine) -> None:
-        import csv
-        import json
-
         summary = self.summary()
         with atomic_path(self.output_dir / "f1_per_image.csv") as tmp:
             with open(tmp, "w", newline="") as f:
@@ -258,7 +251,6 @@ class F1ReportHandler:
         lines = [f"{'subset':<48} {'images':>6} {'F1@0.5':>7}"]
         lines += [f"{name:<48} {s['images']:>6} {s['f1']:>7.3f}" for name, s in summary.items()]
         logger.info("F1 at IoU 0.5 (border %d px removed):\n%s", self.border, "\n".join(lines))
-        print("\n".join(lines))
 
 
 class TimeBudgetHandler:
@@ -279,13 +271,9 @@ class TimeBudgetHandler:
             engine.add_event_handler(Events.ITERATION_COMPLETED, self)
 
     def _started(self, engine: Engine) -> None:
-        import time
-
         self._start = time.monotonic()
 
     def __call__(self, engine: Engine) -> None:
-        import time
-
         if time.monotonic() - self._start > self.minutes * 60:
             logger.info("time budget of %.1f min reached at epoch %d: stopping", self.minutes, engine.state.epoch)
             engine.terminate()

@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from skimage.segmentation import find_boundaries
 
 from mmcs_monai.engines.handlers import unwrap
-from mmcs_monai.flows import FLOW_SCALE
+from mmcs_monai.flows import FLOW_SCALE, flows_to_masks
 
 logger = logging.getLogger(__name__)
 
@@ -155,9 +156,6 @@ class PseudoLabelRefresher:
             self._log_panel(engine)
 
     def _log_panel(self, engine: Engine) -> None:
-        from mmcs_monai.flows import flows_to_masks
-        from skimage.segmentation import find_boundaries
-
         item = self.dataset[0]
         target = self.store.target(str(item["id"]))
         masks = flows_to_masks(FLOW_SCALE * target[:2], torch.logit(target[2].clamp(1e-4, 1 - 1e-4)))
