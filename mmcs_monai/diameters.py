@@ -7,7 +7,8 @@ fragmented cells do not move it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,3 +44,52 @@ def mean_of_diameters(diameters: Iterable[float]) -> float:
 def scale_to_target(diameter: float, target: float = DEFAULT_TARGET_DIAMETER) -> float:
     """Zoom factor that brings cells of ``diameter`` pixels to ``target`` pixels (1.0 when unknown)."""
     return float(target / diameter) if diameter and diameter > 0 else 1.0
+
+
+def item_diameter(item: Mapping[str, Any]) -> float:
+    """Cell diameter (pixels) of one data-list item: its explicit ``diameter``, else the median of its labels.
+
+    Returns 0.0 for unlabelled items without a ``diameter`` and for labels without cells.
+    """
+    if item.get("diameter"):
+        return float(item["diameter"])
+    if item.get("label"):
+        from mmcs_monai.io import read_labels
+
+        return median_diameter(read_labels(item["label"]))
+    return 0.0
+
+
+def datalist_diameters(items: Iterable[Mapping[str, Any]]) -> tuple[float, dict[str, float]]:
+    """The self-adaptive diameters of a labelled data list: the overall mean and one mean per subset.
+
+    Each item's diameter is :func:`item_diameter`; a subset's diameter is the mean over its images
+    (``subset`` key, ``"default"`` when absent), the overall one the mean over all images. Images
+    without cells are left out of both; subsets with no measurable image get no entry.
+
+    Returns:
+        ``(mean, {subset: mean})`` in pixels; ``mean`` is 0.0 when nothing could be measured.
+    """
+    per_subset: dict[str, list[float]] = {}
+    for item in items:
+        per_subset.setdefault(str(item.get("subset") or "default"), []).append(item_diameter(item))
+    subsets = {name: mean_of_diameters(values) for name, values in sorted(per_subset.items())}
+    overall = mean_of_diameters(d for values in per_subset.values() for d in values)
+    return overall, {name: d for name, d in subsets.items() if d > 0}
+
+
+def with_subset_diameters(items: list[Mapping[str, Any]], subsets: Mapping[str, float]) -> list[dict]:
+    """Copies of ``items`` whose ``diameter`` is their subset's mean (explicit ``diameter`` entries win).
+
+    Training then resizes every image of a subset by the same factor, so the cells keep the size
+    variation they have within the subset (the paper's self-adaptive diameter), rather than each
+    image being normalised to exactly the target size.
+    """
+    out = []
+    for item in items:
+        item = dict(item)
+        subset = str(item.get("subset") or "default")
+        if not item.get("diameter") and subsets.get(subset):
+            item["diameter"] = float(subsets[subset])
+        out.append(item)
+    return out

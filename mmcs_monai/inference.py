@@ -70,6 +70,28 @@ def model_diameters(network: torch.nn.Module) -> tuple[float, float]:
     return diam_mean, diam_labels if diam_labels > 0 else diam_mean
 
 
+def resolve_diameter(network: torch.nn.Module, diameter: float | str | None) -> float:
+    """Cell diameter (pixels) meant by ``diameter``: a number, None/``"auto"`` (the stored mean) or a subset name.
+
+    Raises:
+        ValueError: a name the model has no stored diameter for (the message lists the stored ones).
+    """
+    if diameter is None or diameter == "auto":
+        return model_diameters(network)[1]
+    if isinstance(diameter, str):
+        try:
+            return float(diameter)
+        except ValueError:
+            pass
+        try:
+            return float(network.diameter_for(diameter))
+        except (KeyError, AttributeError) as err:
+            raise ValueError(f"diameter {diameter!r}: {err.args[0] if err.args else 'not a number'}") from None
+    if not float(diameter) > 0:
+        raise ValueError(f"diameter must be positive, got {diameter}")
+    return float(diameter)
+
+
 class CellInferer(Inferer):
     """Predict flows for whole images with a CPnet, at the right scale, tile by tile.
 
@@ -77,9 +99,10 @@ class CellInferer(Inferer):
         roi_size: tile size (pixels, at network scale).
         overlap: fraction of a tile that overlaps its neighbour.
         sw_batch_size: tiles per network call.
-        diameter: cell diameter (pixels) in the input images; None uses the model's stored
-            training-set mean (``diam_labels``); ``"auto"`` segments once at the stored diameter,
-            measures the median diameter of the cells found, and segments again at that size
+        diameter: cell diameter in the input images: a number (pixels); None for the model's stored
+            training-set mean (``diam_labels``); the name of a training subset whose diameter the
+            model stored (``network.subset_diameters``); or ``"auto"``: segment once at the stored
+            mean, measure the median diameter of the cells found, and segment again at that size
             (the measured values are kept in ``last_diameters``).
         precision: ``auto`` (bf16 where the device has native bf16, else fp32), ``fp32``, ``bf16``
             (CPU/GPU autocast) or ``fp16`` (GPU).
@@ -105,8 +128,6 @@ class CellInferer(Inferer):
         self.diameter = diameter
         self.precision = precision
         self.channels_last = channels_last
-        if isinstance(diameter, str) and diameter != "auto":
-            raise ValueError(f"diameter must be a number, None or 'auto', got {diameter!r}")
         self.last_diameters: list[float] = []
         self.roi_size = roi_size
         self.overlap = overlap
@@ -120,10 +141,9 @@ class CellInferer(Inferer):
         )
 
     def zoom_for(self, network: torch.nn.Module, diameter: float | str | None = None) -> float:
-        """Factor by which input images are resized before the network (``auto`` counts as the stored diameter)."""
-        diam_mean, diam_labels = model_diameters(network)
-        given = [d for d in (diameter, self.diameter) if d not in (None, "auto")]
-        return scale_to_target(float(given[0]) if given else diam_labels, diam_mean)
+        """Factor by which input images are resized before the network (``auto`` counts as the stored mean)."""
+        diam_mean, _ = model_diameters(network)
+        return scale_to_target(resolve_diameter(network, diameter if diameter is not None else self.diameter), diam_mean)
 
     def __call__(
         self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, diameter: float | str | None = None, **kwargs

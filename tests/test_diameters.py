@@ -4,12 +4,16 @@ import numpy as np
 import pytest
 
 from conftest import disk_labels
+from mmcs_monai.io import read_labels
 from mmcs_monai.diameters import (
     cell_areas,
+    datalist_diameters,
     equivalent_diameters,
+    item_diameter,
     mean_of_diameters,
     median_diameter,
     scale_to_target,
+    with_subset_diameters,
 )
 
 
@@ -33,3 +37,43 @@ def test_mean_ignores_images_without_cells_and_scale():
     assert mean_of_diameters([0.0]) == 0.0
     assert scale_to_target(15.0, 30.0) == 2.0
     assert scale_to_target(0.0, 30.0) == 1.0
+
+
+def _two_subsets(tmp_path):
+    """Labelled items of two subsets whose cells differ 4x in diameter (radius 4 vs 16 px)."""
+    import tifffile
+
+    items = []
+    for subset, radius, shape in (("small", 4, (64, 64)), ("large", 16, (128, 128))):
+        for k in range(2):
+            centers = ((shape[0] // 4, shape[1] // 4 + k), (shape[0] * 3 // 4, shape[1] * 3 // 4))
+            labels = disk_labels(shape=shape, centers=centers, radii=(radius, radius))
+            path = tmp_path / f"{subset}{k}.tif"
+            tifffile.imwrite(path, labels)
+            items.append({"image": str(path), "label": str(path), "subset": subset})
+    return items
+
+
+def test_datalist_diameters_per_subset(tmp_path):
+    items = _two_subsets(tmp_path) + [{"image": "unlabelled.tif", "subset": "small"}]
+    mean, subsets = datalist_diameters(items)
+    expected = {
+        name: np.mean([median_diameter(read_labels(i["label"])) for i in items if i.get("label") and i["subset"] == name])
+        for name in ("small", "large")
+    }
+    assert subsets == pytest.approx(expected)
+    assert subsets["small"] == pytest.approx(8, rel=0.1) and subsets["large"] == pytest.approx(32, rel=0.05)
+    assert mean == pytest.approx((2 * subsets["small"] + 2 * subsets["large"]) / 4)
+    # an explicit diameter in the data list wins over the labels
+    assert item_diameter({"label": items[0]["label"], "diameter": 50}) == 50.0
+
+
+def test_with_subset_diameters_assigns_the_subset_mean(tmp_path):
+    items = _two_subsets(tmp_path)
+    items.append({"image": "x.tif", "label": items[0]["label"], "subset": "small", "diameter": 11.0})
+    items.append({"image": "y.tif", "subset": "unknown"})
+    _, subsets = datalist_diameters(items[:4])
+    out = with_subset_diameters(items, subsets)
+    assert [o.get("diameter") for o in out] == [subsets["small"]] * 2 + [subsets["large"]] * 2 + [11.0, None]
+    assert "diameter" not in items[0]  # inputs untouched
+

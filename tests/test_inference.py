@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mmcs_monai.inference import CellInferer, PrecisionInferer, autocast_context
+from mmcs_monai.inference import CellInferer, PrecisionInferer, autocast_context, resolve_diameter
 from mmcs_monai.networks import CPnet
 
 
@@ -15,6 +15,11 @@ class RecordingNet(torch.nn.Module):
         self.diam_mean = torch.nn.Parameter(torch.tensor([diam_mean]), requires_grad=False)
         self.diam_labels = torch.nn.Parameter(torch.tensor([diam_labels]), requires_grad=False)
         self.seen = []
+        self.subset_diameters = {}
+
+    # the real network's subset-diameter table
+    set_subset_diameters = CPnet.set_subset_diameters
+    diameter_for = CPnet.diameter_for
 
     def forward(self, x):
         self.seen.append(tuple(x.shape[-2:]))
@@ -107,5 +112,18 @@ def test_auto_diameter_measures_cells_then_rescales():
     assert inferer.last_diameters[0] == pytest.approx(36, rel=0.1)
     # second pass at zoom 30/36: a 80 x 80 image, one tile (rounded up to 16 px)
     assert net.seen[-1] == (80, 80)
-    with pytest.raises(ValueError, match="auto"):
-        CellInferer(diameter="big")
+
+
+def test_subset_name_picks_the_stored_subset_diameter():
+    net = RecordingNet(diam_mean=30.0, diam_labels=20.0)
+    net.set_subset_diameters({"small": 10.0, "large": 60.0})
+    image = torch.rand(1, 2, 120, 120)
+    inferer = CellInferer(roi_size=512, precision="fp32")
+    for diameter, side in ((None, 180), ("small", 360), ("large", 60), ("45", 80), (15.0, 240)):
+        inferer(image, net, diameter=diameter)
+        assert net.seen[-1] == (side + -side % 16,) * 2, diameter
+    assert resolve_diameter(net, "large") == 60.0
+    with pytest.raises(ValueError, match="stored subsets: large, small"):
+        inferer(image, net, diameter="medium")
+    with pytest.raises(ValueError, match="positive"):
+        resolve_diameter(net, -3)

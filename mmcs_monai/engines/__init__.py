@@ -7,7 +7,6 @@ from mmcs_monai.engines.handlers import (
     LearningRateLogger,
     TimeBudgetHandler,
     TrainingDiameterHandler,
-    datalist_mean_diameter,
     save_atomic,
 )
 from mmcs_monai.engines.schedules import WarmupHalvingSchedule

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from mmcs_monai.diameters import mean_of_diameters, median_diameter
-from mmcs_monai.io import atomic_path, read_labels
+from mmcs_monai.diameters import datalist_diameters
+from mmcs_monai.io import atomic_path
 from mmcs_monai.metrics import f1_score
 
 logger = logging.getLogger(__name__)
@@ -153,33 +153,41 @@ class BestModelSaver:
         self.best = float(state["best"])
 
 
-def datalist_mean_diameter(items: list[Mapping[str, Any]]) -> float:
-    """Mean over labelled items of their median cell diameter (pixels); explicit ``diameter`` entries win."""
-    return mean_of_diameters(
-        float(item["diameter"]) if item.get("diameter") else median_diameter(read_labels(item["label"]))
-        for item in items
-        if item.get("label") or item.get("diameter")
-    )
-
-
 class TrainingDiameterHandler:
-    """At the start of training, store the training set's mean cell diameter in the network.
+    """At the start of training, store the training set's diameters in the network.
 
-    Inference uses it as the default diameter, as Cellpose does with ``diam_labels``.
+    The overall mean becomes ``diam_labels`` (inference's default diameter, as in Cellpose) and the
+    per-subset means the network's ``subset_diameters`` table (inference can pick one by name).
+
+    Args:
+        network: the CPnet (or a DDP/DataParallel wrapper of it).
+        datalist: labelled items; measured with :func:`mmcs_monai.diameters.datalist_diameters`.
+        diameters: ``(mean, {subset: mean})`` already measured (skips reading the labels again).
     """
 
-    def __init__(self, network: torch.nn.Module, datalist: list[Mapping[str, Any]]) -> None:
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        datalist: list[Mapping[str, Any]] | None = None,
+        diameters: tuple[float, Mapping[str, float]] | None = None,
+    ) -> None:
+        if datalist is None and diameters is None:
+            raise ValueError("give the training datalist or its measured diameters")
         self.network = network
         self.datalist = datalist
+        self.diameters = diameters
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self)
 
     def __call__(self, engine: Engine) -> None:
-        diameter = datalist_mean_diameter(self.datalist)
-        if diameter > 0:
-            unwrap(self.network).set_diam_labels(diameter)
-            logger.info("training set mean cell diameter: %.2f px", diameter)
+        mean, subsets = self.diameters if self.diameters is not None else datalist_diameters(self.datalist)
+        net = unwrap(self.network)
+        if mean > 0:
+            net.set_diam_labels(mean)
+        net.set_subset_diameters(subsets)
+        table = ", ".join(f"{name} {d:.1f}" for name, d in subsets.items())
+        logger.info("training cell diameters (px): mean %.2f; per subset: %s", mean, table or "none")
 
 
 class LearningRateLogger:

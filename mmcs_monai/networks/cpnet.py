@@ -211,6 +211,8 @@ class CPnet(nn.Module):
         # carried in the state dict like Cellpose does, but never trained
         self.diam_mean = nn.Parameter(torch.full((1,), float(diam_mean)), requires_grad=False)
         self.diam_labels = nn.Parameter(torch.full((1,), float(diam_mean)), requires_grad=False)
+        # per-subset training diameters {name: pixels}; saved as the state dict's ``_extra_state``
+        self.subset_diameters: dict[str, float] = {}
 
     # ------------------------------------------------------------------ forward
     def forward_with_style(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,6 +258,36 @@ class CPnet(nn.Module):
         with torch.no_grad():
             self.diam_mean.fill_(float(value))
 
+    def set_subset_diameters(self, subsets: Mapping[str, float]) -> None:
+        """Store the training diameter (pixels) of each named subset (modality, data set...)."""
+        self.subset_diameters = {str(k): float(v) for k, v in subsets.items() if float(v) > 0}
+
+    def diameter_for(self, name: str) -> float:
+        """The stored training diameter (pixels) of subset ``name``.
+
+        Raises:
+            KeyError: unknown name; the message lists the stored subsets.
+        """
+        if name not in self.subset_diameters:
+            known = ", ".join(sorted(self.subset_diameters)) or "none (train with subsets to store them)"
+            raise KeyError(f"no stored diameter for subset {name!r}; stored subsets: {known}")
+        return self.subset_diameters[name]
+
+    def get_extra_state(self) -> dict:
+        # plain str -> float dict so torch.load(weights_only=True) reads it and Cellpose, which loads
+        # with strict=False, ignores it
+        return {"subset_diameters": dict(self.subset_diameters)}
+
+    def set_extra_state(self, state) -> None:
+        self.set_subset_diameters(dict((state or {}).get("subset_diameters", {})))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args) -> None:
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
+        # Cellpose files carry no subset table: they still load with strict=True (an empty table)
+        if prefix + _EXTRA_STATE in missing_keys:
+            missing_keys.remove(prefix + _EXTRA_STATE)
+            self.subset_diameters = {}
+
     # ------------------------------------------------------------------ checkpoints
     @classmethod
     def from_checkpoint(cls, path: str | Path, strict: bool = True, **kwargs) -> CPnet:
@@ -275,10 +307,15 @@ class CPnet(nn.Module):
 # keys under which trainers nest the network weights, first match wins
 _NESTED_KEYS = ("network", "model", "net", "state_dict", "model_state_dict")
 _DIAM_KEYS = ("diam_mean", "diam_labels")
+_EXTRA_STATE = "_extra_state"  # our subset-diameter table; absent from Cellpose files
 
 
 def _is_state_dict(obj) -> bool:
-    return isinstance(obj, Mapping) and len(obj) > 0 and all(torch.is_tensor(v) for v in obj.values())
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(torch.is_tensor(v) for k, v in obj.items() if not str(k).endswith(_EXTRA_STATE))
+    )
 
 
 def extract_state_dict(obj, source: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -383,6 +420,7 @@ def load_cellpose_checkpoint(
         raise TypeError(f"constructor arguments {sorted(kwargs)} are only used when net is None.")
 
     own = net.state_dict()
+    state.setdefault(_EXTRA_STATE, {"subset_diameters": {}})
     missing_diams = [k for k in _DIAM_KEYS if k not in state]
     if missing_diams and all(k in state for k in own if k not in _DIAM_KEYS):
         warnings.warn(f"{source}: no {missing_diams} in checkpoint; keeping the network's values.", stacklevel=2)
@@ -393,7 +431,7 @@ def load_cellpose_checkpoint(
     wrong_shape = [
         f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
         for k in own
-        if k in state and state[k].shape != own[k].shape
+        if k in state and torch.is_tensor(own[k]) and state[k].shape != own[k].shape
     ]
     if wrong_shape or (strict and (missing or unexpected)):
         raise ValueError(

@@ -11,6 +11,9 @@ import pytest
 import tifffile
 import torch
 
+from mmcs_monai.data import load_datalist
+from mmcs_monai.diameters import median_diameter
+from mmcs_monai.io import read_labels
 from mmcs_monai.networks import CPnet
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,6 +51,12 @@ def test_training_writes_models_with_training_diameter(trained):
     net = CPnet.from_checkpoint(models / "model_final.pt")
     # Sample nuclei are 10-25 px across: the stored mean must be in that range, not the 30 px default.
     assert 8 < net.diam_labels.item() < 30 and net.diam_mean.item() == 30.0
+    # and the per-subset table, measured independently from the training labels
+    items = load_datalist(BUNDLE / "sample_data" / "datalist.json", split="train")
+    for subset, diameter in net.subset_diameters.items():
+        labels = [read_labels(i["label"]) for i in items if i["subset"] == subset]
+        assert diameter == pytest.approx(np.mean([median_diameter(lbl) for lbl in labels]), rel=1e-5)
+    assert set(net.subset_diameters) == {i["subset"] for i in items}
     state = torch.load(models / "checkpoint.pt", weights_only=False)
     assert state["trainer"]["iteration"] == 2 * state["trainer"]["epoch_length"] and {"network", "optimizer", "lr_scheduler", "rng"} <= set(state)
     assert any(p.name.startswith("events.out.tfevents") for p in (trained / "eval").iterdir())

@@ -12,7 +12,6 @@ from mmcs_monai.engines import (
     CheckpointHandler,
     TrainingDiameterHandler,
     WarmupHalvingSchedule,
-    datalist_mean_diameter,
 )
 from mmcs_monai.networks import CPnet
 
@@ -75,18 +74,20 @@ def test_best_model_saver_writes_only_on_improvement(tmp_path):
     assert CPnet.from_checkpoint(tmp_path / "model.pt").state_dict().keys() == net.state_dict().keys()
 
 
-def test_training_diameter_is_mean_of_image_medians(tmp_path):
+def test_training_diameter_handler_stores_mean_and_subset_table(tmp_path):
     small = disk_labels(shape=(64, 64), centers=((20, 20), (45, 45)), radii=(5, 5))
     large = disk_labels(shape=(64, 64), centers=((20, 20), (45, 45)), radii=(10, 10))
     items = []
     for name, lbl in (("s", small), ("l", large)):
         tifffile.imwrite(tmp_path / f"{name}.tif", lbl)
-        items.append({"label": str(tmp_path / f"{name}.tif")})
-    items.append({"image": "no-label.tif"})
-    expected = np.mean([2 * np.sqrt((small == 1).sum() / np.pi), 2 * np.sqrt((large == 1).sum() / np.pi)])
-    assert datalist_mean_diameter(items) == pytest.approx(expected)
+        items.append({"label": str(tmp_path / f"{name}.tif"), "subset": name})
+    items.append({"image": "no-label.tif", "subset": "s"})
+    d_small, d_large = (2 * np.sqrt((lbl == 1).sum() / np.pi) for lbl in (small, large))
     net = CPnet(nbase=(2, 8, 16))
     engine = Engine(lambda e, b: None)
     TrainingDiameterHandler(net, items).attach(engine)
     engine.run([0], max_epochs=1)
-    assert net.diam_labels.item() == pytest.approx(expected, rel=1e-5)
+    assert net.diam_labels.item() == pytest.approx((d_small + d_large) / 2, rel=1e-5)
+    assert net.subset_diameters == pytest.approx({"s": d_small, "l": d_large})
+    torch.save(net.state_dict(), tmp_path / "model.pt")
+    assert CPnet.from_checkpoint(tmp_path / "model.pt").diameter_for("l") == pytest.approx(d_large)

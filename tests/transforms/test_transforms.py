@@ -8,9 +8,9 @@ import tifffile
 import torch
 
 from conftest import disk_labels
-from mmcs_monai.diameters import median_diameter
+from mmcs_monai.diameters import datalist_diameters, median_diameter, with_subset_diameters
 from mmcs_monai.flows import labels_to_flows
-from mmcs_monai.io import InputError
+from mmcs_monai.io import InputError, read_labels
 from mmcs_monai.transforms import (
     FlowsToMasks,
     LabelsToFlows,
@@ -118,3 +118,18 @@ def test_flows_to_masks_transform_recovers_labels(discs):
     masks = FlowsToMasks()(output)
     assert masks.shape == (1, *discs.shape) and masks.dtype == torch.int32
     assert int(masks.max()) == 3
+
+
+def test_subset_diameters_bring_both_subsets_to_the_target_size(tmp_path):
+    """Two subsets whose cells differ 4x: after the subset resize both measure the network's 30 px."""
+    items = []
+    for subset, radius, size in (("small", 4, 64), ("large", 16, 128)):
+        centers = ((size // 4, size // 4), (size * 3 // 4, size // 2))
+        labels = disk_labels(shape=(size, size), centers=centers, radii=(radius,) * 2)
+        tifffile.imwrite(tmp_path / f"{subset}.tif", labels)
+        items.append({"label": str(tmp_path / f"{subset}.tif"), "subset": subset})
+    _, subsets = datalist_diameters(items)
+    warp = RandCellAffined(keys="label", spatial_size=288, scale_range=0.0, rotate=False, flip=False)
+    for item in with_subset_diameters(items, subsets):
+        out = warp({"label": read_labels(item["label"])[None], "diameter": item["diameter"]})
+        assert median_diameter(np.asarray(out["label"])) == pytest.approx(30.0, rel=0.1), item["subset"]
