@@ -1,4 +1,4 @@
-"""The ``mmcs`` command: train, infer, evaluate and measure diameters.
+"""The ``mmcs`` command: train, infer, evaluate, measure diameters and sweep the inference diameter.
 
 Every sub-command runs the bundle's configs (``bundle/configs/*.json``) through
 ``monai.bundle.run``, so the CLI and ``python -m monai.bundle run ...`` are the same code path;
@@ -11,6 +11,7 @@ Examples::
     mmcs infer images/ outputs/ --model bundle/models/model.pt --diameter 25
     mmcs evaluate --data_source ../shared/data/dev/manifest.csv
     mmcs diameter labels/
+    mmcs diameter-sweep ../shared/data/dev/manifest.csv --diameters 10,20,30,stored,auto
 """
 
 from __future__ import annotations
@@ -116,10 +117,66 @@ def diameter(*paths: str) -> dict[str, float]:
     return result
 
 
+def diameter_sweep(
+    data_source: str,
+    model: str | None = None,
+    diameters="10,15,20,25,30,40,stored,subset,auto",
+    split: str = "val",
+    limit: int | None = None,
+    precision: str = "auto",
+    roi_size: int = 224,
+    border: int = 2,
+    output: str | None = None,
+    bundle_root: str | None = None,
+) -> str:
+    """F1 at IoU 0.5 on a labelled set for each inference diameter (rows) overall and per subset (columns).
+
+    Args:
+        data_source: labelled data (manifest CSV/JSON, Decathlon JSON or folder).
+        model: model file; default ``<bundle_root>/models/model.pt``.
+        diameters: comma-separated numbers (pixels) and names: ``stored`` (the model's mean),
+            ``subset`` (each image at its own subset's stored diameter), ``auto``, or a stored subset name.
+        split: data split to score (manifests with a split column; ignored otherwise).
+        limit: score only the first N images.
+        output: optional CSV with one row per (diameter, image).
+
+    Returns:
+        the table (Markdown; the command line prints it).
+    """
+    import torch
+
+    from mmcs_monai.data import load_datalist
+    from mmcs_monai.evaluation import diameter_sweep as sweep
+    from mmcs_monai.evaluation import format_sweep_table, parse_diameters, write_sweep_csv
+    from mmcs_monai.inference import CellInferer
+    from mmcs_monai.networks import load_cellpose_checkpoint
+
+    model_path = Path(model) if model else _bundle_root(bundle_root) / "models" / "model.pt"
+    items = [i for i in load_datalist(data_source, split=split, exclude_partial=True, limit=limit) if i.get("label")]
+    if not items:
+        raise SystemExit(f"{data_source}: no labelled images in split {split!r}")
+    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    network = load_cellpose_checkpoint(model_path).to(device).eval()
+    inferer = CellInferer(roi_size=roi_size, precision=precision)
+    rows = sweep(network, items, parse_diameters(diameters), inferer=inferer, border=border)
+    if output:
+        write_sweep_csv(output, rows)
+    return format_sweep_table(rows)
+
+
 def main() -> None:
     import fire
 
-    fire.Fire({"train": train, "infer": infer, "evaluate": evaluate, "diameter": diameter}, name="mmcs")
+    fire.Fire(
+        {
+            "train": train,
+            "infer": infer,
+            "evaluate": evaluate,
+            "diameter": diameter,
+            "diameter-sweep": diameter_sweep,
+        },
+        name="mmcs",
+    )
 
 
 if __name__ == "__main__":

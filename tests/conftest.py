@@ -5,6 +5,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+from mmcs_monai.networks import CPnet
 
 REPO = Path(__file__).resolve().parents[1]
 DEV_DATA = Path(os.environ.get("MMCS_DEV_DATA", REPO.parent / "shared" / "data" / "dev"))
@@ -30,3 +33,39 @@ def disk_labels(shape=(96, 96), centers=((30, 30), (60, 64), (25, 70)), radii=(1
 @pytest.fixture
 def discs() -> np.ndarray:
     return disk_labels()
+
+
+class RecordingNet(torch.nn.Module):
+    """A stand-in network that records the sizes it is called with and returns x-coordinate ramps."""
+
+    def __init__(self, diam_mean=30.0, diam_labels=15.0):
+        super().__init__()
+        self.diam_mean = torch.nn.Parameter(torch.tensor([diam_mean]), requires_grad=False)
+        self.diam_labels = torch.nn.Parameter(torch.tensor([diam_labels]), requires_grad=False)
+        self.seen = []
+        self.subset_diameters = {}
+
+    # the real network's subset-diameter table
+    set_subset_diameters = CPnet.set_subset_diameters
+    diameter_for = CPnet.diameter_for
+
+    def forward(self, x):
+        self.seen.append(tuple(x.shape[-2:]))
+        return x[:, :1].repeat(1, 3, 1, 1)
+
+
+class OracleNet(RecordingNet):
+    """Stand-in network that returns perfect outputs for a binary disc image at any scale."""
+
+    def forward(self, x):
+        from skimage.measure import label
+
+        from mmcs_monai.flows import labels_to_flows
+
+        self.seen.append(tuple(x.shape[-2:]))
+        outs = []
+        for image in x[:, 0].float():
+            labels = label(image.numpy() > 0.5)
+            flows = torch.as_tensor(labels_to_flows(labels)) * 5
+            outs.append(torch.cat([flows, torch.where(torch.as_tensor(labels > 0), 10.0, -10.0)[None]]))
+        return torch.stack(outs)

@@ -38,3 +38,24 @@ def test_diameter_of_label_files_and_folder(tmp_path):
 def test_bad_bundle_root_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="not a bundle folder"):
         cli.train(bundle_root=str(tmp_path))
+
+
+def test_diameter_sweep_command_prints_a_row_per_diameter(tmp_path):
+    import torch
+
+    from mmcs_monai.networks import CPnet
+
+    labels = disk_labels(shape=(64, 64), centers=((20, 20), (45, 45)), radii=(8, 8))
+    for folder in ("images", "labels"):
+        (tmp_path / folder).mkdir()
+    tifffile.imwrite(tmp_path / "images" / "a.tif", (labels > 0).astype(np.uint8) * 255)
+    tifffile.imwrite(tmp_path / "labels" / "a.tif", labels)
+    torch.save(CPnet(nbase=(2, 8, 16)).state_dict(), tmp_path / "model.pt")
+    result = run_cli(
+        "diameter-sweep", str(tmp_path), "--model", str(tmp_path / "model.pt"), "--diameters", "12,stored",
+        "--precision", "fp32", "--output", str(tmp_path / "sweep.csv"),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == "| diameter | overall | default |" and lines[2].startswith("| 12 | ") and lines[3].startswith("| stored | ")
+    assert (tmp_path / "sweep.csv").read_text().count("\n") == 3

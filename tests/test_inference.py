@@ -4,26 +4,8 @@ import pytest
 import torch
 
 from mmcs_monai.inference import CellInferer, PrecisionInferer, autocast_context, resolve_diameter
+from conftest import OracleNet, RecordingNet
 from mmcs_monai.networks import CPnet
-
-
-class RecordingNet(torch.nn.Module):
-    """A stand-in network that records the sizes it is called with and returns x-coordinate ramps."""
-
-    def __init__(self, diam_mean=30.0, diam_labels=15.0):
-        super().__init__()
-        self.diam_mean = torch.nn.Parameter(torch.tensor([diam_mean]), requires_grad=False)
-        self.diam_labels = torch.nn.Parameter(torch.tensor([diam_labels]), requires_grad=False)
-        self.seen = []
-        self.subset_diameters = {}
-
-    # the real network's subset-diameter table
-    set_subset_diameters = CPnet.set_subset_diameters
-    diameter_for = CPnet.diameter_for
-
-    def forward(self, x):
-        self.seen.append(tuple(x.shape[-2:]))
-        return x[:, :1].repeat(1, 3, 1, 1)
 
 
 def test_zoom_uses_stored_diameter_then_given_one():
@@ -81,23 +63,6 @@ def test_precision_names_are_checked():
     net = CPnet(nbase=(2, 8, 16)).eval()
     out = PrecisionInferer("bf16", channels_last=True)(torch.rand(2, 2, 32, 32), net)
     assert out.dtype == torch.float32 and out.shape == (2, 3, 32, 32)
-
-
-class OracleNet(RecordingNet):
-    """Stand-in network that returns perfect outputs for a binary disc image at any scale."""
-
-    def forward(self, x):
-        from skimage.measure import label
-
-        from mmcs_monai.flows import labels_to_flows
-
-        self.seen.append(tuple(x.shape[-2:]))
-        outs = []
-        for image in x[:, 0].float():
-            labels = label(image.numpy() > 0.5)
-            flows = torch.as_tensor(labels_to_flows(labels)) * 5
-            outs.append(torch.cat([flows, torch.where(torch.as_tensor(labels > 0), 10.0, -10.0)[None]]))
-        return torch.stack(outs)
 
 
 def test_auto_diameter_measures_cells_then_rescales():

@@ -1,0 +1,40 @@
+"""Diameter sweep: F1 per inference diameter, with a network whose outputs are known."""
+
+import numpy as np
+import pytest
+import tifffile
+
+from conftest import OracleNet, disk_labels
+from mmcs_monai.evaluation import diameter_sweep, format_sweep_table, parse_diameters, summarise_sweep, write_sweep_csv
+from mmcs_monai.inference import CellInferer
+
+
+def test_parse_diameters():
+    assert parse_diameters("10, 20.5,auto,stored") == [10.0, 20.5, "auto", "stored"]
+    assert parse_diameters("[12,'subset']") == [12.0, "subset"]
+    assert parse_diameters(15) == [15.0]
+    with pytest.raises(ValueError, match="at least one"):
+        parse_diameters("")
+
+
+def test_sweep_scores_each_diameter_against_the_labels(tmp_path):
+    labels = disk_labels(shape=(96, 96), centers=((25, 25), (70, 68), (25, 72)), radii=(9, 9, 9))
+    tifffile.imwrite(tmp_path / "img.tif", (labels > 0).astype(np.uint8) * 200)
+    tifffile.imwrite(tmp_path / "lbl.tif", labels)
+    items = [{"image": str(tmp_path / "img.tif"), "label": str(tmp_path / "lbl.tif"), "id": "a", "subset": "discs"}]
+    net = OracleNet(diam_mean=30.0, diam_labels=18.0)
+    net.set_subset_diameters({"discs": 18.0})
+    rows = diameter_sweep(net, items, ["stored", "subset", 300.0], inferer=CellInferer(precision="fp32"), border=0)
+    f1 = {r["diameter"]: r["f1"] for r in rows}
+    # at the stored (true) diameter the oracle's masks are the labels; at 300 px the image shrinks to
+    # 10 px (padded to 16) and the discs lose their shape
+    assert f1["stored"] == 1.0 and f1["subset"] == 1.0 and f1[300.0] < 0.9
+    assert net.seen == [(160, 160), (160, 160), (16, 16)]
+    subsets, table = summarise_sweep(rows)
+    assert subsets == ["discs"] and [line["overall"] for line in table] == [1.0, 1.0, f1[300.0]]
+    text = format_sweep_table(rows)
+    assert text.splitlines()[0] == "| diameter | overall | discs |" and f"| 300 | {f1[300.0]:.3f} |" in text
+    with pytest.raises(ValueError, match="stored subsets: discs"):
+        diameter_sweep(net, items, ["nuclei"], inferer=CellInferer(precision="fp32"))
+    write_sweep_csv(tmp_path / "sweep.csv", rows)
+    assert (tmp_path / "sweep.csv").read_text().splitlines()[1].startswith("stored,a,discs,1.0,3")
