@@ -223,3 +223,175 @@ def is_image_file(path: str | os.PathLike) -> bool:
     """True for names with a supported image suffix (hidden files excluded)."""
     path = Path(path)
     return path.is_file() and not path.name.startswith(".") and _suffix(path) in IMAGE_SUFFIXES
+
+
+# ---------------------------------------------------------------------------------------------
+# Region reading for images too large to load at once (whole-slide images).
+
+
+class ImageRegions:
+    """Read rectangular regions of a 2D image without loading all of it where the format allows.
+
+    Tiled or stripped TIFF (any compression tifffile decodes, pyramids read at full resolution)
+    decodes only the tiles/strips a region touches; uncompressed TIFF and ``.npy`` are memory
+    mapped; other formats are read whole (they are rarely that large). Use :func:`open_regions`.
+
+    Attributes:
+        path: the file.
+        shape: ``(H, W)`` in pixels.
+        channels: number of channels C (alpha dropped).
+
+    ``read(y0, y1, x0, x1)`` returns float32 [C, y1 - y0, x1 - x0]; NaN/inf raise :class:`InputError`.
+    """
+
+    def __init__(self, path: Path, shape: tuple[int, int], channels: int):
+        self.path = path
+        self.shape = shape
+        self.channels = channels
+
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        h, w = self.shape
+        if not (0 <= y0 < y1 <= h and 0 <= x0 < x1 <= w):
+            raise ValueError(f"{self.path}: region [{y0}:{y1}, {x0}:{x1}] is outside the {h} x {w} image")
+        region = np.asarray(self._read(y0, y1, x0, x1), np.float32)
+        if not np.isfinite(region).all():
+            raise InputError(self.path, f"NaN or infinite values in region rows {y0}:{y1}, columns {x0}:{x1}")
+        return region
+
+    def _read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:  # [C, h, w], any dtype
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> ImageRegions:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _ArrayRegions(ImageRegions):
+    """Regions of an array already [H, W, C] (in memory or memory mapped)."""
+
+    def __init__(self, path: Path, yxc: np.ndarray):
+        super().__init__(path, tuple(yxc.shape[:2]), min(yxc.shape[2], 3))
+        self.yxc = yxc
+
+    def _read(self, y0, y1, x0, x1):
+        return np.moveaxis(np.asarray(self.yxc[y0:y1, x0:x1, : self.channels]), -1, 0)
+
+
+class _TiffRegions(ImageRegions):
+    """Regions of a tiled or stripped TIFF page (or one page per channel), decoding only what is needed."""
+
+    def __init__(self, path: Path, tif, pages: list):
+        first = pages[0]
+        samples = first.samplesperpixel if len(pages) == 1 else len(pages)
+        super().__init__(path, (int(first.imagelength), int(first.imagewidth)), min(samples, 3))
+        self.tif = tif
+        self.pages = pages[: self.channels]
+        self.planar = first.planarconfig == 2 and first.samplesperpixel > 1
+        if first.is_tiled:
+            self.chunk = (int(first.tilelength), int(first.tilewidth))
+        else:
+            self.chunk = (int(min(first.rowsperstrip or self.shape[0], self.shape[0])), self.shape[1])
+
+    def _read(self, y0, y1, x0, x1):
+        out = np.empty((self.channels, y1 - y0, x1 - x0), self.pages[0].dtype)
+        th, tw = self.chunk
+        rows_of_chunks = -(-self.shape[0] // th)
+        cols_of_chunks = -(-self.shape[1] // tw)
+        fh = self.tif.filehandle
+        for page_index, page in enumerate(self.pages):
+            planes = range(self.channels) if (self.planar and len(self.pages) == 1) else [None]
+            for plane in planes:
+                for cy in range(y0 // th, (y1 - 1) // th + 1):
+                    for cx in range(x0 // tw, (x1 - 1) // tw + 1):
+                        index = cy * cols_of_chunks + cx + (plane or 0) * rows_of_chunks * cols_of_chunks
+                        fh.seek(page.dataoffsets[index])
+                        data = fh.read(page.databytecounts[index])
+                        chunk = page.decode(data, index, jpegtables=page.jpegtables, jpegheader=page.jpegheader)[0]
+                        chunk = chunk.reshape(chunk.shape[-3:])  # [th, tw, samples]
+                        ty, tx = cy * th, cx * tw
+                        sy0, sy1 = max(y0, ty), min(y1, ty + th, self.shape[0])
+                        sx0, sx1 = max(x0, tx), min(x1, tx + tw, self.shape[1])
+                        block = chunk[sy0 - ty : sy1 - ty, sx0 - tx : sx1 - tx]
+                        target = out[:, sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0]
+                        if plane is not None:
+                            target[plane] = block[..., 0]
+                        elif len(self.pages) > 1:
+                            target[page_index] = block[..., 0]
+                        else:
+                            target[:] = np.moveaxis(block[..., : self.channels], -1, 0)
+        return out
+
+    def close(self) -> None:
+        self.tif.close()
+
+
+def _open_tiff_regions(path: Path) -> ImageRegions:
+    import tifffile
+
+    try:
+        tif = tifffile.TiffFile(path)
+    except Exception as err:
+        raise InputError(path, f"cannot be read as a TIFF image ({type(err).__name__}: {err})") from err
+    try:
+        series = tif.series[0]
+        pages = [p for p in series.levels[0].pages if p is not None]
+        pages = [p if isinstance(p, tifffile.TiffPage) else p.aspage() for p in pages]
+        first = pages[0]
+        if first.imagedepth > 1 or first.samplesperpixel > 4 or len(pages) > 4:
+            raise InputError(
+                path,
+                f"expected a 2D image with at most 4 channels, got series shape {series.shape} ({series.axes}); "
+                "3D stacks and time series: save the plane to segment as its own file",
+            )
+        if len(pages) > 1 and any(p.shape != first.shape or p.samplesperpixel != 1 for p in pages):
+            raise InputError(path, f"pages of different shapes in series {series.shape} ({series.axes})")
+        if first.is_memmappable and len(pages) == 1 and first.planarconfig != 2:
+            yxc = tifffile.memmap(path, page=first.index, mode="r")
+            tif.close()
+            return _ArrayRegions(path, yxc[..., None] if yxc.ndim == 2 else yxc)
+        if first.dtype is None or first.compression not in tifffile.TIFF.DECOMPRESSORS:
+            raise InputError(path, f"TIFF compression {first.compression!r} cannot be decoded here")
+        return _TiffRegions(path, tif, pages)
+    except InputError:
+        tif.close()
+        raise
+    except Exception as err:
+        tif.close()
+        raise InputError(path, f"cannot be read as a TIFF image ({type(err).__name__}: {err})") from err
+
+
+def open_regions(path: str | os.PathLike) -> ImageRegions:
+    """Open an image for reading by regions (see :class:`ImageRegions`).
+
+    Raises:
+        InputError: missing, empty, undecodable, not 2D, too small, or an unsupported pixel type.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "file not found")
+    if path.stat().st_size == 0:
+        raise InputError(path, "file is empty (0 bytes)")
+    suffix = _suffix(path)
+    if suffix in (".tif", ".tiff"):
+        regions = _open_tiff_regions(path)
+    elif suffix == ".npy":
+        try:
+            data = np.load(path, mmap_mode="r", allow_pickle=False)
+        except Exception as err:
+            raise InputError(path, f"cannot be read as a .npy array ({type(err).__name__}: {err})") from err
+        regions = _ArrayRegions(path, _to_yxc(path, data))
+    else:
+        regions = _ArrayRegions(path, _to_yxc(path, read_array(path)))
+    dtype = regions.yxc.dtype if isinstance(regions, _ArrayRegions) else regions.pages[0].dtype
+    if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating) or dtype == bool):
+        regions.close()
+        raise InputError(path, f"unsupported pixel type {dtype}")
+    if min(regions.shape) < 2:
+        regions.close()
+        raise InputError(path, f"image is too small to segment ({regions.shape[0]} x {regions.shape[1]} pixels)")
+    return regions

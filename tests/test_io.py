@@ -6,6 +6,7 @@ import tifffile
 from PIL import Image
 
 from mmcs_monai import io
+from mmcs_monai.io import InputError, open_regions, read_image
 
 
 def test_read_image_grey_rgb_rgba_16bit_float(tmp_path):
@@ -95,3 +96,66 @@ def test_atomic_path_keeps_old_file_on_failure(tmp_path):
             raise RuntimeError("killed")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+# ------------------------------------------------------------------ region reading (whole slides)
+_RNG = np.random.default_rng(0)
+_RGB = (_RNG.random((300, 420, 3)) * 255).astype(np.uint8)
+_GREY = (_RNG.random((300, 420)) * 60000).astype(np.uint16)
+_TIFF_LAYOUTS = {
+    "tiled_rgb_zlib": lambda p: tifffile.imwrite(p, _RGB, tile=(64, 128), compression="zlib", photometric="rgb"),
+    "strips_grey_lzw": lambda p: tifffile.imwrite(p, _GREY, rowsperstrip=37, compression="lzw"),
+    "uncompressed_grey": lambda p: tifffile.imwrite(p, _GREY),
+    "planar_rgb": lambda p: tifffile.imwrite(
+        p, np.moveaxis(_RGB, -1, 0), photometric="rgb", planarconfig="separate", tile=(64, 64), compression="zlib"
+    ),
+    "page_per_channel": lambda p: tifffile.imwrite(
+        p, np.stack([_GREY, _GREY // 3]), photometric="minisblack", tile=(128, 128), compression="zlib"
+    ),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(_TIFF_LAYOUTS))
+def test_tiff_regions_equal_the_full_read(tmp_path, layout):
+    path = tmp_path / f"{layout}.tif"
+    _TIFF_LAYOUTS[layout](path)
+    full = read_image(path)
+    with open_regions(path) as regions:
+        assert regions.shape == (300, 420) and regions.channels == full.shape[0]
+        for y0, y1, x0, x1 in ((0, 300, 0, 420), (61, 250, 127, 129), (299, 300, 5, 419)):
+            np.testing.assert_array_equal(regions.read(y0, y1, x0, x1), full[:, y0:y1, x0:x1])
+        with pytest.raises(ValueError, match="outside"):
+            regions.read(0, 301, 0, 10)
+
+
+def test_pyramidal_tiff_reads_full_resolution_and_npy_is_memory_mapped(tmp_path):
+    path = tmp_path / "pyramid.tif"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(_RGB, tile=(128, 128), compression="zlib", photometric="rgb", subifds=1)
+        tif.write(_RGB[::2, ::2], tile=(128, 128), compression="zlib", photometric="rgb", subfiletype=1)
+    with open_regions(path) as regions:
+        np.testing.assert_array_equal(regions.read(10, 200, 30, 400), np.moveaxis(_RGB, -1, 0)[:, 10:200, 30:400])
+    np.save(tmp_path / "a.npy", _GREY)
+    with open_regions(tmp_path / "a.npy") as regions:
+        assert isinstance(regions.yxc, np.memmap)
+        np.testing.assert_array_equal(regions.read(3, 9, 0, 420)[0], _GREY[3:9])
+
+
+def test_region_reader_errors_name_the_file(tmp_path):
+    stack = tmp_path / "stack.tif"
+    tifffile.imwrite(stack, np.zeros((12, 40, 40), np.uint8))
+    empty = tmp_path / "empty.tif"
+    empty.write_bytes(b"")
+    junk = tmp_path / "junk.tif"
+    junk.write_bytes(b"not a tiff at all" * 10)
+    for path, problem in ((stack, "3D stacks"), (empty, "empty"), (junk, "cannot be read"), (tmp_path / "no.tif", "not found")):
+        with pytest.raises(InputError, match=problem) as err:
+            open_regions(path)
+        assert str(path) in str(err.value)
+    nan = np.ones((50, 60), np.float32)
+    nan[40, 50] = np.nan
+    tifffile.imwrite(tmp_path / "nan.tif", nan, tile=(16, 16))
+    with open_regions(tmp_path / "nan.tif") as regions:
+        regions.read(0, 16, 0, 16)  # the clean part reads
+        with pytest.raises(InputError, match="NaN.*rows 32:50"):
+            regions.read(32, 50, 32, 60)

@@ -99,13 +99,27 @@ class NormalizePercentile(Transform):
 
     def __call__(self, image) -> np.ndarray:
         image = np.asarray(image, np.float32)
-        flat = image.reshape(image.shape[0], -1)
-        lo, hi = np.percentile(flat, (self.lower, self.upper), axis=1)
-        span = hi - lo
-        out = np.zeros_like(image)
-        has_contrast = span > 1e-6
-        out[has_contrast] = (image[has_contrast] - lo[has_contrast, None, None]) / span[has_contrast, None, None]
-        return out
+        return scale_to_bounds(image, *percentile_bounds(image, self.lower, self.upper))
+
+
+def percentile_bounds(image, lower: float = 1.0, upper: float = 99.0) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel ``lower`` and ``upper`` percentiles of ``image`` [C, ...] (float64 [C] each)."""
+    flat = np.asarray(image, np.float32).reshape(len(image), -1)
+    lo, hi = np.percentile(flat, (lower, upper), axis=1)
+    return lo, hi
+
+
+def scale_to_bounds(image, lo, hi) -> np.ndarray:
+    """Map ``lo`` -> 0 and ``hi`` -> 1 per channel of ``image`` [C, H, W] (float32); channels with
+    ``hi - lo <= 1e-6`` become zeros. Whole-slide inference uses bounds measured once per slide,
+    so every block is scaled alike."""
+    image = np.asarray(image, np.float32)
+    lo, hi = np.asarray(lo, np.float32), np.asarray(hi, np.float32)
+    span = hi - lo
+    out = np.zeros_like(image)
+    has_contrast = span > 1e-6
+    out[has_contrast] = (image[has_contrast] - lo[has_contrast, None, None]) / span[has_contrast, None, None]
+    return out
 
 
 class LabelsToFlows(Transform):
