@@ -144,7 +144,7 @@ def infer_slide(
             path, or not (``False``).
         diameter: cell diameter in pixels, a stored subset name, ``auto``, or None (the model's mean).
         block_size: block side in network pixels; memory grows with its square.
-        halo: context around each block in image pixels (default ``max(64, 3 * diameter)``).
+        halo: context around each block in image pixels (default ``max(64, 4 * diameter)``).
 
     Returns:
         a one-line summary (cells, blocks, seconds, outputs).

@@ -22,11 +22,16 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
-from mmcs_monai.io import InputError, is_image_file, masks_filename
+from monai.data import CacheDataset
+
+from mmcs_monai.io import InputError, atomic_path, is_image_file, masks_filename
+
+logger = logging.getLogger(__name__)
 
 # Decathlon JSONs name their splits differently from manifests.
 _DECATHLON_KEYS = {"train": "training", "val": "validation", "validation": "validation", "test": "test"}
@@ -141,3 +146,143 @@ def pending_outputs(items: list[dict[str, Any]], output_dir: str | os.PathLike) 
     """Items whose masks file is not yet in ``output_dir``, so a folder run resumes where it stopped."""
     output_dir = Path(output_dir)
     return [i for i in items if not (output_dir / masks_filename(i["id"])).is_file()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets that skip bad samples instead of stopping a long run.
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The innermost exception (MONAI's ``Compose`` wraps a transform's error in a RuntimeError)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error
+
+
+def _sample_name(item: Any) -> str:
+    if isinstance(item, dict):
+        for key in ("image", "image_file", "id"):
+            if item.get(key):
+                return str(item[key])
+    return repr(item)[:200]
+
+
+class BadSampleLog:
+    """Bad samples met during a run: each with its file, the stage and the problem.
+
+    Args:
+        max_bad_fraction: more bad samples than this fraction of a data list stops the run
+            (:meth:`check`), since then the data, not one file, is wrong.
+    """
+
+    def __init__(self, max_bad_fraction: float = 0.1):
+        if not 0 <= max_bad_fraction <= 1:
+            raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+        self.max_bad_fraction = max_bad_fraction
+        self.entries: list[dict[str, str]] = []
+
+    def add(self, item: Any, stage: str, error: BaseException) -> None:
+        cause = root_cause(error)
+        entry = {"file": _sample_name(item), "stage": stage, "problem": f"{type(cause).__name__}: {cause}"}
+        self.entries.append(entry)
+        logger.warning("skipping bad sample %s (%s): %s", entry["file"], stage, entry["problem"])
+
+    def check(self, bad: int, total: int, what: str = "samples") -> None:
+        """Raise when ``bad`` of ``total`` exceeds the allowed fraction."""
+        if total and bad / total > self.max_bad_fraction:
+            examples = "; ".join(f"{e['file']}: {e['problem']}" for e in self.entries[:5])
+            raise RuntimeError(
+                f"{bad} of {total} {what} are unusable ({bad / total:.0%} > max_bad_fraction "
+                f"{self.max_bad_fraction:.0%}); fix the data or raise the limit. First ones: {examples}"
+            )
+
+    def summary(self) -> str:
+        if not self.entries:
+            return "no bad samples"
+        lines = [f"{len(self.entries)} bad sample(s) skipped:"]
+        lines += [f"  {e['file']} ({e['stage']}): {e['problem']}" for e in self.entries]
+        return "\n".join(lines)
+
+    def write_csv(self, path: str | os.PathLike) -> None:
+        """``file, stage, problem`` rows, written atomically."""
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["file", "stage", "problem"])
+            writer.writeheader()
+            writer.writerows(self.entries)
+
+
+class SkippingCacheDataset(CacheDataset):
+    """MONAI ``CacheDataset`` that leaves out samples whose transforms fail, and says which.
+
+    Samples that fail while the cache is filled (unreadable files, label/image mismatch, ...) are
+    removed from the data set; a sample whose random transforms fail later is replaced by the next
+    good one for that draw. Every failure goes to ``bad_samples`` with its path; too many
+    (``bad_samples.max_bad_fraction`` of the list) stop the run with a clear message.
+
+    Args:
+        data, transform: as ``CacheDataset`` (``transform`` a ``Compose``).
+        bad_samples: where failures are recorded (shared with the summary handler).
+        kwargs: other ``CacheDataset`` arguments (``cache_rate``, ``num_workers``...).
+    """
+
+    def __init__(self, data, transform, bad_samples: BadSampleLog | None = None, **kwargs):
+        self.bad_samples = bad_samples if bad_samples is not None else BadSampleLog()
+        self._failed_at_cache: set[int] = set()
+        super().__init__(data, transform, **kwargs)
+
+    def _load_cache_item(self, idx: int):
+        try:
+            return super()._load_cache_item(idx)
+        except Exception as err:  # any transform error: the sample is bad, the run goes on
+            self.bad_samples.add(self.data[idx], "loading", err)
+            self._failed_at_cache.add(idx)
+            return None
+
+    def set_data(self, data) -> None:
+        self._failed_at_cache = set()
+        super().set_data(data)
+        if not self._failed_at_cache:
+            return
+        total = len(self.data)
+        self.bad_samples.check(len(self._failed_at_cache), total, "samples in the data list")
+        keep = [i for i in range(total) if i not in self._failed_at_cache]
+        cached = list(self._cache)
+        self.data = [self.data[i] for i in keep]
+        self._cache = [cached[i] for i in keep if i < len(cached)]
+        self.cache_num = len(self._cache)
+
+    def _transform(self, index: int):
+        if not -len(self.data) <= index < len(self.data):
+            raise IndexError(f"index {index} out of range for {len(self.data)} samples")
+        index %= len(self.data)
+        for attempt in range(len(self.data)):
+            i = (index + attempt) % len(self.data)
+            try:
+                return super()._transform(i)
+            except Exception as err:
+                self.bad_samples.add(self.data[i], "augmentation", err)
+                self.bad_samples.check(len({e["file"] for e in self.bad_samples.entries}), len(self.data))
+        raise RuntimeError(f"every sample failed its transforms; {self.bad_samples.summary()}")
+
+
+def readable_images(items: list[dict[str, Any]], bad_samples: BadSampleLog | None = None) -> list[dict[str, Any]]:
+    """The items whose image (and label, when given) can be read; the others go to ``bad_samples``.
+
+    Inference over a folder calls this first so one broken file is reported and skipped instead of
+    stopping the run; the check reads each file once, which costs far less than segmenting it.
+    """
+    from mmcs_monai.io import read_image, read_labels
+
+    bad_samples = bad_samples if bad_samples is not None else BadSampleLog(max_bad_fraction=1.0)
+    good = []
+    for item in items:
+        try:
+            image = read_image(item["image"])
+            if item.get("label"):
+                read_labels(item["label"], image_shape=image.shape[1:])
+        except InputError as err:
+            bad_samples.add(item, "reading", err)
+            continue
+        good.append(item)
+    bad_samples.check(len(items) - len(good), len(items), "images")
+    return good

@@ -121,7 +121,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     if min(h, w) < 2:
         raise InputError(path, f"image is too small to segment ({h} x {w} pixels)")
     if h * w > MAX_PIXELS:
-        raise InputError(path, f"image has {h * w} pixels, more than {MAX_PIXELS}; use tiled inference")
+        raise InputError(path, f"image has {h * w} pixels, more than {MAX_PIXELS}; segment it with `mmcs infer-slide` (block by block)")
     image = np.moveaxis(data, -1, 0).astype(np.float32, copy=False)
     if not np.isfinite(image).all():
         raise InputError(path, "image contains NaN or infinite values")

@@ -5,9 +5,10 @@ with a halo around it; :class:`~mmcs_monai.inference.CellInferer` predicts its f
 window blends 224-px tiles with Gaussian weights) and :func:`~mmcs_monai.flows.flows_to_masks`
 builds masks over the whole window. A cell belongs to the block whose core holds its centroid, so
 a cell crossing a block border is segmented once, by a block that saw it whole with context on
-both sides, and gets one id. Owned cells are pasted into a label file on disk: inside its own core
-a block's cells win, in its halo they only fill background, so the result does not depend on
-anything but the block grid. A last streaming pass makes the ids consecutive, measures each cell
+both sides, and gets one id; the core is grown by half a diameter for this test so a cell on a
+border is never lost between two blocks, and a cell already labelled by an earlier block is not
+pasted twice. Owned cells go into a label file on disk: inside its own core a block's cells win,
+in its halo they only fill background, so the result depends on nothing but the block grid. A last streaming pass makes the ids consecutive, measures each cell
 and writes a tiled, compressed label TIFF and, optionally, a CSV table of cells.
 
 Memory is bounded by the block size: the network never sees more than one window at a time, the
@@ -97,6 +98,7 @@ class SlideResult:
     blocks: int
     diameter: float
     seconds: float
+    border_copies: int = 0  # cells on a block border kept by both blocks; the second copy was dropped
 
 
 class SlideSegmenter:
@@ -106,7 +108,7 @@ class SlideSegmenter:
         network: a CPnet in eval mode (on its device).
         inferer: the per-window inferer (default: 224 px tiles, 10% overlap, auto precision).
         block_size: block side in pixels at network scale (input pixels = this / zoom); bounds memory.
-        halo: context around each block in input pixels; default ``max(64, 3 * diameter)``. Cells larger
+        halo: context around each block in input pixels; default ``max(64, 4 * diameter)``. Cells larger
             than the halo can be cut at block borders.
         diameter: cell diameter in the slide (pixels), a stored subset name, None (the model's mean) or
             ``"auto"`` (measured on a central crop of ``auto_crop`` pixels, then used for every block).
@@ -177,7 +179,7 @@ class SlideSegmenter:
         x = torch.as_tensor(self.read_window(regions, block.window, bounds))[None].to(self._device)
         flows = self.inferer(x, self.network, diameter=diameter)[0].float().cpu().numpy()
         masks = flows_to_masks(flows[:2], flows[2], **self.mask_kwargs)
-        return owned_cells(masks, block)
+        return owned_cells(masks, block, margin=0.5 * diameter)
 
     @property
     def _device(self) -> torch.device:
@@ -191,7 +193,7 @@ class SlideSegmenter:
             bounds = self.intensity_bounds(regions)
             diameter = self.slide_diameter(regions, bounds)
             zoom = scale_to_target(diameter, model_diameters(self.network)[0] or DEFAULT_TARGET_DIAMETER)
-            halo = self.halo if self.halo is not None else max(64, int(math.ceil(3 * diameter)))
+            halo = self.halo if self.halo is not None else max(64, int(math.ceil(4 * diameter)))
             blocks = plan_blocks(regions.shape, max(int(self.block_size / zoom), 2 * halo), halo)
             logger.info(
                 "%s: %d x %d px, diameter %.1f px, %d blocks of %d px + %d px halo",
@@ -202,9 +204,11 @@ class SlideSegmenter:
             os.close(fd)
             try:
                 canvas = LabelCanvas(Path(scratch), regions.shape)
-                next_id = 1
+                next_id, copies = 1, 0
                 for block in blocks:
-                    next_id = paste_block(canvas, block, self.segment_block(regions, block, bounds, diameter), next_id)
+                    owned = self.segment_block(regions, block, bounds, diameter)
+                    next_id, dropped = paste_block(canvas, block, owned, next_id)
+                    copies += dropped
                     logger.info("block %d/%d done, %d cells so far", block.index + 1, len(blocks), next_id - 1)
                 lut, table = finalize_labels(canvas)
                 write_label_tiff(labels_path, canvas, lut)
@@ -214,12 +218,19 @@ class SlideSegmenter:
                 Path(scratch).unlink(missing_ok=True)
         return SlideResult(
             labels_path, Path(table_path) if table_path else None, regions.shape, len(table["id"]), len(blocks),
-            diameter, time.perf_counter() - start,
+            diameter, time.perf_counter() - start, copies,
         )
 
 
-def owned_cells(masks: np.ndarray, block: Block) -> np.ndarray:
-    """Keep the cells of ``masks`` (window [h, w]) whose centroid lies in the block's core; ids 1..n."""
+def owned_cells(masks: np.ndarray, block: Block, margin: float = 0.0) -> np.ndarray:
+    """Keep the cells of ``masks`` (window [h, w]) whose centroid lies in the block's core grown by ``margin`` px.
+
+    The margin makes sure a cell on a border is kept by at least one of the two blocks even when
+    their versions of it have centroids a pixel apart; :func:`paste_block` drops the second copy.
+
+    Returns:
+        int32 [h, w] with the kept cells numbered 1..n, 0 elsewhere.
+    """
     masks = np.asarray(masks)
     n = int(masks.max())
     if n == 0:
@@ -232,35 +243,50 @@ def owned_cells(masks: np.ndarray, block: Block) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         centre_y = np.bincount(ids, yy, minlength=n + 1) / area + wy0
         centre_x = np.bincount(ids, xx, minlength=n + 1) / area + wx0
-    keep = (area > 0) & (centre_y >= cy0) & (centre_y < cy1) & (centre_x >= cx0) & (centre_x < cx1)
+    keep = (area > 0) & (centre_y >= cy0 - margin) & (centre_y < cy1 + margin)
+    keep &= (centre_x >= cx0 - margin) & (centre_x < cx1 + margin)
     keep[0] = False
     new_ids = np.zeros(n + 1, np.int32)
     new_ids[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
     return new_ids[masks]
 
 
-def paste_block(canvas: LabelCanvas, block: Block, owned: np.ndarray, next_id: int) -> int:
-    """Write a block's owned cells (ids offset to ``next_id``) into the canvas; returns the next free id.
+def paste_block(
+    canvas: LabelCanvas, block: Block, owned: np.ndarray, next_id: int, duplicate_fraction: float = 0.5
+) -> tuple[int, int]:
+    """Write a block's owned cells into the canvas with ids from ``next_id`` on.
 
-    Inside the block's core its cells overwrite whatever a neighbour's halo put there; in the halo
-    they only fill background. The result depends on the block grid only (blocks are pasted in index
-    order).
+    A cell more than ``duplicate_fraction`` of which is already labelled is a copy of a cell an
+    earlier block kept (a cell on a border, seen by both): it is dropped. Inside the block's core
+    its cells overwrite what a neighbour's halo put there; in the halo they only fill background.
+    The result depends on the block grid only (blocks are pasted in index order).
+
+    Returns:
+        ``(next free id, number of copies dropped)``.
     """
     n = int(owned.max())
     if n == 0:
-        return next_id
+        return next_id, 0
     wy0, wy1, wx0, wx1 = block.window
     cy0, cy1, cx0, cx1 = block.core
     view = canvas.rows(wy0, wy1)
     region = view[:, wx0:wx1]
     cells = owned > 0
-    in_core = np.zeros_like(cells)
+    ids = owned[cells]
+    area = np.bincount(ids, minlength=n + 1)
+    already = np.bincount(ids[region[cells] > 0], minlength=n + 1)
+    keep = (area > 0) & (already <= duplicate_fraction * area)
+    keep[0] = False
+    new_ids = np.zeros(n + 1, np.uint32)
+    new_ids[keep] = np.arange(next_id, next_id + int(keep.sum()), dtype=np.uint32)
+    local = new_ids[owned]
+    in_core = np.zeros(cells.shape, bool)
     in_core[cy0 - wy0 : cy1 - wy0, cx0 - wx0 : cx1 - wx0] = True
-    write = cells & (in_core | (region == 0))
-    region[write] = (owned[write] + (next_id - 1)).astype(np.uint32)
+    write = (local > 0) & (in_core | (region == 0))
+    region[write] = local[write]
     view.flush()
     del view
-    return next_id + n
+    return next_id + int(keep.sum()), int((area[1:] > 0).sum() - keep.sum())
 
 
 def finalize_labels(canvas: LabelCanvas, band: int = 1024) -> tuple[np.ndarray, dict[str, np.ndarray]]:

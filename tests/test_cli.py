@@ -59,3 +59,27 @@ def test_diameter_sweep_command_prints_a_row_per_diameter(tmp_path):
     lines = result.stdout.strip().splitlines()
     assert lines[0] == "| diameter | overall | default |" and lines[2].startswith("| 12 | ") and lines[3].startswith("| stored | ")
     assert (tmp_path / "sweep.csv").read_text().count("\n") == 3
+
+
+def test_infer_slide_command_writes_tiled_labels_and_cell_table(tmp_path):
+    import torch
+
+    from mmcs_monai.networks import CPnet
+    from mmcs_monai.wholeslide import CELL_TABLE_COLUMNS
+
+    image = np.zeros((400, 300), np.uint8)
+    image[::7] = 200
+    tifffile.imwrite(tmp_path / "slide.tif", image, tile=(128, 128), compression="zlib")
+    torch.save(CPnet(nbase=(2, 8, 16)).state_dict(), tmp_path / "model.pt")
+    result = run_cli(
+        "infer-slide", str(tmp_path / "slide.tif"), str(tmp_path / "out"), "--model", str(tmp_path / "model.pt"),
+        "--block_size", "160", "--halo", "16", "--precision", "fp32",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "blocks" in result.stdout and "slide_masks.tif" in result.stdout
+    with tifffile.TiffFile(tmp_path / "out" / "slide_masks.tif") as tif:
+        assert tif.pages[0].shape == (400, 300) and tif.pages[0].is_tiled
+    header = (tmp_path / "out" / "slide_cells.csv").read_text().splitlines()[0]
+    assert header == ",".join(CELL_TABLE_COLUMNS)
+    missing = run_cli("infer-slide", str(tmp_path / "nope.tif"), str(tmp_path / "out"), "--model", str(tmp_path / "model.pt"))
+    assert missing.returncode != 0 and "nope.tif: file not found" in missing.stderr

@@ -78,3 +78,71 @@ def test_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no images"):
         load_datalist(tmp_path / "empty")
+
+
+# ------------------------------------------------------------------ skipping bad samples
+def _mixed_items(tmp_path, n_good=8):
+    """Good image/label pairs plus one of each common kind of broken sample."""
+    from conftest import disk_labels
+
+    items = []
+    for k in range(n_good):
+        labels = disk_labels(shape=(48, 48), centers=((15, 15), (32, 30)), radii=(6, 7))
+        tifffile.imwrite(tmp_path / f"img{k}.tif", (labels > 0).astype(np.uint8) * (100 + k))
+        tifffile.imwrite(tmp_path / f"lbl{k}.tif", labels)
+        items.append({"image": str(tmp_path / f"img{k}.tif"), "label": str(tmp_path / f"lbl{k}.tif")})
+    (tmp_path / "empty.tif").write_bytes(b"")
+    tifffile.imwrite(tmp_path / "small_label.tif", np.zeros((20, 20), np.uint16))
+    bad = [
+        {"image": str(tmp_path / "empty.tif"), "label": str(tmp_path / "lbl0.tif")},
+        {"image": str(tmp_path / "img0.tif"), "label": str(tmp_path / "small_label.tif")},
+    ]
+    return items, bad
+
+
+def _pipeline():
+    from monai.transforms import Compose
+
+    from mmcs_monai.transforms import LabelsToFlowsd, LoadMicroscopyd, StackNucleusChanneld
+
+    return Compose([LoadMicroscopyd(), StackNucleusChanneld(), LabelsToFlowsd(keys="label", output_key="flows")])
+
+
+def test_skipping_dataset_drops_bad_samples_and_names_them(tmp_path):
+    from mmcs_monai.data import BadSampleLog, SkippingCacheDataset
+
+    good, bad = _mixed_items(tmp_path)
+    log = BadSampleLog(max_bad_fraction=0.25)
+    data = SkippingCacheDataset(good[:4] + bad + good[4:], _pipeline(), bad_samples=log, cache_rate=1.0, num_workers=1)
+    assert len(data) == 8 and all(d["flows"].shape == (3, 48, 48) for d in data)
+    assert [e["file"] for e in log.entries] == [bad[0]["image"], bad[1]["image"]]
+    assert "empty" in log.entries[0]["problem"] and "(20, 20)" in log.entries[1]["problem"]
+    log.write_csv(tmp_path / "bad.csv")
+    assert (tmp_path / "bad.csv").read_text().count("\n") == 3
+
+
+def test_too_many_bad_samples_stop_with_a_clear_message(tmp_path):
+    from mmcs_monai.data import BadSampleLog, SkippingCacheDataset
+
+    good, bad = _mixed_items(tmp_path, n_good=3)
+    with pytest.raises(RuntimeError, match=r"2 of 5 samples .* are unusable \(40% > max_bad_fraction 10%\).*empty"):
+        SkippingCacheDataset(good + bad, _pipeline(), bad_samples=BadSampleLog(0.1), cache_rate=1.0, num_workers=1)
+
+
+def test_a_sample_failing_in_random_transforms_is_replaced(tmp_path):
+    from monai.transforms import Compose, RandLambdad
+
+    from mmcs_monai.data import BadSampleLog, SkippingCacheDataset
+
+    good, _ = _mixed_items(tmp_path, n_good=4)
+
+    def explode_on_second(d):
+        if d["image_file"].endswith("img1.tif"):
+            raise ValueError("augmentation blew up")
+        return d
+
+    transform = Compose([*_pipeline().transforms, RandLambdad(keys="image", func=lambda x: x, prob=1.0), explode_on_second])
+    log = BadSampleLog(max_bad_fraction=0.5)
+    data = SkippingCacheDataset(good, transform, bad_samples=log, cache_rate=1.0, num_workers=1)
+    assert data[1]["image_file"].endswith("img2.tif")  # the next good sample stands in
+    assert log.entries[0]["stage"] == "augmentation" and "blew up" in log.entries[0]["problem"]

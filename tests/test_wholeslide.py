@@ -31,6 +31,7 @@ def test_a_cell_belongs_to_the_block_holding_its_centroid():
     block = Block(0, core=(0, 60, 30, 60), window=(0, 60, 0, 60))
     owned = owned_cells(masks, block)
     assert set(np.unique(owned)) == {0, 1} and (owned[10:20, 25:40] == 1).all() and (owned[40:50] == 0).all()
+    assert owned_cells(masks, block, margin=4)[45, 25] == 2  # within 4 px of the core: kept too
 
 
 def test_paste_core_wins_halo_only_fills_background(tmp_path):
@@ -39,13 +40,17 @@ def test_paste_core_wins_halo_only_fills_background(tmp_path):
     right = Block(1, core=(0, 10, 10, 20), window=(0, 10, 6, 20))
     cell_a = np.zeros((10, 14), np.int32)
     cell_a[2:6, 7:13] = 1  # reaches 3 px into the right block's core
-    next_id = paste_block(canvas, left, cell_a, 1)
+    next_id, _ = paste_block(canvas, left, cell_a, 1)
     cell_b = np.zeros((10, 14), np.int32)
     cell_b[2:6, 5:9] = 1  # the right block's own cell over columns 11..14 (window starts at 6)
     cell_b[8, 0:2] = 1  # and a halo pixel on background in the left core
-    assert paste_block(canvas, right, cell_b, next_id) == 3
+    cell_b[0, 0:3] = 2  # a copy of a cell the left block already wrote: dropped
+    out = np.asarray(canvas.rows(0, 10))
+    out[0, 6:9] = 7
+    assert paste_block(canvas, right, cell_b, next_id) == (3, 1)
     out = np.asarray(canvas.rows(0, 10))
     assert (out[2:6, 7:11] == 1).all() and (out[2:6, 11:15] == 2).all() and (out[8, 6:8] == 2).all()
+    assert (out[0, 6:9] == 7).all() and out.max() == 7
 
 
 def _straddling_slide(tmp_path, shape=(300, 300)):

@@ -1,6 +1,7 @@
 """Ignite engines' building blocks: batch preparation, handlers, schedules and the semi-supervised phase."""
 
 from mmcs_monai.engines.handlers import (
+    BadSampleReport,
     BestModelSaver,
     CheckpointHandler,
     F1ReportHandler,

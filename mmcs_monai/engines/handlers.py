@@ -1,4 +1,4 @@
-"""Ignite handlers: atomic checkpoints with resume, best-model saving, and the training diameter."""
+"""Ignite handlers: atomic checkpoints with resume, best-model saving, the training diameter, bad-sample reports."""
 
 from __future__ import annotations
 
@@ -65,10 +65,17 @@ class CheckpointHandler:
         save_dict: objects with ``state_dict``/``load_state_dict``; must include ``network``.
         save_interval: epochs between checkpoints (0: only at the end).
         resume: load ``checkpoint.pt`` at start when it exists and continue from its epoch.
+        iteration_interval: also save every this many iterations (0: off), for long epochs; a run
+            resumed from such a checkpoint continues the interrupted epoch from its iteration count.
     """
 
     def __init__(
-        self, save_dir: str, save_dict: Mapping[str, Any], save_interval: int = 1, resume: bool = False
+        self,
+        save_dir: str,
+        save_dict: Mapping[str, Any],
+        save_interval: int = 1,
+        resume: bool = False,
+        iteration_interval: int = 0,
     ) -> None:
         if "network" not in save_dict:
             raise ValueError("save_dict must include 'network'")
@@ -76,6 +83,7 @@ class CheckpointHandler:
         self.save_dict = dict(save_dict)
         self.save_interval = save_interval
         self.resume = resume
+        self.iteration_interval = iteration_interval
 
     @property
     def checkpoint_path(self) -> Path:
@@ -89,6 +97,8 @@ class CheckpointHandler:
             engine.add_event_handler(Events.STARTED, self.load)
         if self.save_interval > 0:
             engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self.save)
+        if self.iteration_interval > 0:
+            engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.iteration_interval), self.save)
         engine.add_event_handler(Events.COMPLETED, self.save_final)
 
     def _state(self) -> dict[str, Any]:
@@ -108,6 +118,10 @@ class CheckpointHandler:
             save_atomic(weights, self.save_dir / "model.pt")
 
     def load(self, engine: Engine) -> None:
+        # a run killed while writing leaves its temporary file (never the real one): clear those
+        for stale in self.save_dir.glob(".*.pt.*.tmp"):
+            stale.unlink(missing_ok=True)
+            logger.info("resume: removed %s left by an interrupted write", stale.name)
         if not self.checkpoint_path.is_file():
             logger.info("resume: no checkpoint at %s, starting from scratch", self.checkpoint_path)
             return
@@ -285,3 +299,32 @@ class TimeBudgetHandler:
         if time.monotonic() - self._start > self.minutes * 60:
             logger.info("time budget of %.1f min reached at epoch %d: stopping", self.minutes, engine.state.epoch)
             engine.terminate()
+
+
+class BadSampleReport:
+    """At the end of a run (finished, stopped or failed), log the bad samples skipped and write them as CSV.
+
+    Args:
+        bad_samples: the :class:`mmcs_monai.data.BadSampleLog` the data sets record into.
+        output_dir: where ``bad_samples.csv`` goes (only written when there were any).
+    """
+
+    def __init__(self, bad_samples, output_dir: str | Path | None = None) -> None:
+        self.bad_samples = bad_samples
+        self.output_dir = Path(output_dir) if output_dir else None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self._on_exception)
+
+    def _on_exception(self, engine: Engine, error: BaseException) -> None:
+        self(engine)
+        raise error
+
+    def __call__(self, engine: Engine) -> None:
+        if not self.bad_samples.entries:
+            logger.info("bad samples: none")
+            return
+        logger.warning(self.bad_samples.summary())
+        if self.output_dir is not None:
+            self.bad_samples.write_csv(self.output_dir / "bad_samples.csv")

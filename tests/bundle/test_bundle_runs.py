@@ -98,7 +98,7 @@ def test_inference_writes_masks_and_overlays_then_skips_done(trained, tmp_path):
     masks = tifffile.imread(first)
     assert masks.dtype == np.uint16 and masks.shape == tifffile.imread(images / f"{stems[0]}.tif").shape[:2]
     before = first.stat().st_mtime_ns
-    assert "nothing to do" in bundle(*args)
+    assert "nothing to segment" in bundle(*args)
     assert first.stat().st_mtime_ns == before
 
 
@@ -136,3 +136,59 @@ def test_two_phase_semi_supervised_run(trained, tmp_path):
     assert {"loss_labelled", "loss_unlabelled", "w_unlabelled", "lr", "val_f1", "val_f1_teacher"} <= tags
     assert "unlabelled/pseudo_masks" in events.Tags()["images"]
     assert events.Scalars("w_unlabelled")[-1].value == pytest.approx(0.4)
+
+
+def test_bad_files_are_skipped_and_reported_in_training_and_inference(tmp_path):
+    """A data list with a broken image and a mismatched label trains; a folder with junk segments the rest."""
+    sample = json.loads((BUNDLE / "sample_data" / "datalist.json").read_text())
+    root = BUNDLE / "sample_data"
+    (tmp_path / "broken.tif").write_bytes(b"II*\x00 this is not really a tiff")
+    tifffile.imwrite(tmp_path / "wrong_size.tif", np.zeros((10, 10), np.uint16))
+    training = [dict(i, image=str(root / i["image"]), label=str(root / i["label"])) for i in sample["training"]]
+    training += [
+        {"image": str(tmp_path / "broken.tif"), "label": training[0]["label"], "id": "broken"},
+        {"image": training[0]["image"], "label": str(tmp_path / "wrong_size.tif"), "id": "wrong_size"},
+    ]
+    validation = [dict(i, image=str(root / i["image"]), label=str(root / i["label"])) for i in sample["validation"]]
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": training, "validation": validation}))
+    log = bundle(
+        "run", "training", "--config_file", configs("train.json"), "--bundle_root", str(BUNDLE),
+        "--data_source", str(tmp_path / "datalist.json"), "--ckpt_dir", str(tmp_path / "models"),
+        "--output_dir", str(tmp_path / "eval"), "--epochs", "1", "--val_interval", "1", "--max_bad_fraction", "0.2", *TINY,
+    )
+    assert "2 bad sample(s) skipped" in log
+    report = (tmp_path / "eval" / "bad_samples.csv").read_text()
+    assert "broken.tif" in report and "(10, 10)" in report and report.count("\n") == 3
+    assert (tmp_path / "models" / "model_final.pt").is_file()
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in sample["validation"]:
+        (images / Path(i["image"]).name).write_bytes((root / i["image"]).read_bytes())
+    (images / "junk.png").write_bytes(b"\x89PNG not an image")
+    bundle(
+        "run", "inference", "--config_file", configs("inference.json"), "--bundle_root", str(BUNDLE),
+        "--model_path", str(tmp_path / "models" / "model_final.pt"), "--input_dir", str(images),
+        "--output_dir", str(tmp_path / "out"),
+    )
+    written = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {f"{Path(i['image']).stem}_masks.tif" for i in sample["validation"]} <= written
+    assert "junk.png" in (tmp_path / "out" / "bad_samples.csv").read_text()
+
+
+def test_too_many_bad_files_stop_training_with_a_clear_message(tmp_path):
+    (tmp_path / "empty.tif").write_bytes(b"")
+    sample = json.loads((BUNDLE / "sample_data" / "datalist.json").read_text())
+    root = BUNDLE / "sample_data"
+    training = [dict(i, image=str(root / i["image"]), label=str(root / i["label"])) for i in sample["training"][:3]]
+    training += [{"image": str(tmp_path / "empty.tif"), "label": training[0]["label"], "id": "e"}]
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": training, "validation": []}))
+    cmd = [
+        sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", configs("train.json"),
+        "--bundle_root", str(BUNDLE), "--data_source", str(tmp_path / "datalist.json"),
+        "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval"), "--epochs", "1", *TINY,
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    assert "1 of 4 samples in the data list are unusable (25% > max_bad_fraction 10%)" in result.stderr
+    assert "empty.tif: file is empty" in result.stderr
