@@ -70,6 +70,11 @@ def test_read_labels_checks(tmp_path):
         io.read_labels(tmp_path / "neg.tif")
     with pytest.raises(io.InputError, match="image is"):
         io.read_labels(tmp_path / "ok.tif", image_shape=(3, 3))
+    tifffile.imwrite(tmp_path / "huge.tif", np.array([[0, 4_000_000_000], [1, 1]], np.uint32))
+    with pytest.raises(io.InputError, match="huge.tif: label id 4000000000 is too large"):
+        io.read_labels(tmp_path / "huge.tif")
+    tifffile.imwrite(tmp_path / "sparse_ids.tif", np.array([[0, 70000], [2_000_000, 2_000_000]], np.uint32))
+    np.testing.assert_array_equal(io.read_labels(tmp_path / "sparse_ids.tif"), [[0, 70000], [2_000_000, 2_000_000]])
 
 
 def test_write_labels_and_overlay_round_trip(tmp_path, discs):

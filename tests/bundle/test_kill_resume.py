@@ -55,3 +55,25 @@ def test_sigkill_mid_write_leaves_a_loadable_checkpoint_and_resume_finishes(tmp_
     assert final["iteration"] == total
     assert not [p for p in models.iterdir() if p.name.endswith(".tmp")]  # stale temporaries cleared
     assert (models / "model_final.pt").is_file()
+
+
+def test_semi_supervised_run_resumes_with_its_teacher_and_pseudo_labels(tmp_path):
+    """Phase 2 stopped after epoch 1 and resumed: the pseudo-label store keeps its history."""
+    from test_bundle_runs import BUNDLE as B
+
+    phase1 = tmp_path / "phase1"
+    bundle(*_training(phase1, tmp_path / "eval1", 1)[3:])
+    models = tmp_path / "semi"
+    semi = [
+        "run", "training", "--config_file", configs("train.json", "semi.json"), "--bundle_root", str(B),
+        "--pretrained", str(phase1 / "model_final.pt"), "--ckpt_dir", str(models), "--output_dir", str(tmp_path / "eval"),
+        "--val_interval", "100", "--pseudo_interval", "1", "--unlabelled_batch_size", "2", *TINY,
+    ]
+    bundle(*semi, "--epochs", "1")
+    first = torch.load(models / "checkpoint.pt", weights_only=False)
+    assert {e["count"] for e in first["pseudo_labels"]["entries"].values()} == {2}  # pretrained + 1 refresh
+    log = bundle(*semi, "--epochs", "2", "--resume", "true")
+    assert "resumed from" in log
+    second = torch.load(models / "checkpoint.pt", weights_only=False)
+    assert {e["count"] for e in second["pseudo_labels"]["entries"].values()} == {3}  # history kept, not rebuilt
+    assert second["trainer"]["iteration"] == 2 * first["trainer"]["iteration"]
