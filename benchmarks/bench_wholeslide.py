@@ -87,7 +87,7 @@ def child_ours(args) -> dict:
     segmenter = SlideSegmenter(net, CellInferer(precision=args.precision), block_size=args.block_size)
     result = segmenter(args.image, args.out, Path(args.out).with_suffix(".csv"))
     return {"seconds": result.seconds, "cells": result.cells, "blocks": result.blocks, "diameter": result.diameter,
-            "peak_rss_gib": _peak_rss_gib()}
+            "block_px": result.block_px, "peak_rss_gib": _peak_rss_gib()}
 
 
 def child_cellpose(args) -> dict:
@@ -187,11 +187,10 @@ def seam_check(args, crop_path: Path) -> dict:
         out = Path(args.work) / f"crop_blocks_{block_size}_masks.tif"
         result = segmenter(crop_path, out)
         tiled = tifffile.imread(out).astype(np.int64)
-        block_px = _block_px(result, net, block_size)
-        crossing = border_cells(reference, block_px)
+        crossing = border_cells(reference, result.block_px)
         report[name] = {
             "blocks": result.blocks,
-            "block_px": block_px,
+            "block_px": result.block_px,
             "cells": result.cells,
             "f1_vs_untiled": f1_score(reference, tiled, border=2)["f1"],
             "untiled_cells_on_block_borders": int(crossing.size),
@@ -199,14 +198,6 @@ def seam_check(args, crop_path: Path) -> dict:
             "border_copies_dropped": result.border_copies,
         }
     return report
-
-
-def _block_px(result, net, block_size: int) -> int:
-    """Block core side in image pixels, as SlideSegmenter computes it."""
-    from mmcs_monai.diameters import scale_to_target
-
-    zoom = scale_to_target(result.diameter, float(net.diam_mean))
-    return max(int(block_size / zoom), 2 * max(64, int(np.ceil(4 * result.diameter))))
 
 
 def main() -> None:
@@ -250,35 +241,44 @@ def main() -> None:
     rows.append(("crop", args.crop, crop_ours, crop_cp))
     if not args.skip_slide:
         slide_ours = run_child("ours", slide, args.work / "slide_ours_masks.tif", args)
-        if slide_ours:
-            masks = tifffile.imread(args.work / "slide_ours_masks.tif")
-            truth = tifffile.imread(slide_labels)
-            slide_ours["f1_vs_labels"] = f1_score(truth, masks, border=0)["f1"]
-            del masks, truth
         slide_cp = (
             run_child("cellpose", slide, args.work / "slide_cellpose_masks.tif", args, timeout=args.cellpose_timeout)
             if args.cellpose
             else None
         )
+        truth = tifffile.imread(slide_labels)
+        for result, masks_file in ((slide_ours, "slide_ours_masks.tif"), (slide_cp, "slide_cellpose_masks.tif")):
+            if result:
+                masks = tifffile.imread(args.work / masks_file)
+                result["f1_vs_labels"] = f1_score(truth, masks, border=0)["f1"]
+                if "block_px" in result:
+                    result["cells_on_block_borders"] = int(border_cells(masks, result["block_px"]).size)
+        del truth
         rows.append(("slide", args.size, slide_ours, slide_cp))
 
     print()
-    print("| image | measurement | ours | Cellpose 3.1.1.3 | ratio |")
+    print("| image | measurement | ours | Cellpose 3.1.1.3 | ratio (Cellpose / ours) |")
     print("|---|---|---|---|---|")
     for name, side, ours, cp in rows:
         if not ours:
             continue
+        cp = cp or {}
         mpix = side * side / 1e6
-        label = f"{name} {side} x {side}"
-        cp_s = f"{cp['seconds']:.0f}" if cp else "n/a"
-        print(f"| {label} | wall time, s | {ours['seconds']:.0f} | {cp_s} | {cp['seconds'] / ours['seconds']:.2f} |" if cp else f"| {label} | wall time, s | {ours['seconds']:.0f} | n/a | |")
-        print(f"| {label} | MPix/s | {mpix / ours['seconds']:.3f} | {mpix / cp['seconds']:.3f} | |" if cp else f"| {label} | MPix/s | {mpix / ours['seconds']:.3f} | n/a | |")
-        rss_cp = f"{cp['peak_rss_gib']:.2f}" if cp else "n/a"
-        ratio = f"{cp['peak_rss_gib'] / ours['peak_rss_gib']:.2f}" if cp else ""
-        print(f"| {label} | peak RSS, GiB | {ours['peak_rss_gib']:.2f} | {rss_cp} | {ratio} |")
-        print(f"| {label} | cells | {ours['cells']} | {cp['cells'] if cp else 'n/a'} | |")
-        if "f1_vs_labels" in ours:
-            print(f"| {label} | F1 vs the label mosaic | {ours['f1_vs_labels']:.3f} | | |")
+        measurements = [
+            ("wall time, s", "seconds", "{:.0f}", True),
+            ("peak RSS, GiB", "peak_rss_gib", "{:.2f}", True),
+            ("cells", "cells", "{}", False),
+            ("F1 against the label mosaic", "f1_vs_labels", "{:.3f}", False),
+            ("cells crossing a block border (kept whole)", "cells_on_block_borders", "{}", False),
+        ]
+        for label, key, fmt, ratio in measurements:
+            if key not in ours:
+                continue
+            theirs = fmt.format(cp[key]) if key in cp else "n/a"
+            quotient = f"{cp[key] / ours[key]:.2f}" if ratio and key in cp else ""
+            print(f"| {name} {side} x {side} | {label} | {fmt.format(ours[key])} | {theirs} | {quotient} |")
+        rates = [f"{mpix / r['seconds']:.3f}" if r.get("seconds") else "n/a" for r in (ours, cp)]
+        print(f"| {name} {side} x {side} | megapixels per second | {rates[0]} | {rates[1]} | |")
     print()
     print(f"Seams on the {args.crop} x {args.crop} crop (F1 at IoU 0.5, 2 px border; untiled: {seams['untiled_cells']} cells):")
     print()

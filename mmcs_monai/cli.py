@@ -42,6 +42,17 @@ def _config_files(root: Path, names: list[str], recipe: str | list[str] | None) 
     return files
 
 
+def _load_network(model: str | None, bundle_root: str | None):
+    """The CPnet in ``model`` (default ``<bundle_root>/models/model.pt``), in eval mode on the GPU if any."""
+    import torch
+
+    from mmcs_monai.networks import load_cellpose_checkpoint
+
+    path = Path(model) if model else _bundle_root(bundle_root) / "models" / "model.pt"
+    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    return load_cellpose_checkpoint(path).to(device).eval()
+
+
 def _run(run_id: str, root: Path, config_files: list[str], overrides: dict) -> None:
     from monai.bundle import run
 
@@ -151,11 +162,8 @@ def infer_slide(
     """
     import logging
 
-    import torch
-
     from mmcs_monai.inference import CellInferer
     from mmcs_monai.io import masks_filename
-    from mmcs_monai.networks import load_cellpose_checkpoint
     from mmcs_monai.wholeslide import SlideSegmenter
 
     out = Path(output)
@@ -164,9 +172,7 @@ def infer_slide(
     table_path = None
     if table:
         table_path = Path(table) if isinstance(table, str) else labels_path.with_name(f"{stem}_cells.csv")
-    model_path = Path(model) if model else _bundle_root(bundle_root) / "models" / "model.pt"
-    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    network = load_cellpose_checkpoint(model_path).to(device).eval()
+    network = _load_network(model, bundle_root)
     segmenter = SlideSegmenter(
         network, CellInferer(precision=precision), block_size=block_size, halo=halo, diameter=diameter,
         cyto_channel=cyto_channel, nucleus_channel=nucleus_channel, flow_threshold=flow_threshold,
@@ -206,20 +212,15 @@ def diameter_sweep(
     Returns:
         the table (Markdown; the command line prints it).
     """
-    import torch
-
     from mmcs_monai.data import load_datalist
     from mmcs_monai.evaluation import diameter_sweep as sweep
     from mmcs_monai.evaluation import format_sweep_table, parse_diameters, write_sweep_csv
     from mmcs_monai.inference import CellInferer
-    from mmcs_monai.networks import load_cellpose_checkpoint
 
-    model_path = Path(model) if model else _bundle_root(bundle_root) / "models" / "model.pt"
     items = [i for i in load_datalist(data_source, split=split, exclude_partial=True, limit=limit) if i.get("label")]
     if not items:
         raise SystemExit(f"{data_source}: no labelled images in split {split!r}")
-    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    network = load_cellpose_checkpoint(model_path).to(device).eval()
+    network = _load_network(model, bundle_root)
     inferer = CellInferer(roi_size=roi_size, precision=precision)
     rows = sweep(network, items, parse_diameters(diameters), inferer=inferer, border=border)
     if output:

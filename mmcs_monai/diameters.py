@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmcs_monai.io import read_labels
+
 # Network input scale: images are resized so their median cell diameter becomes this many pixels.
 DEFAULT_TARGET_DIAMETER = 30.0
 
@@ -54,8 +56,6 @@ def item_diameter(item: Mapping[str, Any]) -> float:
     if item.get("diameter"):
         return float(item["diameter"])
     if item.get("label"):
-        from mmcs_monai.io import read_labels
-
         return median_diameter(read_labels(item["label"]))
     return 0.0
 

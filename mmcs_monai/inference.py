@@ -157,7 +157,8 @@ class CellInferer(Inferer):
         outputs, self.last_diameters = [], []
         for image in inputs.split(1):
             first = self._predict(image, network, None, *args, **kwargs)
-            measured = median_diameter(flows_to_masks(first[0, :2].numpy(), first[0, 2].numpy()))
+            flows = first[0].cpu().numpy()
+            measured = median_diameter(flows_to_masks(flows[:2], flows[2]))
             self.last_diameters.append(measured)
             outputs.append(self._predict(image, network, measured, *args, **kwargs) if measured > 0 else first)
         return torch.cat(outputs)

@@ -240,14 +240,16 @@ class ImageRegions:
         path: the file.
         shape: ``(H, W)`` in pixels.
         channels: number of channels C (alpha dropped).
+        dtype: the stored pixel type.
 
     ``read(y0, y1, x0, x1)`` returns float32 [C, y1 - y0, x1 - x0]; NaN/inf raise :class:`InputError`.
     """
 
-    def __init__(self, path: Path, shape: tuple[int, int], channels: int):
+    def __init__(self, path: Path, shape: tuple[int, int], channels: int, dtype: np.dtype):
         self.path = path
         self.shape = shape
         self.channels = channels
+        self.dtype = np.dtype(dtype)
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         h, w = self.shape
@@ -275,7 +277,7 @@ class _ArrayRegions(ImageRegions):
     """Regions of an array already [H, W, C] (in memory or memory mapped)."""
 
     def __init__(self, path: Path, yxc: np.ndarray):
-        super().__init__(path, tuple(yxc.shape[:2]), min(yxc.shape[2], 3))
+        super().__init__(path, tuple(yxc.shape[:2]), min(yxc.shape[2], 3), yxc.dtype)
         self.yxc = yxc
 
     def _read(self, y0, y1, x0, x1):
@@ -288,7 +290,7 @@ class _TiffRegions(ImageRegions):
     def __init__(self, path: Path, tif, pages: list):
         first = pages[0]
         samples = first.samplesperpixel if len(pages) == 1 else len(pages)
-        super().__init__(path, (int(first.imagelength), int(first.imagewidth)), min(samples, 3))
+        super().__init__(path, (int(first.imagelength), int(first.imagewidth)), min(samples, 3), first.dtype)
         self.tif = tif
         self.pages = pages[: self.channels]
         self.planar = first.planarconfig == 2 and first.samplesperpixel > 1
@@ -387,10 +389,9 @@ def open_regions(path: str | os.PathLike) -> ImageRegions:
         regions = _ArrayRegions(path, _to_yxc(path, data))
     else:
         regions = _ArrayRegions(path, _to_yxc(path, read_array(path)))
-    dtype = regions.yxc.dtype if isinstance(regions, _ArrayRegions) else regions.pages[0].dtype
-    if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating) or dtype == bool):
+    if not (np.issubdtype(regions.dtype, np.integer) or np.issubdtype(regions.dtype, np.floating) or regions.dtype == bool):
         regions.close()
-        raise InputError(path, f"unsupported pixel type {dtype}")
+        raise InputError(path, f"unsupported pixel type {regions.dtype}")
     if min(regions.shape) < 2:
         regions.close()
         raise InputError(path, f"image is too small to segment ({regions.shape[0]} x {regions.shape[1]} pixels)")

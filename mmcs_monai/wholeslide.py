@@ -98,6 +98,8 @@ class SlideResult:
     blocks: int
     diameter: float
     seconds: float
+    block_px: int  # block core side, image pixels
+    halo: int  # context around each block, image pixels
     border_copies: int = 0  # cells on a block border kept by both blocks; the second copy was dropped
 
 
@@ -194,10 +196,11 @@ class SlideSegmenter:
             diameter = self.slide_diameter(regions, bounds)
             zoom = scale_to_target(diameter, model_diameters(self.network)[0] or DEFAULT_TARGET_DIAMETER)
             halo = self.halo if self.halo is not None else max(64, int(math.ceil(4 * diameter)))
-            blocks = plan_blocks(regions.shape, max(int(self.block_size / zoom), 2 * halo), halo)
+            block_px = max(int(self.block_size / zoom), 2 * halo)
+            blocks = plan_blocks(regions.shape, block_px, halo)
             logger.info(
                 "%s: %d x %d px, diameter %.1f px, %d blocks of %d px + %d px halo",
-                image_path, *regions.shape, diameter, len(blocks), int(self.block_size / zoom), halo,
+                image_path, *regions.shape, diameter, len(blocks), block_px, halo,
             )
             labels_path.parent.mkdir(parents=True, exist_ok=True)
             fd, scratch = tempfile.mkstemp(prefix=f".{labels_path.name}.", suffix=".u32", dir=labels_path.parent)
@@ -218,7 +221,7 @@ class SlideSegmenter:
                 Path(scratch).unlink(missing_ok=True)
         return SlideResult(
             labels_path, Path(table_path) if table_path else None, regions.shape, len(table["id"]), len(blocks),
-            diameter, time.perf_counter() - start, copies,
+            diameter, time.perf_counter() - start, block_px, halo, copies,
         )
 
 

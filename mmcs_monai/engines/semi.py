@@ -132,9 +132,13 @@ class PseudoLabelRefresher:
             self.predict_all(self.initial_network, engine)
 
     def refresh(self, engine: Engine) -> None:
-        # The teacher copied the student's diameters when it was made; keep them in step.
+        # The teacher copied the student's diameters when it was made, before training measured
+        # them; keep them in step.
+        student = unwrap(self.initial_network)
         for name in ("diam_mean", "diam_labels"):
-            getattr(self.teacher, name).data.copy_(getattr(unwrap(self.initial_network), name).data)
+            getattr(self.teacher, name).data.copy_(getattr(student, name).data)
+        if hasattr(student, "subset_diameters"):
+            self.teacher.set_subset_diameters(student.subset_diameters)
         self.predict_all(self.teacher, engine)
 
     def predict_all(self, network: torch.nn.Module, engine: Engine | None = None) -> None:
