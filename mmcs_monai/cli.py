@@ -1,4 +1,4 @@
-"""The ``mmcs`` command: train, infer, evaluate, measure diameters and sweep the inference diameter.
+"""The ``mmcs`` command: train, infer, evaluate, measure diameters, sweep the inference diameter, export.
 
 Every sub-command runs the bundle's configs (``bundle/configs/*.json``) through
 ``monai.bundle.run``, so the CLI and ``python -m monai.bundle run ...`` are the same code path;
@@ -13,6 +13,7 @@ Examples::
     mmcs diameter labels/
     mmcs infer-slide slide.tif outputs/ --model bundle/models/model.pt
     mmcs diameter-sweep ../shared/data/dev/manifest.csv --diameters 10,20,30,stored,auto
+    mmcs export --model bundle/models/model.pt --output bundle/models/model.ts
 """
 
 from __future__ import annotations
@@ -42,15 +43,16 @@ def _config_files(root: Path, names: list[str], recipe: str | list[str] | None) 
     return files
 
 
-def _load_network(model: str | None, bundle_root: str | None):
-    """The CPnet in ``model`` (default ``<bundle_root>/models/model.pt``), in eval mode on the GPU if any."""
+def _load_network(model: str | None, bundle_root: str | None, device: str | None = None):
+    """The network in ``model`` (default ``<bundle_root>/models/model.pt``): a checkpoint or an exported
+    TorchScript model, in eval mode on ``device`` (default: the GPU if any)."""
     import torch
 
-    from mmcs_monai.networks import load_cellpose_checkpoint
+    from mmcs_monai.networks import load_model
 
     path = Path(model) if model else _bundle_root(bundle_root) / "models" / "model.pt"
-    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    return load_cellpose_checkpoint(path).to(device).eval()
+    device = torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
+    return load_model(path, map_location=device)
 
 
 def _run(run_id: str, root: Path, config_files: list[str], overrides: dict) -> None:
@@ -228,6 +230,52 @@ def diameter_sweep(
     return format_sweep_table(rows)
 
 
+def export(model: str | None = None, output: str | None = None, bundle_root: str | None = None, verify: bool = True) -> str:
+    """Export a checkpoint as one TorchScript file (what ``python -m monai.bundle ckpt_export`` writes).
+
+    The file holds the weights, ``diam_mean``/``diam_labels`` and the per-subset diameters, the bundle's
+    ``metadata.json`` and ``inference.json``; it takes any H and W (padding inside) and runs without
+    mmcs-monai (``torch.jit.load``). The Deploy app (``mmcs_monai/deploy/app.py``) and ``mmcs infer --model``
+    take it.
+
+    Args:
+        model: checkpoint (ours or Cellpose 3); default ``<bundle_root>/models/model.pt``.
+        output: destination; default ``<bundle_root>/models/model.ts``. Written atomically.
+        verify: compare the exported model with the checkpoint on the bundle's sample images.
+
+    Returns:
+        a one-line summary (path, diameters, largest output difference).
+    """
+    import json
+
+    import numpy as np
+    import torch
+
+    from mmcs_monai.networks import export_torchscript, load_torchscript
+    from mmcs_monai.networks.torchscript import max_output_difference
+
+    root = _bundle_root(bundle_root)
+    network = _load_network(model, bundle_root, device="cpu")  # exported on CPU: loads anywhere
+    path = Path(output) if output else root / "models" / "model.ts"
+    configs = {"inference": json.loads((root / "configs" / "inference.json").read_text())}
+    export_torchscript(network, path, metadata=root / "configs" / "metadata.json", configs=configs)
+    exported, _ = load_torchscript(path)
+    summary = f"{path}: diam_mean {float(exported.diam_mean):.1f}, diam_labels {float(exported.diam_labels):.2f}"
+    summary += f", {len(exported.subset_diameters)} subset diameter(s)"
+    if verify:
+        from mmcs_monai.data import load_datalist
+        from mmcs_monai.io import read_image
+        from mmcs_monai.transforms.array import NormalizePercentile, StackNucleusChannel
+
+        items = load_datalist(root / "sample_data" / "datalist.json", split="validation")[:3]
+        images = [torch.as_tensor(np.asarray(NormalizePercentile()(StackNucleusChannel()(read_image(i["image"])))))[None] for i in items]
+        difference = max_output_difference(network, exported, images)
+        summary += f"; max |eager - TorchScript| on {len(images)} sample images: {difference:.2e}"
+        if difference >= 1e-4:
+            raise SystemExit(summary + " (>= 1e-4: the export does not match)")
+    return summary
+
+
 def main() -> None:
     import fire
 
@@ -239,6 +287,7 @@ def main() -> None:
             "diameter": diameter,
             "diameter-sweep": diameter_sweep,
             "infer-slide": infer_slide,
+            "export": export,
         },
         name="mmcs",
     )

@@ -83,10 +83,12 @@ def resolve_diameter(network: torch.nn.Module, diameter: float | str | None) -> 
             return float(diameter)
         except ValueError:
             pass
-        try:
-            return float(network.diameter_for(diameter))
-        except (KeyError, AttributeError) as err:
-            raise ValueError(f"diameter {diameter!r}: {err.args[0] if err.args else 'not a number'}") from None
+        # the table, not ``diameter_for``: TorchScript models carry it too, and raise no KeyError
+        stored = dict(getattr(network, "subset_diameters", None) or {})
+        if diameter not in stored:
+            known = ", ".join(sorted(stored)) or "none (train with subsets to store them)"
+            raise ValueError(f"diameter {diameter!r}: not a number, and no stored diameter for that subset; stored subsets: {known}")
+        return float(stored[diameter])
     if not float(diameter) > 0:
         raise ValueError(f"diameter must be positive, got {diameter}")
     return float(diameter)

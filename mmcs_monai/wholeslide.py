@@ -347,6 +347,26 @@ def finalize_labels(canvas: LabelCanvas, band: int = 1024) -> tuple[np.ndarray, 
     return lut, table
 
 
+class _ArrayCanvas:
+    """An in-memory label image seen through :class:`LabelCanvas`'s ``shape``/``bands`` interface."""
+
+    def __init__(self, labels: np.ndarray):
+        self.labels = np.asarray(labels)
+        self.shape = self.labels.shape
+
+    def bands(self, height: int = 1024) -> Iterator[tuple[int, np.ndarray]]:
+        for y0 in range(0, self.shape[0], height):
+            yield y0, self.labels[y0 : y0 + height]
+
+
+def measure_cells(labels: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """:func:`finalize_labels` for a label image in memory (``[H, W]`` int): ``(lut, table)``.
+
+    ``lut[labels]`` renumbers the cells 1..N in the order of the table's ``id`` column.
+    """
+    return finalize_labels(_ArrayCanvas(labels))
+
+
 def write_label_tiff(path, canvas: LabelCanvas, lut: np.ndarray, tile: int = 512) -> Path:
     """Write the canvas through ``lut`` as a tiled, zlib-compressed TIFF (uint16 or uint32), atomically."""
     import tifffile

@@ -13,6 +13,18 @@ REPO = Path(__file__).resolve().parents[1]
 DEV_DATA = Path(os.environ.get("MMCS_DEV_DATA", REPO.parent / "shared" / "data" / "dev"))
 
 
+# A small CPnet (nbase [2, 8, 16, 32]) trained on the sample data, so tests that need real cells have them;
+# tests/data/README.md says how it was made.
+TINY_MODEL = REPO / "tests" / "data" / "tiny_cpnet.pt"
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    """Path of the small trained model (finds most sample nuclei)."""
+    assert TINY_MODEL.is_file(), f"{TINY_MODEL} is missing (see tests/data/README.md)"
+    return TINY_MODEL
+
+
 @pytest.fixture(scope="session")
 def dev_data() -> Path:
     """Root of ``../shared/data/dev``; tests that need it are skipped where it is absent."""

@@ -237,6 +237,13 @@ class CPnet(nn.Module):
         """``[B, nbase[0], H, W] -> [B, nout, H, W]``; see :meth:`forward_with_style`."""
         return self.forward_with_style(x)[0]
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """What ``torch.jit.script(cpnet)`` compiles (``ckpt_export``, ``mmcs export``): a traced core with a
+        scripted padding ``forward`` and the diameters; see :mod:`mmcs_monai.networks.torchscript`."""
+        from mmcs_monai.networks.torchscript import TorchScriptCPnet
+
+        return TorchScriptCPnet(self)
+
     def _pad(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:
         """Zero-pad H, W (centred, as Cellpose's ``get_pad_yx`` without its extra margin) to ``pad_divisor``."""
         h, w = x.shape[-2:]

@@ -220,7 +220,8 @@ class FlowsToMasksd(MapTransform):
 
 
 class SaveCellOutputsd(MapTransform):
-    """Write ``<id>_masks.tif`` (uint16 labels) and ``<id>_overlay.png`` (outlines on the image).
+    """Write ``<id>_masks.tif`` (uint16 labels), ``<id>_overlay.png`` (outlines on the image) and, with
+    ``table=True``, ``<id>_cells.csv`` (one row per cell: id, centroid, area, bbox; ids as in the masks).
 
     Masks are stored at the input image's size: ``FlowsToMasksd`` runs on flows already resized back.
 
@@ -231,6 +232,8 @@ class SaveCellOutputsd(MapTransform):
         keys: the masks key (int [1, H, W]).
         image_key: the image to draw outlines on ([C, H, W]); None skips the overlay.
         output_dir: destination folder.
+        overlay: write the overlay PNG.
+        table: write the per-cell CSV (cells renumbered 1..N first, so the table's ids are the mask's).
     """
 
     def __init__(
@@ -239,12 +242,14 @@ class SaveCellOutputsd(MapTransform):
         output_dir: str = "./outputs",
         image_key: str | None = "image",
         overlay: bool = True,
+        table: bool = False,
         allow_missing_keys=False,
     ):
         super().__init__(keys, allow_missing_keys)
         self.output_dir = Path(output_dir)
         self.image_key = image_key
         self.overlay = overlay
+        self.table = table
 
     @staticmethod
     def output_stem(d: Mapping[Hashable, object]) -> str:
@@ -258,6 +263,13 @@ class SaveCellOutputsd(MapTransform):
         stem = self.output_stem(d)
         for key in self.key_iterator(d):
             masks = np.asarray(d[key]).reshape(np.asarray(d[key]).shape[-2:])
+            if self.table:
+                # imported here: wholeslide imports this package's array transforms
+                from mmcs_monai.wholeslide import measure_cells, write_cell_table
+
+                lut, cells = measure_cells(masks)
+                masks = lut[masks]
+                d[f"{key}_table_file"] = str(write_cell_table(self.output_dir / f"{stem}_cells.csv", cells))
             d[f"{key}_file"] = str(write_labels(self.output_dir / masks_filename(stem), masks))
             if self.overlay and self.image_key and self.image_key in d:
                 image = np.asarray(torch.as_tensor(d[self.image_key]).cpu())

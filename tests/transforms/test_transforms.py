@@ -133,3 +133,27 @@ def test_subset_diameters_bring_both_subsets_to_the_target_size(tmp_path):
     for item in with_subset_diameters(items, subsets):
         out = warp({"label": read_labels(item["label"])[None], "diameter": item["diameter"]})
         assert median_diameter(np.asarray(out["label"])) == pytest.approx(30.0, rel=0.1), item["subset"]
+
+
+def test_save_cell_outputs_writes_renumbered_masks_and_their_cell_table(tmp_path):
+    import csv
+
+    from skimage.measure import regionprops
+
+    from mmcs_monai.transforms import SaveCellOutputsd
+
+    masks = disk_labels(shape=(70, 90), centers=((20, 20), (50, 60), (15, 75)), radii=(8, 10, 5)).astype(np.int32)
+    masks[masks == 2] = 9  # a gap in the ids
+    saved = SaveCellOutputsd(keys="masks", output_dir=str(tmp_path), image_key=None, table=True)({"id": "cells", "masks": masks[None]})
+    written = read_labels(saved["masks_file"])
+    assert sorted(np.unique(written)) == [0, 1, 2, 3]
+    assert np.array_equal(written > 0, masks > 0)
+    with open(saved["masks_table_file"], newline="") as f:
+        rows = list(csv.DictReader(f))
+    props = regionprops(written)
+    assert [int(r["id"]) for r in rows] == [p.label for p in props]
+    for row, prop in zip(rows, props):
+        assert int(row["area"]) == prop.area
+        assert (float(row["centroid_y"]), float(row["centroid_x"])) == pytest.approx(prop.centroid, abs=0.01)
+        assert [int(row[k]) for k in ("bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1")] == list(prop.bbox)
+    assert {p.name for p in tmp_path.iterdir()} == {"cells_masks.tif", "cells_cells.csv"}
