@@ -101,7 +101,7 @@ def main() -> None:
             shutil.copy(item["image"], folder / Path(item["image"]).name)
         env = dict(os.environ, PYTHONWARNINGS="ignore")
         app = [args.deploy_python, str(REPO / "mmcs_monai" / "deploy" / "app.py"), "-i", str(folder), "-o", str(work / "app"), "-m", str(work / "model.ts")]
-        infer = [sys.executable, "-m", "mmcs_monai.cli", "infer", str(folder), str(work / "infer"), "--model", args.model, "--precision", "fp32", "--overlay", "false"]
+        infer = [sys.executable, "-m", "mmcs_monai.cli", "infer", str(folder), str(work / "infer"), "--model", args.model, "--precision", "fp32", "--overlay", "False"]
         times = {}
         for name, command in (("Deploy app (TorchScript, fp32)", app), ("mmcs infer (eager, fp32)", infer)):
             start = time.perf_counter()

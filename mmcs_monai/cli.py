@@ -32,6 +32,10 @@ def _bundle_root(bundle_root: str | os.PathLike | None) -> Path:
     return root.resolve()
 
 
+def _under_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def _config_files(root: Path, names: list[str], recipe: str | list[str] | None) -> list[str]:
     files = [str(root / "configs" / n) for n in names]
     recipes = [recipe] if isinstance(recipe, str) else list(recipe or [])
@@ -78,7 +82,10 @@ def train(recipe: str | list[str] | None = None, bundle_root: str | None = None,
             Models are written to ``<bundle_root>/models`` unless ``--ckpt_dir`` is given.
     """
     root = _bundle_root(bundle_root)
-    _run("training", root, _config_files(root, ["train.json"], recipe), overrides)
+    files = _config_files(root, ["train.json"], recipe)
+    if _under_torchrun():  # torchrun --nproc_per_node=N -m mmcs_monai.cli train ...
+        files.append(str(root / "configs" / "multi_gpu_train.json"))
+    _run("training", root, files, overrides)
 
 
 def infer(
@@ -102,7 +109,8 @@ def infer(
     overrides.update(input_dir=str(input_dir), output_dir=str(output_dir), diameter=diameter)
     if model:
         overrides["model_path"] = str(model)
-    _run("inference", root, _config_files(root, ["inference.json"], None), overrides)
+    names = ["inference.json"] + (["multi_gpu_inference.json"] if _under_torchrun() else [])
+    _run("inference", root, _config_files(root, names, None), overrides)
 
 
 def evaluate(model: str | None = None, bundle_root: str | None = None, recipe=None, **overrides) -> None:
@@ -164,6 +172,7 @@ def infer_slide(
     """
     import logging
 
+    from mmcs_monai import distributed
     from mmcs_monai.inference import CellInferer
     from mmcs_monai.io import masks_filename
     from mmcs_monai.wholeslide import SlideSegmenter
@@ -174,7 +183,8 @@ def infer_slide(
     table_path = None
     if table:
         table_path = Path(table) if isinstance(table, str) else labels_path.with_name(f"{stem}_cells.csv")
-    network = _load_network(model, bundle_root)
+    distributed.init_process_group()  # under torchrun: the blocks are shared out over the ranks
+    network = _load_network(model, bundle_root, device=str(distributed.local_device()))
     segmenter = SlideSegmenter(
         network, CellInferer(precision=precision), block_size=block_size, halo=halo, diameter=diameter,
         cyto_channel=cyto_channel, nucleus_channel=nucleus_channel, flow_threshold=flow_threshold,
@@ -182,6 +192,10 @@ def infer_slide(
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # block progress
     result = segmenter(image, labels_path, table_path)
+    main_process = distributed.is_main_process()
+    distributed.destroy_process_group()
+    if not main_process:
+        return None  # rank 0 reports
     return (
         f"{image}: {result.cells} cells in {result.blocks} blocks, {result.seconds:.1f} s "
         f"(diameter {result.diameter:.1f} px) -> {labels_path}" + (f", {table_path}" if table_path else "")

@@ -22,6 +22,7 @@ import csv
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -33,6 +34,7 @@ import torch
 from scipy import ndimage
 
 from mmcs_monai.diameters import DEFAULT_TARGET_DIAMETER, scale_to_target
+from mmcs_monai.distributed import barrier, broadcast_object, get_rank, is_distributed, is_main_process, shard
 from mmcs_monai.flows import flows_to_masks
 from mmcs_monai.inference import CellInferer, model_diameters, resolve_diameter
 from mmcs_monai.io import ImageRegions, atomic_path, open_regions
@@ -192,8 +194,11 @@ class SlideSegmenter:
         start = time.perf_counter()
         labels_path = Path(labels_path)
         with open_regions(image_path) as regions:
-            bounds = self.intensity_bounds(regions)
-            diameter = self.slide_diameter(regions, bounds)
+            # under torchrun rank 0 measures the intensity range and the diameter, and every rank uses them
+            bounds, diameter = self.intensity_bounds(regions), None
+            if is_main_process():
+                diameter = self.slide_diameter(regions, bounds)
+            diameter = broadcast_object(diameter)
             zoom = scale_to_target(diameter, model_diameters(self.network)[0] or DEFAULT_TARGET_DIAMETER)
             halo = self.halo if self.halo is not None else max(64, int(math.ceil(4 * diameter)))
             block_px = max(int(self.block_size / zoom), 2 * halo)
@@ -203,26 +208,62 @@ class SlideSegmenter:
                 image_path, *regions.shape, diameter, len(blocks), block_px, halo,
             )
             labels_path.parent.mkdir(parents=True, exist_ok=True)
-            fd, scratch = tempfile.mkstemp(prefix=f".{labels_path.name}.", suffix=".u32", dir=labels_path.parent)
-            os.close(fd)
+            block_files = None
+            if is_distributed():
+                block_files = self._segment_shard(regions, blocks, bounds, diameter, labels_path)
+                owned_blocks = (np.load(block_files / f"block_{block.index}.npy").astype(np.int32) for block in blocks)
+            else:
+                owned_blocks = (self.segment_block(regions, block, bounds, diameter) for block in blocks)
             try:
-                canvas = LabelCanvas(Path(scratch), regions.shape)
-                next_id, copies = 1, 0
-                for block in blocks:
-                    owned = self.segment_block(regions, block, bounds, diameter)
-                    next_id, dropped = paste_block(canvas, block, owned, next_id)
-                    copies += dropped
-                    logger.info("block %d/%d done, %d cells so far", block.index + 1, len(blocks), next_id - 1)
-                lut, table = finalize_labels(canvas)
-                write_label_tiff(labels_path, canvas, lut)
-                if table_path is not None:
-                    write_cell_table(table_path, table)
+                cells, copies = 0, 0
+                if is_main_process():
+                    cells, copies = self._assemble(regions.shape, blocks, owned_blocks, labels_path, table_path)
+                cells, copies = broadcast_object((cells, copies))
             finally:
-                Path(scratch).unlink(missing_ok=True)
+                if block_files is not None and is_main_process():
+                    shutil.rmtree(block_files, ignore_errors=True)
         return SlideResult(
-            labels_path, Path(table_path) if table_path else None, regions.shape, len(table["id"]), len(blocks),
+            labels_path, Path(table_path) if table_path else None, regions.shape, cells, len(blocks),
             diameter, time.perf_counter() - start, block_px, halo, copies,
         )
+
+    def _assemble(self, shape, blocks, owned_blocks, labels_path: Path, table_path) -> tuple[int, int]:
+        """Paste the blocks' owned cells in block order, renumber, write labels (and table); (cells, copies dropped)."""
+        fd, scratch = tempfile.mkstemp(prefix=f".{labels_path.name}.", suffix=".u32", dir=labels_path.parent)
+        os.close(fd)
+        try:
+            canvas = LabelCanvas(Path(scratch), shape)
+            next_id, copies = 1, 0
+            for block, owned in zip(blocks, owned_blocks):
+                next_id, dropped = paste_block(canvas, block, owned, next_id)
+                copies += dropped
+                logger.info("block %d/%d done, %d cells so far", block.index + 1, len(blocks), next_id - 1)
+            lut, table = finalize_labels(canvas)
+            write_label_tiff(labels_path, canvas, lut)
+            if table_path is not None:
+                write_cell_table(table_path, table)
+        finally:
+            Path(scratch).unlink(missing_ok=True)
+        return len(table["id"]), copies
+
+    def _segment_shard(self, regions, blocks, bounds, diameter, labels_path: Path) -> Path:
+        """Distributed: each rank segments every world-size-th block into ``block_<index>.npy`` in a scratch
+        folder beside the output (returned once every rank is done); rank 0 pastes them in block order.
+
+        The result is the single-process one: the same blocks, pasted by rank 0 in the same order.
+        The output folder must be visible to every rank (one node, or a shared file system).
+        """
+        folder = broadcast_object(str(labels_path.parent / f".{labels_path.name}.blocks.{os.getpid()}"))
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for block in shard(blocks):
+            owned = self.segment_block(regions, block, bounds, diameter)
+            dtype = np.uint16 if owned.max(initial=0) <= np.iinfo(np.uint16).max else np.int32
+            with atomic_path(folder / f"block_{block.index}.npy") as tmp, open(tmp, "wb") as f:
+                np.save(f, owned.astype(dtype))
+            logger.info("rank %d: block %d/%d segmented", get_rank(), block.index + 1, len(blocks))
+        barrier()
+        return folder
 
 
 def owned_cells(masks: np.ndarray, block: Block, margin: float = 0.0) -> np.ndarray:

@@ -14,8 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from monai.engines.utils import IterationEvents
 
 from mmcs_monai.diameters import datalist_diameters
+from mmcs_monai.distributed import broadcast_buffers, is_main_process
 from mmcs_monai.io import atomic_path
 from mmcs_monai.metrics import f1_score
 
@@ -107,9 +109,12 @@ class CheckpointHandler:
         return state
 
     def save(self, engine: Engine) -> None:
-        save_atomic(self._state(), self.checkpoint_path)
+        if is_main_process():  # every rank holds the same state; one writes it
+            save_atomic(self._state(), self.checkpoint_path)
 
     def save_final(self, engine: Engine) -> None:
+        if not is_main_process():
+            return
         self.save(engine)
         weights = unwrap(self.save_dict["network"]).state_dict()
         save_atomic(weights, self.save_dir / "model_final.pt")
@@ -118,8 +123,9 @@ class CheckpointHandler:
             save_atomic(weights, self.save_dir / "model.pt")
 
     def load(self, engine: Engine) -> None:
+        # every rank loads the same checkpoint (DDP has already wrapped the network, so each must)
         # a run killed while writing leaves its temporary file (never the real one): clear those
-        for stale in self.save_dir.glob(".*.pt.*.tmp"):
+        for stale in self.save_dir.glob(".*.pt.*.tmp") if is_main_process() else ():
             stale.unlink(missing_ok=True)
             logger.info("resume: removed %s left by an interrupted write", stale.name)
         if not self.checkpoint_path.is_file():
@@ -136,6 +142,25 @@ class CheckpointHandler:
         if "rng" in state:
             set_rng_state(state["rng"])
         logger.info("resumed from %s at epoch %d", self.checkpoint_path, engine.state.epoch)
+
+
+class SyncBuffersHandler:
+    """Under DDP, give every rank rank 0's buffers (batch-norm statistics) after each iteration.
+
+    Parameters are kept identical by DDP's gradient all-reduce; running statistics are updated by each
+    rank's own batch, and DDP only overwrites them at the next forward. Runs right after the optimizer
+    step (MONAI's ``MODEL_COMPLETED``), before any ``ITERATION_COMPLETED`` handler such as the EMA
+    teacher, which copies the buffers. No-op in a single process.
+    """
+
+    def __init__(self, network: torch.nn.Module) -> None:
+        self.network = network
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(IterationEvents.MODEL_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        broadcast_buffers(unwrap(self.network))
 
 
 class BestModelSaver:
@@ -155,10 +180,11 @@ class BestModelSaver:
 
     def __call__(self, engine: Engine) -> None:
         value = float(engine.state.metrics[self.metric_name])
-        if value > self.best:
+        if value > self.best:  # the metric is reduced over ranks, so every rank agrees; rank 0 writes
             self.best = value
-            save_atomic(unwrap(self.network).state_dict(), self.save_path)
-            logger.info("new best %s %.4f: saved %s", self.metric_name, value, self.save_path)
+            if is_main_process():
+                save_atomic(unwrap(self.network).state_dict(), self.save_path)
+                logger.info("new best %s %.4f: saved %s", self.metric_name, value, self.save_path)
 
     def state_dict(self) -> dict[str, float]:
         return {"best": self.best}
@@ -326,5 +352,5 @@ class BadSampleReport:
             logger.info("bad samples: none")
             return
         logger.warning(self.bad_samples.summary())
-        if self.output_dir is not None:
+        if self.output_dir is not None and is_main_process():
             self.bad_samples.write_csv(self.output_dir / "bad_samples.csv")

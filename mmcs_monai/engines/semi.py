@@ -27,6 +27,7 @@ import torch
 from ignite.engine import Engine, Events
 from skimage.segmentation import find_boundaries
 
+from mmcs_monai.distributed import all_gather_objects, set_sampler_epoch, shard
 from mmcs_monai.engines.handlers import unwrap
 from mmcs_monai.flows import FLOW_SCALE, flows_to_masks
 
@@ -146,15 +147,21 @@ class PseudoLabelRefresher:
         was_training = network.training
         network.eval()
         device = next(network.parameters()).device
+        predictions = []
         try:
-            for index in range(len(self.dataset)):
+            # under torchrun each rank predicts its shard, then every rank gets all of them
+            # (all-gather), so the stores stay identical without one rank writing for the others
+            for index in shard(range(len(self.dataset))):
                 item = self.dataset[index]
                 image = torch.as_tensor(item["image"], dtype=torch.float32)[None].to(device)
                 pred = self.inferer(image, network)[0].cpu()
                 diameter = network.diam_mean.item() / self.inferer.zoom_for(network)
-                self.store.update(str(item["id"]), prediction_to_pseudo(pred), diameter)
+                predictions.append((str(item["id"]), prediction_to_pseudo(pred), diameter))
         finally:
             network.train(was_training)
+        for part in all_gather_objects(predictions):
+            for key, target, diameter in part:
+                self.store.update(key, target, diameter)
         logger.info("pseudo labels refreshed for %d unlabelled images", len(self.dataset))
         if self.writer is not None and engine is not None and len(self.dataset):
             self._log_panel(engine)
@@ -189,6 +196,7 @@ class MixedBatchLoader:
         self.unlabelled = unlabelled
         self.keys = tuple(keys)
         self._unlabelled_iter: Iterator | None = None
+        self._epoch = 0
 
     def __len__(self) -> int:
         return len(self.labelled)  # type: ignore[arg-type]
@@ -206,6 +214,10 @@ class MixedBatchLoader:
         return None  # an empty unlabelled set
 
     def __iter__(self):
+        # distributed samplers reshuffle per epoch only when told the epoch (one pass = one epoch)
+        self._epoch += 1
+        set_sampler_epoch(self.labelled, self._epoch)
+        set_sampler_epoch(self.unlabelled, self._epoch)
         for lab in self.labelled:
             n_lab = len(lab[self.keys[0]])
             unlab = self._next_unlabelled()
