@@ -139,14 +139,15 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
 
 
 def wrap_ddp(network: torch.nn.Module, device: torch.device | str | None = None) -> torch.nn.Module:
-    """``DistributedDataParallel(network)`` when distributed (``device_ids`` on GPU); the network itself otherwise.
+    """``network`` on ``device`` (default :func:`local_device`), wrapped in ``DistributedDataParallel`` when
+    distributed (``device_ids`` on GPU).
 
     DDP broadcasts rank 0's weights when it wraps, so every rank starts from the same model.
     """
-    if not is_distributed():
-        return network
     device = torch.device(device) if device is not None else local_device()
     network = network.to(device)
+    if not is_distributed():
+        return network
     device_ids = [device] if device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(network, device_ids=device_ids)
 
@@ -155,9 +156,11 @@ def distributed_sampler(dataset, shuffle: bool = True, even_divisible: bool = Tr
     """MONAI's ``DistributedSampler`` over ``dataset`` when distributed, else None (the loader's own order).
 
     ``even_divisible`` pads the shards to equal length, which DDP training needs (every rank must run
-    the same number of steps); inference and validation pass False so no image is done twice.
+    the same number of steps); inference and validation pass False so no image is done twice. With
+    fewer items than ranks (and False) there is no sampler: every rank takes every item, which leaves
+    an all-reduced mean (the validation F1) unchanged and writes the same outputs twice, atomically.
     """
-    if not is_distributed():
+    if not is_distributed() or (not even_divisible and len(dataset) < get_world_size()):
         return None
     from monai.data import DistributedSampler
 

@@ -180,3 +180,15 @@ def test_torchrun_slide_inference_equals_single_process(tiny_model, tmp_path):
     assert np.array_equal(read_labels(tmp_path / "two" / "slide_masks.tif"), expected)
     assert (tmp_path / "two" / "slide_cells.csv").read_text() == (tmp_path / "one" / "slide_cells.csv").read_text()
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["slide_cells.csv", "slide_masks.tif"]  # scratch removed
+
+
+def test_validation_with_fewer_images_than_ranks(tmp_path):
+    """One validation image, two ranks: both score it; the all-reduced F1 is that image's F1."""
+    out = tmp_path / "run"
+    log = torchrun(
+        "monai.bundle", "run", "training",
+        "--config_file", configs(BUNDLE / "configs/train.json", BUNDLE / "configs/multi_gpu_train.json"),
+        "--meta_file", BUNDLE / "configs/metadata.json", "--bundle_root", BUNDLE, "--ckpt_dir", out / "models",
+        "--output_dir", out / "eval", "--epochs", "1", "--val_interval", "1", "--val_limit", "1", *TINY,
+    )
+    assert "val_f1" in log and (out / "models" / "model.pt").is_file()
