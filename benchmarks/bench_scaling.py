@@ -18,9 +18,7 @@ Prints a markdown table. One run each; run it alone on the machine.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -28,16 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-BUNDLE = REPO / "bundle"
-
-
-def _engine_seconds(log: str, engine: str) -> float:
-    """Longest 'Engine run finished. Time taken: HH:MM:SS.fff' of ``engine`` in the log (slowest rank)."""
-    found = re.findall(rf"{engine} - INFO - Engine run finished\. Time taken: (\d+):(\d+):([\d.]+)", log)
-    if not found:
-        raise RuntimeError(f"no finished {engine} in the log:\n{log[-3000:]}")
-    return max(int(h) * 3600 + int(m) * 60 + float(s) for h, m, s in found)
+from bundle_runs import BUNDLE, DEV_MANIFEST, REPO, engine_seconds, training_command
 
 
 def _run(command: list[str], nproc: int, threads: int) -> tuple[str, float]:
@@ -56,7 +45,7 @@ def _run(command: list[str], nproc: int, threads: int) -> tuple[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "dev" / "manifest.csv"))
+    parser.add_argument("--data", default=str(DEV_MANIFEST))
     parser.add_argument("--model", default=str(BUNDLE / "models" / "model.pt"))
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--train_images", type=int, default=32)
@@ -78,20 +67,11 @@ def main() -> None:
     for nproc in (1, args.nproc):
         threads = max(1, cores // nproc)
         configs = [str(BUNDLE / "configs" / "train.json")] + ([str(BUNDLE / "configs" / "multi_gpu_train.json")] if nproc > 1 else [])
-        log, _ = _run(
-            [
-                "monai.bundle", "run", "training", "--config_file", json.dumps(configs), "--bundle_root", str(BUNDLE),
-                "--meta_file", str(BUNDLE / "configs" / "metadata.json"), "--data_source", args.data,
-                "--train_limit", str(args.train_images), "--val_limit", "1", "--epochs", str(args.epochs), "--val_interval", "100000",
-                "--batch_size", "8", "--patch_size", "128", "--ckpt_dir", str(work / f"train{nproc}" / "models"),
-                "--output_dir", str(work / f"train{nproc}" / "eval"), "--num_workers", "0",
-            ],
-            nproc, threads,
-        )
-        seconds = _engine_seconds(log, "SupervisedTrainer")
+        log, _ = _run(training_command(args.data, work / f"train{nproc}", args.train_images, args.epochs, configs=configs), nproc, threads)
+        seconds = engine_seconds(log)
         rows.append(("training (full CPnet, fp32, batch 8/process, 128 px)", nproc, threads, args.train_images * args.epochs / seconds, seconds, None))
         log, wall = _run(["mmcs_monai.cli", "infer", str(images), str(work / f"infer{nproc}"), "--model", args.model], nproc, threads)
-        seconds = _engine_seconds(log, "SupervisedEvaluator")
+        seconds = engine_seconds(log, "SupervisedEvaluator")
         rows.append(("inference (mmcs infer, precision auto)", nproc, threads, len(val) / seconds, seconds, wall))
 
     print(f"\n{cores} CPU cores; {args.train_images} train images x {args.epochs} epochs; {len(val)} val images\n")

@@ -34,8 +34,13 @@ def _timed(fn, repeats: int = 1) -> float:
     return best
 
 
-def training_step_times(items, nbase, batch=8, patch=128, steps=5):
-    """(ours, cellpose) median seconds per training step, data preparation included."""
+def training_step_times(items, nbase, batch=8, patch=128, steps=5, precision="fp32"):
+    """(ours, cellpose) median seconds per training step, data preparation included.
+
+    ``precision`` applies to ours (``bf16`` adds channels_last, as the bundle's training does when
+    asked); Cellpose trains in fp32.
+    """
+    from mmcs_monai.inference import PrecisionInferer
     from cellpose import resnet_torch, train as cp_train, transforms as cp_transforms
     from monai.data import list_data_collate
     from monai.transforms import Compose
@@ -59,10 +64,12 @@ def training_step_times(items, nbase, batch=8, patch=128, steps=5):
     loss_fn = CellposeLoss()
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
 
+    run_network = PrecisionInferer(precision=precision, channels_last=precision == "bf16")
+
     def ours():
         warped = [augment(d) for d in cached]
         batch_items = list_data_collate([{"image": w["image"], "flows": w["flows"]} for w in warped])
-        out = net(batch_items["image"])
+        out = run_network(batch_items["image"], net)
         loss = loss_fn(out, batch_items["flows"])
         opt.zero_grad()
         loss.backward()

@@ -187,20 +187,26 @@ class CellInferer(Inferer):
 class PrecisionInferer(Inferer):
     """Call the network on a batch under the chosen precision and memory layout; outputs float32.
 
-    Used by the trainer (patches already at network scale). bf16 needs no loss scaler; fp16 on GPU
-    should use MONAI's ``amp=True`` path instead, which scales the loss.
+    Used by the trainer (patches already at network scale), so the loss is always computed in float32.
+    bf16 needs no loss scaler (same exponent range as fp32); for fp16 (GPU) the bundle turns on MONAI's
+    ``amp=True``, whose gradient scaler scales the loss.
+
+    Args:
+        precision: ``auto`` (bf16 where the device has native bf16, else fp32), ``fp32``, ``bf16``, ``fp16``.
+        channels_last: channels-last memory layout; None: on when the resolved precision is bf16.
     """
 
-    def __init__(self, precision: str = "fp32", channels_last: bool = False):
+    def __init__(self, precision: str = "fp32", channels_last: bool | None = False):
         super().__init__()
         resolve_precision(precision, "cpu")  # validates the name early
         self.precision = precision
         self.channels_last = channels_last
 
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.channels_last:
+        precision = resolve_precision(self.precision, inputs.device)
+        if self.channels_last or (self.channels_last is None and precision == "bf16"):
             network.to(memory_format=torch.channels_last)
             inputs = inputs.contiguous(memory_format=torch.channels_last)
-        with autocast_context(inputs.device, self.precision):
+        with autocast_context(inputs.device, precision):
             out = network(inputs, *args, **kwargs)
         return out.float()

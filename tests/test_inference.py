@@ -65,6 +65,22 @@ def test_precision_names_are_checked():
     assert out.dtype == torch.float32 and out.shape == (2, 3, 32, 32)
 
 
+def test_training_inferer_auto_precision_and_layout():
+    """``auto`` resolves per device; channels_last None follows the resolved precision; the output is fp32."""
+    from mmcs_monai.inference import resolve_precision
+
+    net = CPnet(nbase=(2, 8, 16)).eval()
+    x = torch.rand(2, 2, 32, 32)
+    out = PrecisionInferer("auto", channels_last=None)(x, net)
+    bf16 = resolve_precision("auto", "cpu") == "bf16"
+    assert out.dtype == torch.float32 and out.shape == (2, 3, 32, 32)
+    weight = net.downsample.down.res_down_0.conv.conv_1[2].weight  # a 3x3 conv: the layouts differ
+    assert weight.is_contiguous(memory_format=torch.channels_last) == bf16 != weight.is_contiguous()
+    with torch.no_grad():
+        reference = net.to(memory_format=torch.contiguous_format)(x)
+    assert (out - reference).abs().max() < (0.1 if bf16 else 1e-5)
+
+
 def test_auto_diameter_measures_cells_then_rescales():
     from conftest import disk_labels
 

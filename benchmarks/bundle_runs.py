@@ -1,0 +1,47 @@
+"""Shared by the benchmark scripts: the bundle training command they time, and the engines' own clocks."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundle"
+DEV_MANIFEST = REPO.parent / "shared" / "data" / "dev" / "manifest.csv"
+
+
+def training_command(
+    data: str | Path,
+    out: Path,
+    train_images: int,
+    epochs: int,
+    precision: str = "fp32",
+    num_workers: int = 0,
+    configs: list[str] | None = None,
+) -> list[str]:
+    """``monai.bundle run training`` arguments (after ``python -m``) for a timed run: full CPnet, batch 8,
+    128 px, ``train_images`` dev-train images, no validation (one image cached), models and logs in ``out``;
+    bf16 comes with channels_last."""
+    configs = configs or [str(BUNDLE / "configs" / "train.json")]
+    return [
+        "monai.bundle", "run", "training", "--config_file", json.dumps(configs), "--bundle_root", str(BUNDLE),
+        "--meta_file", str(BUNDLE / "configs" / "metadata.json"), "--data_source", str(data),
+        "--train_limit", str(train_images), "--val_limit", "1", "--val_interval", "100000", "--epochs", str(epochs),
+        "--batch_size", "8", "--patch_size", "128", "--precision", precision,
+        "--channels_last", str(precision == "bf16").lower(), "--num_workers", str(num_workers),
+        "--ckpt_dir", str(out / "models"), "--output_dir", str(out / "eval"),
+    ]
+
+
+def engine_seconds(log: str, engine: str = "SupervisedTrainer") -> float:
+    """Longest 'Engine run finished. Time taken: HH:MM:SS' of ``engine`` in a run's log (the slowest rank)."""
+    found = re.findall(rf"{engine} - INFO - Engine run finished\. Time taken: (\d+):(\d+):([\d.]+)", log)
+    if not found:
+        raise RuntimeError(f"no finished {engine} in the log:\n{log[-3000:]}")
+    return max(int(h) * 3600 + int(m) * 60 + float(s) for h, m, s in found)
+
+
+def python_module(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", *args]
