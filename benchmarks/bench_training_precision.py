@@ -29,7 +29,7 @@ def train(out: Path, precision: str, channels_last: bool, args) -> tuple[np.ndar
     steps_per_epoch = -(-args.train_images // 8)
     epochs = -(-args.steps // steps_per_epoch)
     command = training_command(args.data, out, args.train_images, epochs, precision)
-    command[command.index("--channels_last") + 1] = str(channels_last).lower()
+    command[command.index("--channels_last") + 1] = str(channels_last)
     result = subprocess.run(python_module(command), cwd=REPO, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
     if result.returncode != 0:
         raise RuntimeError(result.stderr[-3000:])

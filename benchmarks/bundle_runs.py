@@ -30,7 +30,7 @@ def training_command(
         "--meta_file", str(BUNDLE / "configs" / "metadata.json"), "--data_source", str(data),
         "--train_limit", str(train_images), "--val_limit", "1", "--val_interval", "100000", "--epochs", str(epochs),
         "--batch_size", "8", "--patch_size", "128", "--precision", precision,
-        "--channels_last", str(precision == "bf16").lower(), "--num_workers", str(num_workers),
+        "--channels_last", str(precision == "bf16"), "--num_workers", str(num_workers),
         "--ckpt_dir", str(out / "models"), "--output_dir", str(out / "eval"),
     ]
 

@@ -78,7 +78,7 @@ def train(recipe: str | list[str] | None = None, bundle_root: str | None = None,
     Args:
         recipe: extra config(s) merged over train.json (e.g. ``configs/cpu.json``).
         bundle_root: bundle folder (default: the repository's ``bundle/``).
-        overrides: config values, e.g. ``--data_source manifest.csv --epochs 50 --resume true``.
+        overrides: config values, e.g. ``--data_source manifest.csv --epochs 50 --resume True``.
             Models are written to ``<bundle_root>/models`` unless ``--ckpt_dir`` is given.
     """
     root = _bundle_root(bundle_root)

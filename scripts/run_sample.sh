@@ -13,5 +13,5 @@ py="$venv/bin/python"
 "$py" -m monai.bundle run inference \
     --config_file bundle/configs/inference.json --meta_file bundle/configs/metadata.json \
     --logging_file bundle/configs/logging.conf --bundle_root bundle \
-    --input_dir bundle/sample_data/images --output_dir outputs/sample --skip_done false
+    --input_dir bundle/sample_data/images --output_dir outputs/sample --skip_done False
 echo "model: bundle/models/model.pt; masks and overlays: outputs/sample/"

@@ -66,7 +66,7 @@ def test_resume_continues_to_more_epochs(trained):
     log = bundle(
         "run", "training", "--config_file", configs("train.json"), "--bundle_root", str(BUNDLE),
         "--ckpt_dir", str(trained / "models"), "--output_dir", str(trained / "eval"),
-        "--epochs", "3", "--val_interval", "5", "--resume", "true", *TINY,
+        "--epochs", "3", "--val_interval", "5", "--resume", "True", *TINY,
     )
     assert "Epoch: 3/3" in log and "Epoch: 1/3" not in log
     trainer_state = torch.load(trained / "models" / "checkpoint.pt", weights_only=False)["trainer"]

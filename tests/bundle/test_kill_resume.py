@@ -49,7 +49,7 @@ def test_sigkill_mid_write_leaves_a_loadable_checkpoint_and_resume_finishes(tmp_
     total = epochs * state["trainer"]["epoch_length"]
     assert 0 < stopped_at < total and {"network", "optimizer", "lr_scheduler", "rng"} <= set(state)
 
-    log = bundle(*_training(models, out, epochs, "--resume", "true")[3:])
+    log = bundle(*_training(models, out, epochs, "--resume", "True")[3:])
     assert f"resumed from {models / 'checkpoint.pt'}" in log
     final = torch.load(models / "checkpoint.pt", weights_only=False)["trainer"]
     assert final["iteration"] == total
@@ -72,7 +72,7 @@ def test_semi_supervised_run_resumes_with_its_teacher_and_pseudo_labels(tmp_path
     bundle(*semi, "--epochs", "1")
     first = torch.load(models / "checkpoint.pt", weights_only=False)
     assert {e["count"] for e in first["pseudo_labels"]["entries"].values()} == {2}  # pretrained + 1 refresh
-    log = bundle(*semi, "--epochs", "2", "--resume", "true")
+    log = bundle(*semi, "--epochs", "2", "--resume", "True")
     assert "resumed from" in log
     second = torch.load(models / "checkpoint.pt", weights_only=False)
     assert {e["count"] for e in second["pseudo_labels"]["entries"].values()} == {3}  # history kept, not rebuilt
