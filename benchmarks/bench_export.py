@@ -59,13 +59,14 @@ def main() -> None:
     args = parser.parse_args()
 
     from mmcs_monai.data import load_datalist
-    from mmcs_monai.io import read_image, read_labels
+    from mmcs_monai.io import read_labels
     from mmcs_monai.metrics import f1_score
     from mmcs_monai.networks import export_torchscript, load_model
-    from mmcs_monai.transforms.array import NormalizePercentile, StackNucleusChannel
+    from mmcs_monai.transforms import inference_preprocessing
 
     items = [i for i in load_datalist(args.data, split=args.split, exclude_partial=True) if i.get("label")][: args.limit]
-    images = [np.asarray(NormalizePercentile()(StackNucleusChannel()(read_image(i["image"]), nucleus_channel=i.get("nucleus_channel")))) for i in items]
+    load = inference_preprocessing()
+    images = [np.asarray(load(i)["image"]) for i in items]
     labels = [read_labels(i["label"]) for i in items]
     megapixels = sum(img.shape[-2] * img.shape[-1] for img in images) / 1e6
 

@@ -278,11 +278,11 @@ def export(model: str | None = None, output: str | None = None, bundle_root: str
     summary += f", {len(exported.subset_diameters)} subset diameter(s)"
     if verify:
         from mmcs_monai.data import load_datalist
-        from mmcs_monai.io import read_image
-        from mmcs_monai.transforms.array import NormalizePercentile, StackNucleusChannel
+        from mmcs_monai.transforms import inference_preprocessing
 
+        load = inference_preprocessing()
         items = load_datalist(root / "sample_data" / "datalist.json", split="validation")[:3]
-        images = [torch.as_tensor(np.asarray(NormalizePercentile()(StackNucleusChannel()(read_image(i["image"])))))[None] for i in items]
+        images = [torch.as_tensor(np.asarray(load(item)["image"]))[None] for item in items]
         difference = max_output_difference(network, exported, images)
         summary += f"; max |eager - TorchScript| on {len(images)} sample images: {difference:.2e}"
         if difference >= 1e-4:

@@ -13,13 +13,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.transforms import Compose
 
 from mmcs_monai.flows import flows_to_masks
 from mmcs_monai.inference import CellInferer
 from mmcs_monai.io import atomic_path
 from mmcs_monai.metrics import f1_score
-from mmcs_monai.transforms import LoadMicroscopyd, NormalizePercentiled, StackNucleusChanneld
+from mmcs_monai.transforms import inference_preprocessing
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +78,7 @@ def diameter_sweep(
     """
     inferer = inferer or CellInferer()
     device = next(network.parameters()).device
-    load = Compose([LoadMicroscopyd(keys=["image", "label"]), StackNucleusChanneld(keys="image"), NormalizePercentiled(keys="image")])
+    load = inference_preprocessing(keys=["image", "label"])
     rows = []
     for item in items:
         data = load(dict(item))

@@ -8,8 +8,10 @@ a cell crossing a block border is segmented once, by a block that saw it whole w
 both sides, and gets one id; the core is grown by half a diameter for this test so a cell on a
 border is never lost between two blocks, and a cell already labelled by an earlier block is not
 pasted twice. Owned cells go into a label file on disk: inside its own core a block's cells win,
-in its halo they only fill background, so the result depends on nothing but the block grid. A last streaming pass makes the ids consecutive, measures each cell
-and writes a tiled, compressed label TIFF and, optionally, a CSV table of cells.
+in its halo they only fill background, so the result depends on nothing but the block grid. A last
+streaming pass makes the ids consecutive, measures each cell and writes a tiled, compressed label
+TIFF and, optionally, a CSV table of cells. Under ``torchrun`` the ranks share out the blocks and
+rank 0 pastes them in block order, so the output is the single-process one.
 
 Memory is bounded by the block size: the network never sees more than one window at a time, the
 intensity range is measured once on a sample of windows, and labels live in a file that is mapped
@@ -253,8 +255,7 @@ class SlideSegmenter:
         The result is the single-process one: the same blocks, pasted by rank 0 in the same order.
         The output folder must be visible to every rank (one node, or a shared file system).
         """
-        folder = broadcast_object(str(labels_path.parent / f".{labels_path.name}.blocks.{os.getpid()}"))
-        folder = Path(folder)
+        folder = Path(broadcast_object(str(labels_path.parent / f".{labels_path.name}.blocks.{os.getpid()}")))
         folder.mkdir(parents=True, exist_ok=True)
         for block in shard(blocks):
             owned = self.segment_block(regions, block, bounds, diameter)

@@ -16,13 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.deploy.core import Fragment, Operator, OperatorSpec
-from monai.transforms import Compose
 
 from mmcs_monai.data import BadSampleLog
 from mmcs_monai.inference import CellInferer, resolve_diameter
 from mmcs_monai.io import InputError
 from mmcs_monai.networks.torchscript import load_torchscript
-from mmcs_monai.transforms import FlowsToMasksd, LoadMicroscopyd, NormalizePercentiled, SaveCellOutputsd, StackNucleusChanneld
+from mmcs_monai.transforms import FlowsToMasksd, SaveCellOutputsd, inference_preprocessing
 
 logger = logging.getLogger(__name__)
 
@@ -39,13 +38,7 @@ class MicroscopyLoaderOperator(Operator):
     def __init__(self, fragment: Fragment, *args, items: list[dict], cyto_channel=None, nucleus_channel=None, **kwargs):
         self.items = list(items)
         self.index = 0
-        self.preprocess = Compose(
-            [
-                LoadMicroscopyd(keys="image"),
-                StackNucleusChanneld(keys="image", cyto_channel=cyto_channel, nucleus_channel=nucleus_channel),
-                NormalizePercentiled(keys="image"),
-            ]
-        )
+        self.preprocess = inference_preprocessing("image", cyto_channel, nucleus_channel)
         super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec):

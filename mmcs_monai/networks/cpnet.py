@@ -159,6 +159,21 @@ class _Decoder(nn.Module):
         return x
 
 
+def pad_to_multiple(x: torch.Tensor, divisor: int) -> tuple[torch.Tensor, int, int]:
+    """Zero-pad H and W of ``x [B, C, H, W]`` (centred, as Cellpose's ``get_pad_yx`` without its extra margin)
+    up to multiples of ``divisor``; returns ``(padded, top, left)`` so the caller can crop back.
+
+    Scriptable: the exported model's ``forward`` (:mod:`mmcs_monai.networks.torchscript`) calls it too.
+    """
+    h, w = x.size(2), x.size(3)
+    ph = (divisor - h % divisor) % divisor
+    pw = (divisor - w % divisor) % divisor
+    if ph == 0 and pw == 0:
+        return x, 0, 0
+    top, left = ph // 2, pw // 2
+    return F.pad(x, [left, pw - left, top, ph - top], mode="constant", value=0.0), top, left
+
+
 class CPnet(nn.Module):
     """Cellpose 3 network (``cellpose.resnet_torch.CPnet``, 2D) with a single-tensor ``forward``.
 
@@ -227,11 +242,12 @@ class CPnet(nn.Module):
         """
         if x.ndim != 4 or x.shape[1] != self.nchan:
             raise ValueError(f"CPnet expects input [B, {self.nchan}, H, W], got shape {tuple(x.shape)}.")
-        x, crop = self._pad(x)
+        h, w = x.shape[-2:]
+        x, top, left = pad_to_multiple(x, self.pad_divisor)
         features = self.downsample(x)
         style = self.make_style(features[-1])
         out = self.output(self.upsample(style, features))
-        return out[crop], style
+        return out[:, :, top : top + h, left : left + w], style
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, nbase[0], H, W] -> [B, nout, H, W]``; see :meth:`forward_with_style`."""
@@ -243,16 +259,6 @@ class CPnet(nn.Module):
         from mmcs_monai.networks.torchscript import TorchScriptCPnet
 
         return TorchScriptCPnet(self)
-
-    def _pad(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:
-        """Zero-pad H, W (centred, as Cellpose's ``get_pad_yx`` without its extra margin) to ``pad_divisor``."""
-        h, w = x.shape[-2:]
-        ph, pw = -h % self.pad_divisor, -w % self.pad_divisor
-        if ph == 0 and pw == 0:
-            return x, (slice(None),)
-        top, left = ph // 2, pw // 2
-        x = F.pad(x, (left, pw - left, top, ph - top), mode="constant", value=0.0)
-        return x, (slice(None), slice(None), slice(top, top + h), slice(left, left + w))
 
     # ------------------------------------------------------------------ diameters
     def set_diam_labels(self, value: float) -> None:

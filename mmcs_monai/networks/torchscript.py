@@ -6,8 +6,8 @@
 - the convolutional core is *traced* once at a size that needs no padding (its loops over levels and its
   multi-input blocks are plain Python, which tracing unrolls); traced convolutions, pooling and
   nearest-neighbour upsampling take any batch size and any multiple of ``pad_divisor`` for H and W;
-- the *scripted* ``forward`` zero-pads H and W to ``pad_divisor`` exactly like ``CPnet.forward`` and crops
-  back, so the exported model takes any H and W and gives the eager model's output;
+- the *scripted* ``forward`` zero-pads H and W to ``pad_divisor`` with the same ``pad_to_multiple`` as
+  ``CPnet.forward`` and crops back, so the exported model takes any H and W and gives the eager model's output;
 - ``diam_mean`` and ``diam_labels`` (buffers) and ``subset_diameters`` (a ``Dict[str, float]`` attribute)
   travel inside the model, so :class:`mmcs_monai.inference.CellInferer` resolves the inference diameter
   from a TorchScript model exactly as from the eager one.
@@ -26,9 +26,9 @@ from typing import Any, Dict
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from mmcs_monai.io import InputError, atomic_path
+from mmcs_monai.networks.cpnet import load_cellpose_checkpoint, pad_to_multiple
 
 __all__ = ["TorchScriptCPnet", "export_torchscript", "max_output_difference", "is_torchscript_file", "load_torchscript", "load_model"]
 
@@ -83,13 +83,8 @@ class TorchScriptCPnet(nn.Module):
         if x.dim() != 4 or x.size(1) != self.nchan:
             raise ValueError(f"CPnet expects input [B, {self.nchan}, H, W], got {x.dim()} dims, {x.size(1)} channels")
         h, w = x.size(2), x.size(3)
-        ph = (self.pad_divisor - h % self.pad_divisor) % self.pad_divisor
-        pw = (self.pad_divisor - w % self.pad_divisor) % self.pad_divisor
-        if ph == 0 and pw == 0:
-            return self.core(x)
-        top, left = ph // 2, pw // 2
-        out = self.core(F.pad(x, [left, pw - left, top, ph - top], mode="constant", value=0.0))
-        return out[:, :, top : top + h, left : left + w]
+        x, top, left = pad_to_multiple(x, self.pad_divisor)
+        return self.core(x)[:, :, top : top + h, left : left + w]
 
     @torch.jit.export
     def diameter_for(self, name: str) -> float:
@@ -190,8 +185,6 @@ def load_torchscript(
 
 def load_model(path: str | os.PathLike, map_location: torch.device | str | None = "cpu") -> nn.Module:
     """The network in ``path``, in eval mode: an exported TorchScript model, or a Cellpose 3 / mmcs checkpoint."""
-    from mmcs_monai.networks.cpnet import load_cellpose_checkpoint
-
     path = Path(path)
     if is_torchscript_file(path):
         return load_torchscript(path, map_location)[0]

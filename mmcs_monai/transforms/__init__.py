@@ -19,4 +19,5 @@ from mmcs_monai.transforms.dictionary import (
     RandCellAffined,
     SaveCellOutputsd,
     StackNucleusChanneld,
+    inference_preprocessing,
 )

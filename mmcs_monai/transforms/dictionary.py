@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from monai.config import KeysCollection
-from monai.transforms import MapTransform, Randomizable
+from monai.transforms import Compose, MapTransform, Randomizable
 
 from mmcs_monai.diameters import DEFAULT_TARGET_DIAMETER
 from mmcs_monai.io import InputError, masks_filename, overlay_filename, write_labels, write_overlay
@@ -34,6 +34,7 @@ __all__ = [
     "FlowsToMasksd",
     "SaveCellOutputsd",
     "AttachPseudoTargetd",
+    "inference_preprocessing",
 ]
 
 
@@ -110,6 +111,22 @@ class NormalizePercentiled(MapTransform):
         for key in self.key_iterator(d):
             d[key] = self.normalizer(d[key])
         return d
+
+
+def inference_preprocessing(keys: KeysCollection = "image", cyto_channel: int | None = None, nucleus_channel: int | None = None) -> Compose:
+    """Load ``keys`` (``image``, and ``label`` when scoring), make ``image`` [cytoplasm, nucleus] and scale it to
+    its 1-99 percentiles: ``{"image": path} -> {"image": float32 [2, H, W], ...}``.
+
+    The evaluation sweep, ``mmcs export`` and the Deploy app use it; the bundle configs list the same
+    three transforms.
+    """
+    return Compose(
+        [
+            LoadMicroscopyd(keys=keys),
+            StackNucleusChanneld(keys="image", cyto_channel=cyto_channel, nucleus_channel=nucleus_channel),
+            NormalizePercentiled(keys="image"),
+        ]
+    )
 
 
 class LabelsToFlowsd(MapTransform):
