@@ -11,4 +11,10 @@ py="$venv/bin/python"
 "$py" -m pip install -q "torch==2.13.0"
 extras=${1:+[$1]}
 "$py" -m pip install -q -c "$repo/constraints.txt" -e "$repo$extras"
+if [[ ",${1:-}," == *,label,* ]]; then
+    # monailabel pulls torchvision (through monai[torchvision] and sam2), whose wheel is a CUDA build that
+    # fails on import against the CPU torch ("operator torchvision::nms does not exist") and breaks
+    # MONAI's optional imports. Nothing here uses it.
+    "$py" -m pip uninstall -q -y torchvision
+fi
 echo "environment ready: $venv"

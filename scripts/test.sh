@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # Set up the environments and run the test suite (what CI runs).
-# Two environments: $MMCS_VENV (default ~/.venvs/mmcs) for everything, and $MMCS_DEPLOY_VENV
+# Three environments: $MMCS_VENV (default ~/.venvs/mmcs) for everything; $MMCS_DEPLOY_VENV
 # (default ~/.venvs/mmcs-deploy) for the MONAI Deploy app, whose SDK makes every `import monai` load
-# holoscan; tests/deploy runs the app there as a subprocess.
+# holoscan (tests/deploy runs the app there as a subprocess); $MMCS_LABEL_VENV (default
+# ~/.venvs/mmcs-label) for the MONAI Label server, which holds numpy at 1.26 (tests/label starts it there).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 venv=${MMCS_VENV:-$HOME/.venvs/mmcs}
 deploy_venv=${MMCS_DEPLOY_VENV:-$HOME/.venvs/mmcs-deploy}
+label_venv=${MMCS_LABEL_VENV:-$HOME/.venvs/mmcs-label}
 bash "$repo/scripts/setup_env.sh" dev
 MMCS_VENV="$deploy_venv" bash "$repo/scripts/setup_env.sh" deploy
+MMCS_VENV="$label_venv" bash "$repo/scripts/setup_env.sh" label
 export MMCS_DEPLOY_PYTHON="$deploy_venv/bin/python" MMCS_REQUIRE_DEPLOY=1
+export MMCS_LABEL_PYTHON="$label_venv/bin/python" MMCS_REQUIRE_LABEL=1
 cd "$repo"
 exec "$venv/bin/python" -m pytest -q "$@"

@@ -1,0 +1,317 @@
+"""The MONAI Label app, served for real: ``monailabel start_server`` on 127.0.0.1, spoken to over HTTP.
+
+The server runs in the label environment (``bash scripts/setup_env.sh label`` into ``~/.venvs/mmcs-label``,
+or ``MMCS_LABEL_PYTHON``); the tests run in the main one and compare the server's answers with the library
+run here. Without the label environment they are skipped, unless ``MMCS_REQUIRE_LABEL=1`` (set by
+``scripts/test.sh``, so CI cannot pass them by skipping).
+
+The tests share one server and run in file order: infer, label uploads, scoring and the next-image
+strategy, then training, whose new model must answer the next infer.
+"""
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from mmcs_monai.flows import flows_to_masks
+from mmcs_monai.inference import CellInferer
+from mmcs_monai.io import read_labels, write_labels
+from mmcs_monai.label.uncertainty import image_uncertainty
+from mmcs_monai.networks import load_model
+from mmcs_monai.transforms import inference_preprocessing
+
+requests = pytest.importorskip("requests")
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE = REPO / "bundle" / "sample_data"
+IMAGES = sorted((SAMPLE / "images").glob("*.tif"))
+LABELLED, SECOND = IMAGES[0].stem, IMAGES[1].stem
+MAX_UPLOAD_MB = 1
+
+
+def label_python() -> Path:
+    python = Path(os.environ.get("MMCS_LABEL_PYTHON", Path.home() / ".venvs" / "mmcs-label" / "bin" / "python"))
+    if not python.is_file():
+        message = f"label environment not found at {python}: MMCS_VENV=~/.venvs/mmcs-label bash scripts/setup_env.sh label"
+        if os.environ.get("MMCS_REQUIRE_LABEL") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return python
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, url: str, studies: Path, app: Path, process: subprocess.Popen, log: Path):
+        self.url, self.studies, self.app, self.process, self.log = url, studies, app, process, log
+
+    def get(self, path, **kwargs):
+        return requests.get(self.url + path, timeout=120, **kwargs)
+
+    def post(self, path, **kwargs):
+        return requests.post(self.url + path, timeout=300, **kwargs)
+
+    def put(self, path, **kwargs):
+        return requests.put(self.url + path, timeout=120, **kwargs)
+
+    def wait_done(self, task: str, limit: float = 600.0) -> dict:
+        """Poll GET /<task>/ until the last task is no longer running; returns it."""
+        deadline = time.time() + limit
+        while time.time() < deadline:
+            status = self.get(f"/{task}/").json()
+            if status["status"] not in ("SUBMITTED", "RUNNING"):
+                return status
+            time.sleep(1)
+        raise AssertionError(f"{task} still running after {limit} s")
+
+    def infos(self) -> dict:
+        objects = self.get("/datastore/", params={"output": "all"}).json()["objects"]
+        return {k: v["image"]["info"] for k, v in objects.items()}
+
+    def served_model(self) -> Path:
+        return self.app / "model" / "mmcs.pt"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model):
+    python = label_python()
+    root = tmp_path_factory.mktemp("label")
+    app, studies = root / "app", root / "studies"
+    app.mkdir()
+    shutil.copy(REPO / "apps" / "mmcs" / "main.py", app / "main.py")
+    studies.mkdir()
+    for image in IMAGES:
+        shutil.copy(image, studies)
+    port = free_port()
+    log = root / "server.log"
+    command = [
+        str(python.parent / "monailabel"), "start_server", "--app", str(app), "--studies", str(studies),
+        "--host", "127.0.0.1", "--port", str(port),
+        "--conf", "models", "mmcs", "--conf", "model", str(tiny_model), "--conf", "precision", "fp32",
+        "--conf", "max_upload_mb", str(MAX_UPLOAD_MB), "--conf", "device", "cpu",
+    ]  # fmt: skip
+    env = dict(os.environ, PATH=f"{python.parent}{os.pathsep}{os.environ['PATH']}", PYTHONWARNINGS="ignore")
+    env.pop("PYTHONPATH", None)
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while True:
+        try:
+            if requests.get(url + "/info/", timeout=5).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        if process.poll() is not None or time.time() > deadline:
+            process.kill()
+            pytest.fail(f"label server did not start:\n{log.read_text()[-4000:]}")
+        time.sleep(1)
+    yield Server(url, studies, app, process, log)
+    os.killpg(process.pid, signal.SIGTERM)  # the server and any training/scoring process it started
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+    assert process.poll() is not None
+
+
+def local_masks(model_path: Path, image_path: Path) -> np.ndarray:
+    """What the library, run here, makes of an image: the server must answer the same."""
+    network = load_model(model_path)
+    image = inference_preprocessing("image")({"image": str(image_path)})["image"]
+    flows = CellInferer(precision="fp32")(torch.as_tensor(image)[None], network)[0].numpy()
+    return flows_to_masks(flows[:2], flows[2])
+
+
+def infer_masks(server: Server, image_id: str) -> np.ndarray:
+    response = server.post(f"/infer/{'mmcs'}", params={"image": image_id, "output": "image"})
+    assert response.status_code == 200, response.text
+    return tifffile.imread(io.BytesIO(response.content))
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_info_lists_model_strategies_and_scoring(server):
+    info = server.get("/info/").json()
+    assert info["models"]["mmcs"]["type"] == "segmentation" and info["models"]["mmcs"]["dimension"] == 2
+    assert set(info["trainers"]) == {"mmcs"}
+    assert set(info["strategies"]) == {"mmcs_uncertainty", "random"}
+    assert set(info["scoring"]) == {"mmcs_uncertainty"}
+    assert info["datastore"]["total"] == len(IMAGES)
+    assert info["models"]["mmcs"]["model"]["sha256"] == hashlib.sha256(server.served_model().read_bytes()).hexdigest()
+
+
+def test_infer_returns_the_library_masks_and_polygons(server, tiny_model):
+    masks = infer_masks(server, SECOND)
+    expected = local_masks(tiny_model, IMAGES[1])
+    assert masks.shape == expected.shape and masks.dtype == np.uint16
+    assert np.array_equal(masks, expected) and masks.max() >= 10
+
+    result = server.post("/infer/mmcs", params={"image": SECOND, "output": "json"}).json()
+    assert result["cells"] == masks.max() and result["shape"] == list(masks.shape)
+    features = result["geojson"]["features"]
+    assert [f["properties"]["id"] for f in features] == list(range(1, masks.max() + 1))
+    assert [f["properties"]["area"] for f in features] == [int((masks == i).sum()) for i in range(1, masks.max() + 1)]
+
+    # a requested diameter changes the scale the network sees, so the cells found
+    small = server.post("/infer/mmcs", params={"image": SECOND, "output": "json"}, data={"params": json.dumps({"diameter": 5, "geojson": False})}).json()
+    assert small["diameter"] == 5.0 and "geojson" not in small and small["cells"] != result["cells"]
+
+
+def test_infer_on_an_uploaded_rgb_png_and_refusals(server, tmp_path):
+    from PIL import Image
+
+    grey = tifffile.imread(IMAGES[1])
+    grey = grey if grey.ndim == 2 else grey[..., 0]
+    rgb = np.stack([grey] * 3, axis=-1).astype(np.uint8)
+    png = tmp_path / "upload.png"
+    Image.fromarray(rgb).save(png)
+    with open(png, "rb") as f:
+        response = server.post("/infer/mmcs", params={"output": "json"}, files={"file": ("upload.png", f)})
+    assert response.status_code == 200, response.text
+    assert response.json()["cells"] >= 10
+
+    for image, status in [("/etc/passwd", 403), ("no_such_image", 404)]:
+        response = server.post("/infer/mmcs", params={"image": image, "output": "json"})
+        assert response.status_code == status, response.text
+    (tmp_path / "broken.tif").write_bytes(b"not an image")
+    with open(tmp_path / "broken.tif", "rb") as f:
+        response = server.post("/infer/mmcs", params={"output": "json"}, files={"file": ("broken.tif", f)})
+    assert response.status_code == 400 and "cannot be decoded" in response.json()["detail"]
+
+
+def test_save_label(server, tmp_path):
+    labels = read_labels(SAMPLE / "labels" / f"{LABELLED}.tif")
+    png = tmp_path / "label.png"  # clients upload PNG too; it is stored as TIFF
+    from PIL import Image
+
+    Image.fromarray(labels.astype(np.uint16)).save(png)
+    with open(png, "rb") as f:
+        response = server.put("/datastore/label", params={"image": LABELLED}, files={"label": ("label.png", f)})
+    assert response.status_code == 200, response.text
+    stored = server.studies / "labels" / "final" / f"{LABELLED}.tif"
+    assert np.array_equal(read_labels(stored), labels)
+    info = server.get("/datastore/", params={"output": "all"}).json()["objects"][LABELLED]
+    assert "final" in info["labels"] and info["labels"]["final"]["info"]["cells"] == len(np.unique(labels)) - 1
+
+
+def test_bad_uploads_are_refused_and_change_nothing(server, tmp_path):
+    good = SAMPLE / "labels" / f"{SECOND}.tif"
+    small = tmp_path / "small.tif"
+    write_labels(small, np.ones((64, 64), np.int32))
+    text = tmp_path / "text.tif"
+    text.write_bytes(b"hello, not a TIFF")
+    big = tmp_path / "big.tif"
+    big.write_bytes(np.random.default_rng(0).bytes(MAX_UPLOAD_MB * 2**20 + 1000))
+    fractional = tmp_path / "fractional.tif"
+    tifffile.imwrite(fractional, np.full(tifffile.imread(good).shape, 0.5, np.float32))
+
+    before = snapshot(server.studies)
+    cases = [
+        ({"image": "../escape"}, good, 400, "plain name"),
+        ({"image": "/etc/passwd"}, good, 400, "plain name"),
+        ({"image": f"..%2F{SECOND}"}, good, 400, "plain name"),
+        ({"image": SECOND, "tag": "../../outside"}, good, 400, "plain name"),
+        ({"image": SECOND, "tag": "/tmp"}, good, 400, "plain name"),
+        ({"image": "not_in_datastore"}, good, 404, "not in the datastore"),
+        ({"image": SECOND}, text, 400, "cannot be decoded"),
+        ({"image": SECOND}, small, 400, "(64, 64)"),
+        ({"image": SECOND}, fractional, 400, "non-integer"),
+        ({"image": SECOND}, big, 413, "limit"),
+    ]
+    for params, path, status, words in cases:
+        with open(path, "rb") as f:
+            response = server.put("/datastore/label", params=params, files={"label": ("../../label.tif", f)})
+        assert response.status_code == status, (params, path.name, response.text)
+        assert words in response.json()["detail"], response.text
+
+    for name, content, status in [("../../evil.tif", IMAGES[2].read_bytes(), 400), ("new.tif", b"junk bytes", 400)]:
+        response = server.put("/datastore/image", params={"image": Path(name).stem if "/" not in name else name}, files={"file": (name, content)})
+        assert response.status_code == status, response.text
+    response = server.put("/datastore/image", params={"image": SECOND}, files={"file": ("x.tif", IMAGES[2].read_bytes())})
+    assert response.status_code == 409, response.text
+
+    assert snapshot(server.studies) == before
+    assert not list(server.studies.parent.rglob("outside")) and not list(server.studies.parent.rglob("escape*"))
+
+
+def test_scoring_then_most_uncertain_image(server, tiny_model):
+    response = server.post("/activelearning/mmcs_uncertainty")
+    assert response.status_code == 409 and "scoring" in response.json()["detail"]
+
+    assert server.post("/scoring/mmcs_uncertainty").status_code == 200
+    assert server.wait_done("scoring")["status"] == "DONE"
+    infos = server.infos()
+    unlabelled = [i for i in infos if i != LABELLED]
+    scores = {i: infos[i]["mmcs_uncertainty"] for i in unlabelled}
+    assert "mmcs_uncertainty" not in infos[LABELLED]
+    assert all(0.0 <= s["score"] <= 1.0 for s in scores.values())
+    assert len({round(s["score"], 6) for s in scores.values()}) > 1
+
+    chosen = server.post("/activelearning/mmcs_uncertainty").json()
+    top = max(scores, key=lambda i: (scores[i]["score"], scores[i]["prob_std"]))
+    assert chosen["id"] == top and chosen["score"] == pytest.approx(scores[top]["score"])
+
+    # the stored score is the library's, computed here on the same image with the same model
+    image = inference_preprocessing("image")({"image": str(server.studies / f"{top}.tif")})["image"]
+    local = image_uncertainty(image, load_model(tiny_model), CellInferer(precision="fp32"))
+    assert local["score"] == pytest.approx(scores[top]["score"], abs=1e-6)
+
+    picked = {server.post("/activelearning/random").json()["id"] for _ in range(5)}
+    assert picked and picked <= set(unlabelled)
+
+
+def test_training_publishes_a_model_that_the_next_infer_uses(server):
+    before_model = server.served_model().read_bytes()
+    before_masks = infer_masks(server, SECOND)
+    old_stamp = server.infos()[SECOND]["mmcs_uncertainty"]["model"]
+    time.sleep(1.1)  # model stamps have one-second resolution
+
+    run = {"epochs": 2, "batch_size": 2, "unlabelled_batch_size": 4, "patch_size": 64, "pseudo_interval": 1, "publish": "always"}
+    response = server.post("/train/mmcs", json=run)
+    assert response.status_code == 200, response.text
+    answered_while_training = 0
+    deadline = time.time() + 600
+    while server.get("/train/").json()["status"] in ("SUBMITTED", "RUNNING") and time.time() < deadline:
+        infer_masks(server, SECOND)  # the server keeps answering while the training process runs
+        answered_while_training += 1
+        time.sleep(0.5)
+    status = server.wait_done("train")
+    assert status["status"] == "DONE", "\n".join(status.get("details", []))
+    assert answered_while_training >= 1
+
+    stats = server.get("/info/").json()["train_stats"]["mmcs"]
+    assert stats["published"] is True and stats["labelled"] == 1 and stats["unlabelled"] == len(IMAGES) - 1
+    assert stats["epochs"] == 2 and stats["validation_is_training_set"] is True
+    new_model = server.served_model().read_bytes()
+    assert new_model != before_model
+    assert (server.app / "model" / "previous.pt").read_bytes() == before_model
+
+    after = server.post("/infer/mmcs", params={"image": SECOND, "output": "json"}).json()
+    assert after["model"]["sha256"] == hashlib.sha256(new_model).hexdigest()
+    masks = infer_masks(server, SECOND)
+    assert np.array_equal(masks, local_masks(server.served_model(), IMAGES[1]))
+    assert not np.array_equal(masks, before_masks)
+
+    # the scores were refreshed with the new model
+    infos = server.infos()
+    stamps = {infos[i]["mmcs_uncertainty"]["model"] for i in infos if i != LABELLED}
+    assert stamps == {after["model"]["modified"]} and old_stamp not in stamps
