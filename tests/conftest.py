@@ -25,6 +25,20 @@ def tiny_model() -> Path:
     return TINY_MODEL
 
 
+def environment_python(extra: str) -> Path:
+    """Python of the separate environment for the ``extra`` (``deploy``, ``label``): ``MMCS_<EXTRA>_PYTHON``, else
+    ``~/.venvs/mmcs-<extra>``. Missing, the calling test is skipped, or failed when ``MMCS_REQUIRE_<EXTRA>=1``
+    (``scripts/test.sh`` sets it, so CI cannot pass those tests by skipping them)."""
+    name = extra.upper()
+    python = Path(os.environ.get(f"MMCS_{name}_PYTHON", Path.home() / ".venvs" / f"mmcs-{extra}" / "bin" / "python"))
+    if not python.is_file():
+        message = f"{extra} environment not found at {python}: MMCS_VENV=~/.venvs/mmcs-{extra} bash scripts/setup_env.sh {extra}"
+        if os.environ.get(f"MMCS_REQUIRE_{name}") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return python
+
+
 @pytest.fixture(scope="session")
 def dev_data() -> Path:
     """Root of ``../shared/data/dev``; tests that need it are skipped where it is absent."""

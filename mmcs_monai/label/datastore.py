@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+import numpy as np
 from fastapi import HTTPException
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
@@ -159,7 +160,8 @@ class CellDatastore(LocalDatastore):
             previous = obj.labels.get(tag)
             if previous is not None and previous.ext != LABEL_SUFFIX:  # e.g. a PNG label added by hand
                 (label_dir / (image_id + previous.ext)).unlink(missing_ok=True)
-            info = {**(label_info or {}), "ts": int(time.time()), "name": name, "cells": int(len(set(labels.flat)) - (labels == 0).any())}
+            cells = int(np.count_nonzero(np.unique(labels)))
+            info = {**(label_info or {}), "ts": int(time.time()), "name": name, "cells": cells}
             obj.labels[tag] = DataModel(info=info, ext=LABEL_SUFFIX)
         logger.info("label saved: %s (%s, %d cells)", image_id, tag, info["cells"])
         return image_id
@@ -172,7 +174,8 @@ class CellDatastore(LocalDatastore):
         """
         derived, ext = self._to_id(os.path.basename(image_filename))
         image_id = plain_name(image_id or derived, "image id")
-        if f"*{ext.lower()}" not in self._extensions:
+        ext = ext.lower()  # the folder is listed with lower-case patterns
+        if f"*{ext}" not in self._extensions:
             raise UploadRejected(400, f"image {image_id!r} refused: unsupported file type {ext!r}; use {', '.join(self._extensions)}")
         self._check_size(image_filename, f"image {image_id!r}")
         try:

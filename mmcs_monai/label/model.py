@@ -59,6 +59,8 @@ class ServedModel:
             with atomic_path(served) as tmp:
                 shutil.copyfile(source, tmp)
             logger.info("serving %s (copied from %s)", served, source)
+        elif source:
+            logger.info("serving %s, kept from an earlier start (it may be trained); --conf model %s is not copied over it: delete %s to start from it", served, source, served)
         return cls(served, device)
 
     def _file_stamp(self) -> tuple[int, int]:

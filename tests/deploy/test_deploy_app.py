@@ -19,6 +19,7 @@ from skimage.measure import regionprops
 
 from mmcs_monai import cli
 from mmcs_monai.io import read_labels
+from tests.conftest import environment_python
 
 REPO = Path(__file__).resolve().parents[2]
 BUNDLE = REPO / "bundle"
@@ -28,13 +29,7 @@ APP = REPO / "mmcs_monai" / "deploy" / "app.py"
 
 @pytest.fixture(scope="module")
 def deploy_python() -> str:
-    python = Path(os.environ.get("MMCS_DEPLOY_PYTHON", Path.home() / ".venvs" / "mmcs-deploy" / "bin" / "python"))
-    if not python.is_file():
-        message = f"deploy environment not found at {python}: MMCS_VENV=~/.venvs/mmcs-deploy bash scripts/setup_env.sh deploy"
-        if os.environ.get("MMCS_REQUIRE_DEPLOY") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-    return str(python)
+    return str(environment_python("deploy"))
 
 
 def run_app(python, *args, env=None, module=False):
