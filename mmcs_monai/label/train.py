@@ -152,6 +152,7 @@ class CellTrainTask(TrainTask):
             tmp.write_text(json.dumps({"items": rows}, indent=1))
 
         network = self.model.network()
+        started_from = self.model.describe()
         epochs = int(values["epochs"])
         overrides = {
             "data_source": str(datalist),
@@ -199,6 +200,7 @@ class CellTrainTask(TrainTask):
             "run": str(run_dir),
             "published": publish,
             "run_model": str(best),
+            "started_from": started_from,
             "labelled": len(train_items),
             "validation": len(val_items),
             "validation_is_training_set": val_items == train_items,
