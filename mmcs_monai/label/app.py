@@ -7,19 +7,18 @@ Start it (the app folder ``apps/mmcs`` holds only a ``main.py`` importing :class
 
 ``--conf`` keys (all optional but ``model`` on first start):
 
-=================  ==============================================================================
-``models``         ``mmcs`` (the one model here) or ``all``
-``model``          checkpoint (mmcs or Cellpose 3) or exported ``.ts`` to serve; copied to
-                   ``<model_dir>/mmcs.pt`` on first start, which training then replaces
-``model_dir``      where the served model and training runs live (default ``<app>/model``)
-``device``         ``cpu``, ``cuda:0`` ... (default: the first GPU, else CPU)
-``precision``      ``auto`` (bf16 where native), ``fp32``, ``bf16``, ``fp16``
-``diameter``       server-wide inference diameter: pixels, a stored subset name, ``auto``
-``nucleus_channel`` / ``cyto_channel``  channels of multi-channel images
-``max_upload_mb``  largest image/label upload accepted (default 256)
-``train_<key>``    default of a training parameter, e.g. ``train_epochs 20`` (see ``TRAIN_PARAMETERS``)
-``bundle_root``    bundle whose configs training runs (default: the repository's ``bundle/``)
-=================  ==============================================================================
+- ``models``: ``mmcs`` (the one model here) or ``all``;
+- ``model``: checkpoint (mmcs or Cellpose 3) or exported ``.ts`` to serve; copied to ``<model_dir>/mmcs.pt`` on
+  first start, which training then replaces;
+- ``model_dir``: where the served model and training runs live (default ``<app>/model``);
+- ``device``: ``cpu``, ``cuda:0`` ... (default: the first GPU, else CPU);
+- ``precision``: ``auto`` (bf16 where native), ``fp32``, ``bf16``, ``fp16``;
+- ``diameter``, ``nucleus_channel``, ``cyto_channel``, ``flow_threshold``, ``cellprob_threshold``, ``min_size``:
+  server-wide inference defaults (``diameter``: pixels, a stored subset name, ``auto``);
+- ``max_upload_mb``: largest image/label upload accepted (default 256);
+- ``train_<key>``: default of a training parameter, e.g. ``train_epochs 20`` (see ``TRAIN_PARAMETERS``);
+- ``bundle_root``: bundle whose configs training runs (default: the repository's ``bundle/``);
+- ``auto_update_scoring``: ``true`` rescores at start and after every next-image request (default ``false``).
 
 Tasks: infer ``mmcs``; train ``mmcs``; scoring ``mmcs_uncertainty``; strategies ``mmcs_uncertainty`` and
 ``random``.
