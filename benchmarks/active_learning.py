@@ -34,19 +34,12 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.bundle_runs import DEV_MANIFEST  # noqa: E402
 from mmcs_monai.data import load_datalist  # noqa: E402
-from mmcs_monai.evaluation import diameter_sweep  # noqa: E402
-from mmcs_monai.inference import CellInferer  # noqa: E402
 from mmcs_monai.label.activelearning import MostUncertain, UncertaintyScoring  # noqa: E402
 from mmcs_monai.label.datastore import CellDatastore  # noqa: E402
 from mmcs_monai.label.model import ServedModel  # noqa: E402
 from mmcs_monai.label.train import CellTrainTask  # noqa: E402
 
 SAMPLE_IDS = {p.stem for p in (REPO / "bundle" / "sample_data" / "images").glob("*")}  # the start model saw these
-
-
-def val_f1(model: ServedModel, items: list[dict], precision: str) -> float:
-    rows = diameter_sweep(model.network(), items, ["stored"], inferer=CellInferer(precision=precision))
-    return sum(r["f1"] for r in rows) / len(rows)
 
 
 def run_arm(strategy: str, seed: int, pool: list[dict], start: list[str], val: list[dict], args, out: Path) -> list[dict]:
@@ -72,7 +65,7 @@ def run_arm(strategy: str, seed: int, pool: list[dict], start: list[str], val: l
         t0 = time.time()
         trainer({"epochs": args.epochs, "precision": args.precision, "seed": seed}, datastore)
         train_s = time.time() - t0
-        f1 = val_f1(model, val, args.precision)
+        f1 = trainer.served_f1(val, args.precision)  # the F1 the server compares models by
         row = {"seed": seed, "strategy": strategy, "labelled": labelled, "val_f1": round(f1, 4), "train_s": round(train_s, 1), "score_s": 0.0}
         if round_index == args.rounds:
             rows.append(row)
