@@ -86,6 +86,7 @@ def _rank_dump_config(tmp_path, with_store=False):
     if with_store:
         save["store"] = "$@pseudo_store.state_dict()"
         save["teacher"] = "$@teacher.state_dict()"
+        save["predicted"] = "$[h for h in @train#handlers if isinstance(h, mmcs_monai.engines.PseudoLabelRefresher)][0].predicted_ids"
     expression = (
         "$torch.save({" + ", ".join(f"'{k}': {v[1:]}" for k, v in save.items()) + "}, "
         f"'{tmp_path}/rank' + str(mmcs_monai.distributed.get_rank()) + '.pt')"
@@ -104,13 +105,27 @@ def _assert_same_state(a, b):
             assert a[key] == b[key], key
 
 
+def single_process_f1(models, tmp_path, *extra) -> float:
+    """Mean validation F1 of ``models/model.pt`` on the sample val split, scored by one process (evaluate.json)."""
+    out = tmp_path / "single_eval"
+    command = [
+        sys.executable, "-m", "monai.bundle", "run", "evaluating",
+        "--config_file", configs(BUNDLE / "configs/train.json", BUNDLE / "configs/evaluate.json"),
+        "--bundle_root", str(BUNDLE), "--ckpt_dir", str(models), "--output_dir", str(out), *map(str, extra), *TINY,
+    ]
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((out / "f1_summary.json").read_text())["overall"]["f1"]
+
+
 def test_torchrun_training_through_the_bundle(tmp_path):
     out = tmp_path / "run"
     log = torchrun(
         "monai.bundle", "run", "training",
         "--config_file", configs(BUNDLE / "configs/train.json", BUNDLE / "configs/multi_gpu_train.json", _rank_dump_config(tmp_path)),
         "--meta_file", BUNDLE / "configs/metadata.json", "--bundle_root", BUNDLE, "--ckpt_dir", out / "models",
-        "--output_dir", out / "eval", "--epochs", "2", "--val_interval", "1", *TINY,
+        "--output_dir", out / "eval", "--epochs", "2", "--val_interval", "1", "--inference_precision", "fp32", *TINY,
     )
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False)["network"] for r in (0, 1)]
     _assert_same_state(ranks[0], ranks[1])  # DDP kept the ranks identical
@@ -120,7 +135,10 @@ def test_torchrun_training_through_the_bundle(tmp_path):
     assert state["trainer"]["epoch_length"] == 2 and state["trainer"]["iteration"] == 4
     assert len(list((out / "eval").glob("events.out.tfevents*"))) == 1  # TensorBoard from rank 0 only
     assert {p.name for p in (out / "models").iterdir()} == {"checkpoint.pt", "model.pt", "model_final.pt"}
-    assert "val_f1" in log
+    # 3 validation images over 2 ranks (2 + 1): the all-reduced F1 of the best epoch is one process's F1
+    best = state["best_model"]["best"]
+    assert best == pytest.approx(single_process_f1(out / "models", tmp_path, "--inference_precision", "fp32"), abs=1e-4)
+    assert f"val_f1: {best:.4f}" in log
 
 
 def test_torchrun_semi_supervised_ranks_share_teacher_and_pseudo_labels(tmp_path):
@@ -139,6 +157,9 @@ def test_torchrun_semi_supervised_ranks_share_teacher_and_pseudo_labels(tmp_path
     _assert_same_state(ranks[0]["network"], ranks[1]["network"])
     stores = [r["store"]["entries"] for r in ranks]
     assert len(stores[0]) == 12  # every unlabelled sample image, though each rank predicted half
+    images = sorted(p.stem for p in SAMPLE_IMAGES.glob("*.tif"))
+    predicted = [r["predicted"] for r in ranks]
+    assert sorted(predicted[0] + predicted[1]) == images and len(predicted[0]) == len(predicted[1]) == 6
     assert stores[0].keys() == stores[1].keys()
     for key in stores[0]:
         assert stores[0][key]["count"] == 3  # the pretrained start + a refresh after each of 2 epochs
@@ -165,6 +186,25 @@ def test_torchrun_folder_inference_equals_single_process(tiny_model, tmp_path):
     assert cells > 100
 
 
+def test_torchrun_folder_inference_gives_every_rank_every_other_image(tiny_model, tmp_path):
+    """The work split: under 2 ranks, rank r segments images r, r + 2, ... of the sorted folder, and no other."""
+    dump = tmp_path / "dump.json"
+    expression = (
+        "$torch.save([@datalist[i]['image'] for i in @dataloader#sampler], "
+        f"'{tmp_path}/rank' + str(mmcs_monai.distributed.get_rank()) + '.pt')"
+    )
+    dump.write_text(json.dumps({"finalize": [expression, "$mmcs_monai.distributed.destroy_process_group()"]}))
+    torchrun(
+        "monai.bundle", "run", "inference",
+        "--config_file", configs(BUNDLE / "configs/inference.json", BUNDLE / "configs/multi_gpu_inference.json", dump),
+        "--bundle_root", BUNDLE, "--model_path", tiny_model, "--input_dir", SAMPLE_IMAGES, "--output_dir", tmp_path / "out",
+    )
+    images = sorted(str(p) for p in SAMPLE_IMAGES.glob("*.tif"))
+    shares = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert [sorted(s) for s in shares] == [images[0::2], images[1::2]]
+    assert len(list((tmp_path / "out").glob("*_masks.tif"))) == len(images)
+
+
 def test_torchrun_slide_inference_equals_single_process(tiny_model, tmp_path):
     from mmcs_monai import cli
 
@@ -189,6 +229,9 @@ def test_validation_with_fewer_images_than_ranks(tmp_path):
         "monai.bundle", "run", "training",
         "--config_file", configs(BUNDLE / "configs/train.json", BUNDLE / "configs/multi_gpu_train.json"),
         "--meta_file", BUNDLE / "configs/metadata.json", "--bundle_root", BUNDLE, "--ckpt_dir", out / "models",
-        "--output_dir", out / "eval", "--epochs", "1", "--val_interval", "1", "--val_limit", "1", *TINY,
+        "--output_dir", out / "eval", "--epochs", "1", "--val_interval", "1", "--val_limit", "1",
+        "--inference_precision", "fp32", *TINY,
     )
-    assert "val_f1" in log and (out / "models" / "model.pt").is_file()
+    best = torch.load(out / "models" / "checkpoint.pt", weights_only=False)["best_model"]["best"]
+    one = single_process_f1(out / "models", tmp_path, "--val_limit", "1", "--inference_precision", "fp32")
+    assert best == pytest.approx(one, abs=1e-4) and f"val_f1: {best:.4f}" in log

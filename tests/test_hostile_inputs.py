@@ -69,20 +69,55 @@ def test_read_image_handles_or_names_the_problem(tmp_path, data, suffix):
         assert np.isfinite(image).all()
 
 
+def _expected_labels_outcome(data: np.ndarray):
+    """What read_labels must do with ``data`` (as stored): an error substring, or None for "accepted"."""
+    squeezed = np.squeeze(data)
+    if squeezed.ndim != 2:
+        return "2D instance image"
+    if np.issubdtype(data.dtype, np.floating):
+        if not np.isfinite(data).all() or not np.all(data == np.round(data)):
+            return "non-integer or NaN"
+    if squeezed.size and squeezed.min() < 0:
+        return "negative ids"
+    if squeezed.size and squeezed.max() > 2**31 - 1:
+        return "too large"
+    return None
+
+
 @FAST
 @given(data=any_array())
 def test_read_labels_handles_or_names_the_problem(tmp_path, data):
     path = tmp_path / "labels.tif"
     tifffile.imwrite(path, data)
     stored = tifffile.imread(path)
-    try:
-        labels = read_labels(path)
-    except InputError as err:
-        assert str(path) in str(err)
+    expected = _expected_labels_outcome(stored)
+    if expected is not None:
+        with pytest.raises(InputError, match=expected) as err:
+            read_labels(path)
+        assert str(path) in str(err.value)
         return
-    # accepted: a 2D, non-negative, whole-number image, returned exactly as int32
+    # every valid label file (8-bit, 16-bit, bool, whole-number floats) is accepted, exactly, as int32
+    labels = read_labels(path)
     assert labels.dtype == np.int32 and labels.ndim == 2
     np.testing.assert_array_equal(labels, np.squeeze(stored).astype(np.int64))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int32, np.bool_, np.float32])
+def test_read_labels_accepts_common_label_files(tmp_path, dtype):
+    labels = np.zeros((20, 30), dtype)
+    labels[2:6, 3:9] = 1
+    if dtype != np.bool_:
+        labels[10:15, 20:25] = 7
+    for suffix in (".tif", ".png") if dtype in (np.uint8, np.uint16, np.bool_) else (".tif",):
+        path = tmp_path / f"lbl_{np.dtype(dtype).name}{suffix}"
+        if suffix == ".png":
+            from PIL import Image
+
+            Image.fromarray(labels.astype(np.uint8) if dtype == np.bool_ else labels).save(path)
+        else:
+            tifffile.imwrite(path, labels)
+        out = read_labels(path, image_shape=(20, 30))
+        assert out.dtype == np.int32 and np.array_equal(out, labels.astype(np.int32)), path.name
 
 
 @FAST

@@ -9,6 +9,7 @@ from mmcs_monai.engines.handlers import (
     SyncBuffersHandler,
     TimeBudgetHandler,
     TrainingDiameterHandler,
+    TransformRandomState,
     save_atomic,
 )
 from mmcs_monai.engines.schedules import WarmupHalvingSchedule

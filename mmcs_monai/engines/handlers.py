@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents
+from monai.transforms import Randomizable, Transform
 
 from mmcs_monai.diameters import datalist_diameters
 from mmcs_monai.distributed import broadcast_buffers, is_main_process
@@ -45,6 +46,69 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+
+
+def randomizable_transforms(*transforms: Any) -> list[Randomizable]:
+    """Every MONAI ``Randomizable`` reachable from ``transforms``, depth first, each once.
+
+    Walks ``Compose.transforms`` and the attributes of each transform (a dictionary transform holds its
+    array twin as an attribute, e.g. ``RandScaleIntensityd.rand_scale``), so the list holds every object
+    whose own ``R`` (``numpy.random.RandomState``) draws augmentations.
+    """
+    found: dict[int, Randomizable] = {}
+    seen: set[int] = set()
+
+    def walk(obj: Any) -> None:
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, (list, tuple)):
+            for child in obj:
+                walk(child)
+            return
+        if not isinstance(obj, Transform):
+            return
+        if isinstance(obj, Randomizable):
+            found.setdefault(id(obj), obj)
+        for child in vars(obj).values():
+            if isinstance(child, (Transform, list, tuple)):
+                walk(child)
+
+    walk(list(transforms))
+    return list(found.values())
+
+
+class TransformRandomState:
+    """The random states of MONAI transforms, as a checkpoint object (``state_dict``/``load_state_dict``).
+
+    MONAI's random transforms draw from their own ``self.R``, not from the global RNGs that
+    :func:`rng_state` saves: MONAI's ``DataLoader`` seeds them once when it is built, so a resumed run
+    (a new process, a new loader) would draw the first epoch's augmentations again. Saved beside the
+    network and the global RNG state, it makes a resumed run draw what the uninterrupted run draws
+    (with ``num_workers 0``; worker processes get their seeds from the restored torch RNG instead).
+
+    Args:
+        transforms: the transform pipelines (``Compose``, lists or single transforms) to cover.
+    """
+
+    optional_in_checkpoint = True  # checkpoints written before it existed still resume
+
+    def __init__(self, transforms: Any) -> None:
+        self.transforms = transforms
+
+    def _randomizables(self) -> list[Randomizable]:
+        return randomizable_transforms(self.transforms)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"states": [t.R.get_state() for t in self._randomizables()]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        targets = self._randomizables()
+        if len(targets) != len(state["states"]):
+            raise ValueError(f"checkpoint holds {len(state['states'])} transform random states, the pipeline has {len(targets)}")
+        for target, saved in zip(targets, state["states"]):
+            target.R = np.random.RandomState()
+            target.R.set_state(saved)
 
 
 class CheckpointHandler:
@@ -134,6 +198,9 @@ class CheckpointHandler:
         state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
         max_epochs = engine.state.max_epochs  # the resumed run's own length wins over the saved one
         for name, obj in self.save_dict.items():
+            if name not in state and getattr(obj, "optional_in_checkpoint", False):
+                logger.warning("resume: %s has no %r (an older checkpoint); continuing without it", self.checkpoint_path, name)
+                continue
             if name not in state:
                 raise KeyError(f"{self.checkpoint_path}: has no entry {name!r} (has {sorted(state)})")
             target = unwrap(obj) if name == "network" else obj

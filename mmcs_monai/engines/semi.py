@@ -123,6 +123,7 @@ class PseudoLabelRefresher:
         self.inferer = inferer
         self.interval = interval
         self.writer = summary_writer
+        self.predicted_ids: list[str] = []
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.fill_if_empty)
@@ -148,6 +149,7 @@ class PseudoLabelRefresher:
         network.eval()
         device = next(network.parameters()).device
         predictions = []
+        self.predicted_ids = []  # this rank's share on the last refresh (every id under one process)
         try:
             # under torchrun each rank predicts its shard, then every rank gets all of them
             # (all-gather), so the stores stay identical without one rank writing for the others
@@ -157,6 +159,7 @@ class PseudoLabelRefresher:
                 pred = self.inferer(image, network)[0].cpu()
                 diameter = network.diam_mean.item() / self.inferer.zoom_for(network)
                 predictions.append((str(item["id"]), prediction_to_pseudo(pred), diameter))
+                self.predicted_ids.append(str(item["id"]))
         finally:
             network.train(was_training)
         for part in all_gather_objects(predictions):
@@ -181,7 +184,10 @@ class MixedBatchLoader:
     """Iterate labelled batches, each joined with the next unlabelled batch (cycled).
 
     One epoch is one pass over the labelled loader (as in the supervised phase); the unlabelled
-    loader restarts whenever it runs out. Each joined batch has the keys of both (``image``,
+    loader starts a new (reshuffled) pass at every epoch and whenever it runs out, so an epoch
+    depends on nothing but the RNG state at its start and a resumed run draws what the
+    uninterrupted one draws. Stateful (``state_dict``: the epoch count that distributed samplers
+    are told), so it can sit in the checkpoint. Each joined batch has the keys of both (``image``,
     ``flows``) concatenated along the batch axis, and ``labelled`` float [B] (1 labelled, 0 not).
 
     Args:
@@ -213,9 +219,18 @@ class MixedBatchLoader:
                 self._unlabelled_iter = None
         return None  # an empty unlabelled set
 
+    optional_in_checkpoint = True  # checkpoints written before it was saved still resume
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._epoch}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self._epoch = int(state["epoch"])
+
     def __iter__(self):
         # distributed samplers reshuffle per epoch only when told the epoch (one pass = one epoch)
         self._epoch += 1
+        self._unlabelled_iter = None
         set_sampler_epoch(self.labelled, self._epoch)
         set_sampler_epoch(self.unlabelled, self._epoch)
         for lab in self.labelled:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from test_bundle_runs import BUNDLE, REPO, TINY, bundle, configs
@@ -77,3 +78,47 @@ def test_semi_supervised_run_resumes_with_its_teacher_and_pseudo_labels(tmp_path
     second = torch.load(models / "checkpoint.pt", weights_only=False)
     assert {e["count"] for e in second["pseudo_labels"]["entries"].values()} == {3}  # history kept, not rebuilt
     assert second["trainer"]["iteration"] == 2 * first["trainer"]["iteration"]
+
+    # the uninterrupted 2-epoch run: the resumed one must have the same student, teacher and pseudo labels
+    whole = tmp_path / "semi_whole"
+    bundle(*[a if a != str(models) else str(whole) for a in semi], "--epochs", "2")
+    uninterrupted = torch.load(whole / "checkpoint.pt", weights_only=False)
+    for key in ("network", "teacher"):
+        _assert_close_states(
+            {k: v for k, v in second[key].items() if torch.is_tensor(v)},
+            {k: v for k, v in uninterrupted[key].items() if torch.is_tensor(v)},
+        )
+    for image, entry in uninterrupted["pseudo_labels"]["entries"].items():
+        got = second["pseudo_labels"]["entries"][image]
+        assert got["count"] == entry["count"]
+        for k, v in entry.items():
+            if torch.is_tensor(v):
+                torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-5)
+
+
+def _weights(path):
+    return {k: v for k, v in torch.load(path, weights_only=False).items() if torch.is_tensor(v)}
+
+
+def _assert_close_states(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_resumed_run_equals_the_uninterrupted_run(tmp_path):
+    """2 epochs + resume to 4 gives the 4-epoch run: same augmentations drawn (MONAI's per-transform random
+    states are in the checkpoint), same weights, same best validation score."""
+    common = ["--val_interval", "1", "--save_iteration_interval", "0"]
+    full, split = tmp_path / "full", tmp_path / "split"
+    bundle(*_training(full, tmp_path / "eval_full", 4)[3:], *common)
+    bundle(*_training(split, tmp_path / "eval_split", 2)[3:], *common)
+    halfway = _weights(split / "model_final.pt")
+    log = bundle(*_training(split, tmp_path / "eval_split", 4)[3:], *common, "--resume", "True")
+    assert "resumed from" in log
+    assert any(not torch.equal(halfway[k], v) for k, v in _weights(split / "model_final.pt").items())  # it trained on
+    _assert_close_states(_weights(split / "model_final.pt"), _weights(full / "model_final.pt"))
+    _assert_close_states(_weights(split / "model.pt"), _weights(full / "model.pt"))  # the same best epoch won
+    states = [torch.load(d / "checkpoint.pt", weights_only=False) for d in (full, split)]
+    assert states[0]["best_model"]["best"] == pytest.approx(states[1]["best_model"]["best"], abs=1e-6)
+    assert states[0]["best_model"]["best"] > -1  # a real F1 was recorded

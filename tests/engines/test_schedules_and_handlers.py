@@ -60,18 +60,34 @@ def test_checkpoint_resume_continues_from_last_epoch(tmp_path):
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["checkpoint.pt", "model.pt", "model_final.pt"]
 
 
-def test_best_model_saver_writes_only_on_improvement(tmp_path):
+def test_best_model_saver_keeps_the_weights_of_the_best_epoch(tmp_path):
     net = CPnet(nbase=(2, 8, 16))
-    saver = BestModelSaver(net, str(tmp_path / "model.pt"), "f1")
+    path = tmp_path / "model.pt"
+    saver = BestModelSaver(net, str(path), "f1")
     engine = Engine(lambda e, b: None)
-    scores = iter([0.5, 0.4, 0.7])
-    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: e.state.metrics.update(f1=next(scores)))
+    scores = {1: 0.5, 2: 0.4, 3: 0.7, 4: 0.7}
+
+    def epoch_weights(e):  # each epoch the network changes (as training does) and is scored
+        with torch.no_grad():
+            net.output[2].bias.fill_(float(e.state.epoch))
+        e.state.metrics["f1"] = scores[e.state.epoch]
+
+    engine.add_event_handler(Events.EPOCH_COMPLETED, epoch_weights)
     saver.attach(engine)
-    written = []
-    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: written.append((tmp_path / "model.pt").stat().st_mtime_ns))
-    engine.run([0], max_epochs=3)
-    assert saver.best == 0.7 and written[0] == written[1] and written[2] >= written[1]
-    assert CPnet.from_checkpoint(tmp_path / "model.pt").state_dict().keys() == net.state_dict().keys()
+    held = []  # the epoch whose weights model.pt holds after each epoch
+    engine.add_event_handler(
+        Events.EPOCH_COMPLETED,
+        lambda e: held.append(float(torch.load(path, weights_only=False)["output.2.bias"][0])),
+    )
+    engine.run([0], max_epochs=4)
+    # 0.4 after 0.5 keeps epoch 1; 0.7 saves epoch 3; an equal 0.7 is not an improvement
+    assert held == [1.0, 1.0, 3.0, 3.0] and saver.best == 0.7
+    loaded = CPnet.from_checkpoint(path)
+    assert loaded.state_dict().keys() == net.state_dict().keys()
+    assert torch.equal(loaded.output[2].bias, torch.full_like(loaded.output[2].bias, 3.0))
+    restored = BestModelSaver(net, str(path), "f1")
+    restored.load_state_dict(saver.state_dict())
+    assert restored.best == 0.7
 
 
 def test_training_diameter_handler_stores_mean_and_subset_table(tmp_path):

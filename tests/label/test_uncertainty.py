@@ -55,10 +55,22 @@ def test_nothing_found_is_most_uncertain():
 
 
 def test_tta_flows_shape_and_identity_first():
-    net = RecordingNet()
+    """Prediction 0 is the unaugmented image (the score's reference); the others are the flips, undone."""
     image = torch.rand(1, 2, 40, 56)
-    flows = tta_flows(image, net, CellInferer(precision="fp32", diameter=30.0))
+    inferer = CellInferer(precision="fp32", diameter=30.0)
+    flows = tta_flows(image, RecordingNet(), inferer)
     assert flows.shape == (len(FLIPS), 3, 40, 56) and flows.dtype == torch.float32
+    # RecordingNet is not flip-equivariant (it returns the image's first channel as dY, dX and cellprob), so
+    # a flipped-then-undone prediction differs from the plain one in the flow signs: the order shows
+    plain = inferer(image, RecordingNet(), diameter=None)
+    assert torch.equal(flows[0], plain[0])
+    expected_signs = {(): (1, 1), (-1,): (1, -1), (-2,): (-1, 1), (-2, -1): (-1, -1)}
+    for k, dims in enumerate(FLIPS):
+        signs = expected_signs[dims]
+        for channel in (0, 1):
+            torch.testing.assert_close(flows[k, channel], signs[channel] * plain[0, channel])
+        torch.testing.assert_close(flows[k, 2], plain[0, 2])
+    assert FLIPS[0] == () and len(set(FLIPS)) == 4
 
 
 def test_ranking_by_score_then_probability_spread():
