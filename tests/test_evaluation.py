@@ -22,19 +22,21 @@ def test_sweep_scores_each_diameter_against_the_labels(tmp_path):
     tifffile.imwrite(tmp_path / "img.tif", (labels > 0).astype(np.uint8) * 200)
     tifffile.imwrite(tmp_path / "lbl.tif", labels)
     items = [{"image": str(tmp_path / "img.tif"), "label": str(tmp_path / "lbl.tif"), "id": "a", "subset": "discs"}]
-    net = OracleNet(diam_mean=30.0, diam_labels=18.0)
-    net.set_subset_diameters({"discs": 18.0})
-    rows = diameter_sweep(net, items, ["stored", "subset", 300.0], inferer=CellInferer(precision="fp32"), border=0)
+    # stored mean 36 px (too large for these 18 px discs), the subset's own 18 px: they must differ
+    net = OracleNet(diam_mean=30.0, diam_labels=36.0)
+    net.set_subset_diameters({"discs": 18.0, "other": 50.0})
+    rows = diameter_sweep(net, items, ["stored", "subset", 300.0, "auto"], inferer=CellInferer(precision="fp32"), border=0)
     f1 = {r["diameter"]: r["f1"] for r in rows}
-    # at the stored (true) diameter the oracle's masks are the labels; at 300 px the image shrinks to
-    # 10 px (padded to 16) and the discs lose their shape
-    assert f1["stored"] == 1.0 and f1["subset"] == 1.0 and f1[300.0] < 0.9
-    assert net.seen == [(160, 160), (160, 160), (16, 16)]
+    # the image is resized by 30 / diameter: 96 px -> 80 (stored 36), 160 (subset 18), 10 -> 16 padded (300);
+    # auto segments at the stored size, measures ~18 px cells and segments again at about 160 px
+    assert net.seen[:4] == [(80, 80), (160, 160), (16, 16), (80, 80)] and len(net.seen) == 5
+    assert 150 <= net.seen[4][0] <= 190  # not the stored 80
+    assert f1["subset"] == 1.0 and f1["auto"] == 1.0 and f1[300.0] < 0.9
     subsets, table = summarise_sweep(rows)
-    assert subsets == ["discs"] and [line["overall"] for line in table] == [1.0, 1.0, f1[300.0]]
+    assert subsets == ["discs"] and [line["overall"] for line in table] == [f1["stored"], 1.0, f1[300.0], 1.0]
     text = format_sweep_table(rows)
     assert text.splitlines()[0] == "| diameter | overall | discs |" and f"| 300 | {f1[300.0]:.3f} |" in text
     with pytest.raises(ValueError, match="stored subsets: discs"):
         diameter_sweep(net, items, ["nuclei"], inferer=CellInferer(precision="fp32"))
     write_sweep_csv(tmp_path / "sweep.csv", rows)
-    assert (tmp_path / "sweep.csv").read_text().splitlines()[1].startswith("stored,a,discs,1.0,3")
+    assert (tmp_path / "sweep.csv").read_text().splitlines()[2].startswith("subset,a,discs,1.0,3")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 from datetime import datetime
 from pathlib import Path
@@ -33,6 +32,7 @@ from mmcs_monai.io import atomic_path
 from mmcs_monai.label.activelearning import UncertaintyScoring
 from mmcs_monai.label.datastore import CellDatastore
 from mmcs_monai.label.model import ServedModel
+from mmcs_monai.label.publishing import as_bool, should_publish, split_labelled
 
 logger = logging.getLogger(__name__)
 
@@ -54,21 +54,6 @@ TRAIN_PARAMETERS: dict[str, Any] = {
     "score_after": True,  # refresh the uncertainty scores with the new model
     "publish": "if_better",  # or "always": replace the served model even if it scores lower on validation
 }
-
-
-def _as_bool(value: Any) -> bool:
-    return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
-
-
-def split_labelled(items: list[dict], val_fraction: float, min_val_images: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """(train, val): hold out ``round(val_fraction * n)`` (>= 1) images when there are ``min_val_images`` or
-    more; with fewer, every image is in both (the best epoch is then chosen on the training images)."""
-    if len(items) < max(int(min_val_images), 2) or val_fraction <= 0:
-        return list(items), list(items)
-    shuffled = list(items)
-    random.Random(seed).shuffle(shuffled)
-    n_val = max(1, round(val_fraction * len(items)))
-    return shuffled[n_val:], shuffled[:n_val]
 
 
 def best_metric(checkpoint: Path) -> float | None:
@@ -141,7 +126,7 @@ class CellTrainTask(TrainTask):
         labelled = datastore.labelled_items()
         if not labelled:
             raise MONAILabelException(MONAILabelError.INVALID_INPUT, "no labelled images yet: save labels (PUT /datastore/label) first")
-        unlabelled = datastore.unlabelled_items() if _as_bool(values["semi"]) else []
+        unlabelled = datastore.unlabelled_items() if as_bool(values["semi"]) else []
         train_items, val_items = split_labelled(labelled, float(values["val_fraction"]), int(values["min_val_images"]), int(values["seed"]))
 
         run_dir = self.model_dir / "runs" / datetime.now().strftime("%Y%m%d_%H%M%S_%f")
@@ -191,7 +176,7 @@ class CellTrainTask(TrainTask):
         models = run_dir / "models"
         best = models / "model.pt" if (models / "model.pt").is_file() else models / "model_final.pt"
         run_f1 = best_metric(models / "checkpoint.pt")
-        publish = baseline is None or (run_f1 is not None and run_f1 >= baseline)
+        publish = should_publish(values["publish"], run_f1, baseline)
         if publish:
             self.model.publish(best)
         else:
@@ -212,7 +197,7 @@ class CellTrainTask(TrainTask):
             "finished": datetime.now().isoformat(timespec="seconds"),
             "model": self.model.describe(),
         }
-        if publish and self.scoring is not None and _as_bool(values["score_after"]):
+        if publish and self.scoring is not None and as_bool(values["score_after"]):
             summary["scoring"] = self.scoring(request, datastore)
         with atomic_path(self.model_dir / "last_train.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=2))

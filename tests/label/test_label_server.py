@@ -313,3 +313,23 @@ def test_training_publishes_a_model_that_the_next_infer_uses(server):
     infos = server.infos()
     stamps = {infos[i]["mmcs_uncertainty"]["model"] for i in infos if i != LABELLED}
     assert stamps == {after["model"]["modified"]} and old_stamp not in stamps
+
+
+def test_a_worse_run_is_not_published_by_default(server):
+    """``publish: if_better`` (the default): a run that scores below the served model leaves it in place."""
+    from mmcs_monai.metrics import f1_score
+
+    before = server.served_model().read_bytes()
+    # a learning rate this large wrecks the weights in one epoch; nothing else differs from a normal run
+    run = {"epochs": 1, "batch_size": 2, "patch_size": 64, "learning_rate": 1000.0, "warmup_epochs": 0, "semi": False}
+    assert server.post("/train/mmcs", json=run).status_code == 200
+    status = server.wait_done("train")
+    assert status["status"] == "DONE", "\n".join(status.get("details", []))
+    stats = server.get("/info/").json()["train_stats"]["mmcs"]
+    assert stats["published"] is False and stats["validation_is_training_set"] is True
+    # the served model's F1 the run was compared with: the library's, here, on the labelled image
+    served = f1_score(read_labels(SAMPLE / "labels" / f"{LABELLED}.tif"), local_masks(server.served_model(), IMAGES[0]), border=2)["f1"]
+    assert stats["served_val_f1_before"] == pytest.approx(served, abs=0.02) and served > 0.3
+    assert stats["best_val_f1"] is not None and stats["best_val_f1"] < stats["served_val_f1_before"]
+    assert server.served_model().read_bytes() == before  # not replaced
+    assert stats["model"]["sha256"] == hashlib.sha256(before).hexdigest()
