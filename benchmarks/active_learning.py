@@ -66,7 +66,14 @@ def run_arm(strategy: str, seed: int, pool: list[dict], start: list[str], val: l
         trainer({"epochs": args.epochs, "precision": args.precision, "seed": seed}, datastore)
         train_s = time.time() - t0
         f1 = trainer.served_f1(val, args.precision)  # the F1 the server compares models by
-        row = {"seed": seed, "strategy": strategy, "labelled": labelled, "val_f1": round(f1, 4), "train_s": round(train_s, 1), "score_s": 0.0}
+        row = {
+            "seed": seed,
+            "strategy": strategy,
+            "labelled": labelled,
+            "val_f1": round(f1, 4),
+            "train_s": round(train_s, 1),
+            "score_s": 0.0,
+        }
         if round_index == args.rounds:
             rows.append(row)
             break
@@ -157,7 +164,9 @@ def main() -> None:
     print("|---|---|---|---|")
     wins = 0
     for n in counts:
-        mean = {s: sum(r["val_f1"] for r in rows if r["strategy"] == s and r["labelled"] == n) / len(seeds) for s in ("uncertainty", "random")}
+        mean = {
+            s: sum(r["val_f1"] for r in rows if r["strategy"] == s and r["labelled"] == n) / len(seeds) for s in ("uncertainty", "random")
+        }
         wins += n != counts[0] and mean["uncertainty"] > mean["random"]
         print(f"| {n} | {mean['uncertainty']:.4f} | {mean['random']:.4f} | {mean['uncertainty'] - mean['random']:+.4f} |")
     print(f"\nuncertainty ahead at {wins} of {len(counts) - 1} acquisition rounds; plot: {args.plot}; rows: {out / 'active_learning.csv'}")

@@ -88,8 +88,10 @@ def main() -> None:
             identical = sum(same_cells(a, b) for a, b in zip(masks, reference))
             rows.append((name, precision, seconds / megapixels, f1, identical))
 
-    print(f"\n{len(items)} {args.split} images ({megapixels:.2f} MPix), model {args.model}; export {export_seconds:.1f} s, "
-          f"max |eager - TorchScript| on 5 images {difference:.1e}\n")
+    print(
+        f"\n{len(items)} {args.split} images ({megapixels:.2f} MPix), model {args.model}; export {export_seconds:.1f} s, "
+        f"max |eager - TorchScript| on 5 images {difference:.1e}\n"
+    )
     print("| model | precision | s/MPix | F1@0.5 | masks identical to eager fp32 |")
     print("|---|---|---|---|---|")
     for name, precision, spm, f1, identical in rows:
@@ -101,8 +103,30 @@ def main() -> None:
         for item in items:
             shutil.copy(item["image"], folder / Path(item["image"]).name)
         env = dict(os.environ, PYTHONWARNINGS="ignore")
-        app = [args.deploy_python, str(REPO / "mmcs_monai" / "deploy" / "app.py"), "-i", str(folder), "-o", str(work / "app"), "-m", str(work / "model.ts")]
-        infer = [sys.executable, "-m", "mmcs_monai.cli", "infer", str(folder), str(work / "infer"), "--model", args.model, "--precision", "fp32", "--overlay", "False"]
+        app = [
+            args.deploy_python,
+            str(REPO / "mmcs_monai" / "deploy" / "app.py"),
+            "-i",
+            str(folder),
+            "-o",
+            str(work / "app"),
+            "-m",
+            str(work / "model.ts"),
+        ]
+        infer = [
+            sys.executable,
+            "-m",
+            "mmcs_monai.cli",
+            "infer",
+            str(folder),
+            str(work / "infer"),
+            "--model",
+            args.model,
+            "--precision",
+            "fp32",
+            "--overlay",
+            "False",
+        ]
         times = {}
         for name, command in (("Deploy app (TorchScript, fp32)", app), ("mmcs infer (eager, fp32)", infer)):
             start = time.perf_counter()

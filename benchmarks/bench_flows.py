@@ -75,13 +75,16 @@ def main() -> None:
     args = parser.parse_args()
 
     warnings.filterwarnings("ignore", message="Sparse invariant checks")
-    from cellpose import dynamics, version as cp_version
+    from cellpose import dynamics
+    from cellpose import version as cp_version
 
     data = load_labels(args.data, args.split, args.limit)
     rows, labels = [r for r, _ in data], [lab for _, lab in data]
     mpix = sum(lab.size for lab in labels) / 1e6
-    print(f"{len(labels)} {args.split} label images, {mpix:.2f} MP, {sum(int(l.max() > 0) for l in labels)} non-empty; "
-          f"cellpose {cp_version}, torch {torch.__version__}, default threads {torch.get_num_threads()}\n")
+    print(
+        f"{len(labels)} {args.split} label images, {mpix:.2f} MP, {sum(int(lab.max() > 0) for lab in labels)} non-empty; "
+        f"cellpose {cp_version}, torch {torch.__version__}, default threads {torch.get_num_threads()}\n"
+    )
 
     # ---- quality (not timed) ----
     ours_flows = [labels_to_flows(lab) for lab in labels]
@@ -92,18 +95,13 @@ def main() -> None:
         if n:
             per_image.append(s / n)
             tot, cnt = tot + s, cnt + n
-    inputs = [
-        ((5 * f).astype(np.float32), np.where(lab > 0, 10.0, -10.0).astype(np.float32))
-        for lab, f in zip(labels, cp_flows)
-    ]
+    inputs = [((5 * f).astype(np.float32), np.where(lab > 0, 10.0, -10.0).astype(np.float32)) for lab, f in zip(labels, cp_flows)]
 
     def ours_masks(x):
         return flows_to_masks(*x)
 
     def cp_masks(x):
-        return dynamics.compute_masks(
-            *x, niter=200, cellprob_threshold=0.0, flow_threshold=0.4, min_size=15, device=CPU
-        )
+        return dynamics.compute_masks(*x, niter=200, cellprob_threshold=0.0, flow_threshold=0.4, min_size=15, device=CPU)
 
     m_ours = [ours_masks(x) for x in inputs]
     m_cp = [cp_masks(x) for x in inputs]
@@ -132,21 +130,26 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for threads, r in results.items():
         label = f"{threads} (default)" if threads == default_threads else str(threads)
-        print(f"| labels -> flows | {label} | {r['l2f_cp']:.3f} | {r['l2f_ours']:.3f} "
-              f"| {r['l2f_cp'] / r['l2f_ours']:.1f}x | cosine: mean/image {np.mean(per_image):.6f}, "
-              f"min/image {np.min(per_image):.6f}, all pixels {tot / cnt:.6f} |")
-        print(f"| flows -> masks | {label} | {r['f2m_cp']:.3f} | {r['f2m_ours']:.3f} "
-              f"| {r['f2m_cp'] / r['f2m_ours']:.1f}x "
-              f"| F1 vs GT: Cellpose {np.mean(f1['cellpose']):.4f}, ours {np.mean(f1['ours']):.4f}; "
-              f"ours vs Cellpose {np.mean(f1['ours vs cellpose']):.4f} |")
+        print(
+            f"| labels -> flows | {label} | {r['l2f_cp']:.3f} | {r['l2f_ours']:.3f} "
+            f"| {r['l2f_cp'] / r['l2f_ours']:.1f}x | cosine: mean/image {np.mean(per_image):.6f}, "
+            f"min/image {np.min(per_image):.6f}, all pixels {tot / cnt:.6f} |"
+        )
+        print(
+            f"| flows -> masks | {label} | {r['f2m_cp']:.3f} | {r['f2m_ours']:.3f} "
+            f"| {r['f2m_cp'] / r['f2m_ours']:.1f}x "
+            f"| F1 vs GT: Cellpose {np.mean(f1['cellpose']):.4f}, ours {np.mean(f1['ours']):.4f}; "
+            f"ours vs Cellpose {np.mean(f1['ours vs cellpose']):.4f} |"
+        )
 
-    print(f"\nRound trip `flows_to_masks(5 * labels_to_flows(gt))` vs gt: mean F1 {np.mean(f1['round trip']):.4f} "
-          f"(min {np.min(f1['round trip']):.4f})\n")
+    print(
+        f"\nRound trip `flows_to_masks(5 * labels_to_flows(gt))` vs gt: mean F1 {np.mean(f1['round trip']):.4f} "
+        f"(min {np.min(f1['round trip']):.4f})\n"
+    )
     by_mod = defaultdict(list)
     for i, r in enumerate(rows):
         by_mod[r["modality"]].append(i)
-    print("| modality | images | F1 ours (Cellpose flows) | F1 Cellpose | F1 ours vs Cellpose "
-          "| F1 round trip (our flows) |")
+    print("| modality | images | F1 ours (Cellpose flows) | F1 Cellpose | F1 ours vs Cellpose | F1 round trip (our flows) |")
     print("|---|---|---|---|---|---|")
     for mod, idx in sorted(by_mod.items()):
         keys = ("ours", "cellpose", "ours vs cellpose", "round trip")

@@ -34,10 +34,13 @@ def main() -> None:
     print(f"\n| DataLoader workers | s/step ({args.precision}, {steps} steps) |\n|---|---|")
     for workers in map(int, args.workers.split(",")):
         command = training_command(args.data, work / f"w{workers}", args.train_images, args.epochs, args.precision, workers)
-        result = subprocess.run(python_module(command), cwd=REPO, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+        result = subprocess.run(
+            python_module(command), cwd=REPO, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore")
+        )
         if result.returncode != 0:
             raise RuntimeError(result.stderr[-3000:])
         print(f"| {workers} | {engine_seconds(result.stdout + result.stderr) / steps:.3f} |")
+
 
 if __name__ == "__main__":
     main()

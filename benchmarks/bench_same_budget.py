@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -64,9 +63,23 @@ def _run_with_budget(cmd: list[str], minutes: float, log: Path, env=None) -> flo
 def train_ours(out: Path, minutes: float) -> Path:
     configs = [str(REPO / "bundle/configs/train.json"), str(REPO / "configs/dev_data.json"), str(REPO / "configs/cpu.json")]
     cmd = [
-        sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", json.dumps(configs),
-        "--bundle_root", str(REPO / "bundle"), "--ckpt_dir", str(out / "models"), "--output_dir", str(out / "eval"),
-        "--time_budget_minutes", str(minutes), "--val_interval", "100000",
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        json.dumps(configs),
+        "--bundle_root",
+        str(REPO / "bundle"),
+        "--ckpt_dir",
+        str(out / "models"),
+        "--output_dir",
+        str(out / "eval"),
+        "--time_budget_minutes",
+        str(minutes),
+        "--val_interval",
+        "100000",
     ]  # the recipe's own epochs and learning-rate halving; the budget stops it if the machine is slower
     # Grace period: the handler stops at the budget, then the final model is written.
     seconds = _run_with_budget(cmd, minutes + 3, out / "train.log")

@@ -69,7 +69,16 @@ def main() -> None:
         configs = [str(BUNDLE / "configs" / "train.json")] + ([str(BUNDLE / "configs" / "multi_gpu_train.json")] if nproc > 1 else [])
         log, _ = _run(training_command(args.data, work / f"train{nproc}", args.train_images, args.epochs, configs=configs), nproc, threads)
         seconds = engine_seconds(log)
-        rows.append(("training (full CPnet, fp32, batch 8/process, 128 px)", nproc, threads, args.train_images * args.epochs / seconds, seconds, None))
+        rows.append(
+            (
+                "training (full CPnet, fp32, batch 8/process, 128 px)",
+                nproc,
+                threads,
+                args.train_images * args.epochs / seconds,
+                seconds,
+                None,
+            )
+        )
         log, wall = _run(["mmcs_monai.cli", "infer", str(images), str(work / f"infer{nproc}"), "--model", args.model], nproc, threads)
         seconds = engine_seconds(log, "SupervisedEvaluator")
         rows.append(("inference (mmcs infer, precision auto)", nproc, threads, len(val) / seconds, seconds, wall))

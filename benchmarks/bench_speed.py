@@ -40,11 +40,13 @@ def training_step_times(items, nbase, batch=8, patch=128, steps=5, precision="fp
     ``precision`` applies to ours (``bf16`` adds channels_last, as the bundle's training does when
     asked); Cellpose trains in fp32.
     """
-    from mmcs_monai.inference import PrecisionInferer
-    from cellpose import resnet_torch, train as cp_train, transforms as cp_transforms
+    from cellpose import resnet_torch
+    from cellpose import train as cp_train
+    from cellpose import transforms as cp_transforms
     from monai.data import list_data_collate
     from monai.transforms import Compose
 
+    from mmcs_monai.inference import PrecisionInferer
     from mmcs_monai.losses import CellposeLoss
     from mmcs_monai.networks import CPnet
     from mmcs_monai.transforms import (
@@ -83,7 +85,9 @@ def training_step_times(items, nbase, batch=8, patch=128, steps=5, precision="fp
     cp_opt = torch.optim.SGD(cp_net.parameters(), lr=0.01, momentum=0.9)
 
     def theirs():
-        x, lbl, _ = cp_transforms.random_rotate_and_resize(imgs, Y=flows, scale_range=0.5, xy=(patch, patch), rescale=np.ones(len(imgs), np.float32))
+        x, lbl, _ = cp_transforms.random_rotate_and_resize(
+            imgs, Y=flows, scale_range=0.5, xy=(patch, patch), rescale=np.ones(len(imgs), np.float32)
+        )
         x = torch.from_numpy(x).float()
         out = cp_net(x)[0]
         loss = cp_train._loss_fn_seg(lbl[:, 1:], out, torch.device("cpu"))  # as train_seg: (cellprob, dY, dX)
@@ -138,9 +142,7 @@ def inference_times(items, model_path, bf16: bool):
         masks = fn()
         results[name] = ((time.perf_counter() - start) / megapixels, masks)
     reference = results["cellpose"][1]
-    agreement = {
-        name: float(np.mean([f1_score(r, m)["f1"] for r, m in zip(reference, masks)])) for name, (_, masks) in results.items()
-    }
+    agreement = {name: float(np.mean([f1_score(r, m)["f1"] for r, m in zip(reference, masks)])) for name, (_, masks) in results.items()}
     return {name: t for name, (t, _) in results.items()}, agreement, megapixels
 
 
@@ -163,8 +165,10 @@ def main() -> None:
     step_ours, step_theirs = training_step_times(train, nbase)
     times, agreement, mpix = inference_times(val, args.model, args.bf16)
 
-    print(f"\n| measurement | ours | Cellpose 3.1.1.3 | ratio (Cellpose / ours) |\n|---|---|---|---|")
-    print(f"| training step (batch 8, 128 px, data prep included), s | {step_ours:.3f} | {step_theirs:.3f} | {step_theirs / step_ours:.2f} |")
+    print("\n| measurement | ours | Cellpose 3.1.1.3 | ratio (Cellpose / ours) |\n|---|---|---|---|")
+    print(
+        f"| training step (batch 8, 128 px, data prep included), s | {step_ours:.3f} | {step_theirs:.3f} | {step_theirs / step_ours:.2f} |"
+    )
     for name in [n for n in times if n != "cellpose"]:
         print(
             f"| inference end to end {name}, s/MPix ({mpix:.2f} MPix, masks F1 vs Cellpose {agreement[name]:.3f}) "

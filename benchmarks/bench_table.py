@@ -57,21 +57,35 @@ def main() -> None:
     labels = [lab for _, lab in bench_flows.load_labels(root, "val", args.limit)]
     lpix = sum(lab.size for lab in labels) / 1e6
     cpu = torch.device("cpu")
-    rows.append((
-        f"labels -> flows (s/MPix, {lpix:.2f} MPix)",
-        bench_flows.wall_time(labels_to_flows, labels, 1) / lpix,
-        bench_flows.wall_time(lambda lab: dynamics.masks_to_flows(lab, device=cpu), labels, 1) / lpix,
-    ))
-    inputs = [((5 * f).astype(np.float32), np.where(lab > 0, 10.0, -10.0).astype(np.float32))
-              for lab, f in zip(labels, (dynamics.masks_to_flows(lab, device=cpu) for lab in labels))]
-    rows.append((
-        "flows -> masks (s/MPix)",
-        bench_flows.wall_time(lambda x: flows_to_masks(*x), inputs, 1) / lpix,
-        bench_flows.wall_time(lambda x: dynamics.compute_masks(*x, niter=200, cellprob_threshold=0.0, flow_threshold=0.4, min_size=15, device=cpu), inputs, 1) / lpix,
-    ))
+    rows.append(
+        (
+            f"labels -> flows (s/MPix, {lpix:.2f} MPix)",
+            bench_flows.wall_time(labels_to_flows, labels, 1) / lpix,
+            bench_flows.wall_time(lambda lab: dynamics.masks_to_flows(lab, device=cpu), labels, 1) / lpix,
+        )
+    )
+    inputs = [
+        ((5 * f).astype(np.float32), np.where(lab > 0, 10.0, -10.0).astype(np.float32))
+        for lab, f in zip(labels, (dynamics.masks_to_flows(lab, device=cpu) for lab in labels))
+    ]
+    rows.append(
+        (
+            "flows -> masks (s/MPix)",
+            bench_flows.wall_time(lambda x: flows_to_masks(*x), inputs, 1) / lpix,
+            bench_flows.wall_time(
+                lambda x: dynamics.compute_masks(*x, niter=200, cellprob_threshold=0.0, flow_threshold=0.4, min_size=15, device=cpu),
+                inputs,
+                1,
+            )
+            / lpix,
+        )
+    )
 
-    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads; masks F1 vs Cellpose's: "
-          + ", ".join(f"{k} {v:.3f}" for k, v in agreement.items() if k != "cellpose") + "\n")
+    print(
+        f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads; masks F1 vs Cellpose's: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in agreement.items() if k != "cellpose")
+        + "\n"
+    )
     print("| measurement | ours | Cellpose 3.1.1.3 | ratio (Cellpose / ours) |\n|---|---|---|---|")
     for name, ours, theirs in rows:
         print(f"| {name} | {ours:.3f} | {theirs:.3f} | {theirs / ours:.2f} |")

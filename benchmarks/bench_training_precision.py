@@ -61,8 +61,10 @@ def main() -> None:
     n = min(len(v[0]) for v in runs.values())
     window = 20
     noise = float(np.std(fp32[:n][window:] - smooth(fp32[:n], window)[: n - window]))
-    print(f"\n{n} steps, {args.train_images} dev-train images, full CPnet, batch 8, 128 px; fp32 step-to-step noise "
-          f"(std of loss minus its {window}-step mean) {noise:.3f}\n")
+    print(
+        f"\n{n} steps, {args.train_images} dev-train images, full CPnet, batch 8, 128 px; fp32 step-to-step noise "
+        f"(std of loss minus its {window}-step mean) {noise:.3f}\n"
+    )
     print("| precision | s/step | speed-up | mean loss steps 1-100 | 101-200 | 201-300 | last 50 |")
     print("|---|---|---|---|---|---|---|")
     base = runs["fp32"][1] / len(fp32)

@@ -86,8 +86,14 @@ def child_ours(args) -> dict:
     net = load_cellpose_checkpoint(args.model).eval()
     segmenter = SlideSegmenter(net, CellInferer(precision=args.precision), block_size=args.block_size)
     result = segmenter(args.image, args.out, Path(args.out).with_suffix(".csv"))
-    return {"seconds": result.seconds, "cells": result.cells, "blocks": result.blocks, "diameter": result.diameter,
-            "block_px": result.block_px, "peak_rss_gib": _peak_rss_gib()}
+    return {
+        "seconds": result.seconds,
+        "cells": result.cells,
+        "blocks": result.blocks,
+        "diameter": result.diameter,
+        "block_px": result.block_px,
+        "peak_rss_gib": _peak_rss_gib(),
+    }
 
 
 def child_cellpose(args) -> dict:
@@ -107,8 +113,22 @@ def child_cellpose(args) -> dict:
 
 
 def run_child(kind: str, image: Path, out: Path, args, timeout: float | None = None) -> dict | None:
-    cmd = [sys.executable, __file__, "--child", kind, "--image", str(image), "--out", str(out), "--model", str(args.model),
-           "--precision", args.precision, "--block-size", str(args.block_size)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        kind,
+        "--image",
+        str(image),
+        "--out",
+        str(out),
+        "--model",
+        str(args.model),
+        "--precision",
+        args.precision,
+        "--block-size",
+        str(args.block_size),
+    ]
     start = time.perf_counter()
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)

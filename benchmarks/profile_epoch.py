@@ -52,8 +52,12 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="profile_epoch_"))
     raw = work / "profile.txt"
     train = python_module(training_command(args.data, work, args.train_images, args.epochs, args.precision, args.num_workers))
-    subprocess.run(["py-spy", "record", "--rate", "100", "--subprocesses", "--format", "raw", "--output", str(raw), "--", *train],
-                   check=True, capture_output=True, cwd=REPO)
+    subprocess.run(
+        ["py-spy", "record", "--rate", "100", "--subprocesses", "--format", "raw", "--output", str(raw), "--", *train],
+        check=True,
+        capture_output=True,
+        cwd=REPO,
+    )
 
     total, loop, parts, own = 0, 0, collections.Counter(), collections.Counter()
     for line in raw.read_text().splitlines():
@@ -68,13 +72,15 @@ def main() -> None:
             parts[categorise(stack)] += count
             own[stack[-1]] += count
 
-    print(f"\n{total} samples at 100 Hz ({total / 100:.0f} s of process time); training loop {loop / max(total, 1):.0%}, "
-          f"before it (imports, reading, caching flow targets) {1 - loop / max(total, 1):.0%}\n")
+    print(
+        f"\n{total} samples at 100 Hz ({total / 100:.0f} s of process time); training loop {loop / max(total, 1):.0%}, "
+        f"before it (imports, reading, caching flow targets) {1 - loop / max(total, 1):.0%}\n"
+    )
     print(f"precision {args.precision}, num_workers {args.num_workers}, {args.train_images} images x {args.epochs} epochs\n")
     print("| part of the training loop | share of loop samples |\n|---|---|")
     for name, count in parts.most_common():
         print(f"| {name} | {count / max(loop, 1):.1%} |")
-    print(f"\n| function (own samples in the training loop) | share of loop samples |\n|---|---|")
+    print("\n| function (own samples in the training loop) | share of loop samples |\n|---|---|")
     for frame, count in own.most_common(args.top):
         print(f"| `{frame[:110]}` | {count / max(loop, 1):.1%} |")
 

@@ -57,8 +57,13 @@ def bundle_cmd(configs: list[str], **overrides) -> list[str]:
 
 def train(folder: Path, configs: list[str], minutes: float, **overrides) -> Path:
     cmd = bundle_cmd(
-        configs, ckpt_dir=folder / "models", output_dir=folder / "eval", time_budget_minutes=minutes,
-        epochs=100000, val_interval=10**9, **overrides,
+        configs,
+        ckpt_dir=folder / "models",
+        output_dir=folder / "eval",
+        time_budget_minutes=minutes,
+        epochs=100000,
+        val_interval=10**9,
+        **overrides,
     )
     seconds = _run_with_budget(cmd, minutes + 5, folder / "train.log")
     model = folder / "models" / "model_final.pt"
@@ -106,8 +111,14 @@ def main() -> None:
         pretrained = train(folder / "phase1", ["train.json"], args.pretrain_minutes, **common)
         sup = train(folder / "supervised", ["train.json"], args.phase2_minutes, pretrained=pretrained, **common)
         semi = train(
-            folder / "semi", ["train.json", "semi.json"], args.phase2_minutes, pretrained=pretrained,
-            unlabelled_source=unlabelled_list, pseudo_interval=args.pseudo_interval, w_unlabelled=args.w, **common,
+            folder / "semi",
+            ["train.json", "semi.json"],
+            args.phase2_minutes,
+            pretrained=pretrained,
+            unlabelled_source=unlabelled_list,
+            pseudo_interval=args.pseudo_interval,
+            w_unlabelled=args.w,
+            **common,
         )
         results[f"seed{seed}"] = {
             "labelled": len(labelled),
@@ -118,8 +129,10 @@ def main() -> None:
             "semi_teacher": score(teacher_file(folder / "semi"), ours_masks_fn(teacher_file(folder / "semi"))),
         }
         results_path.write_text(json.dumps(results, indent=1))
-    print(f"\nF1@0.5 on dev val; {args.fraction:.0%} of train labelled; phase 1 {args.pretrain_minutes:g} min, "
-          f"phase 2 {args.phase2_minutes:g} min each\n")
+    print(
+        f"\nF1@0.5 on dev val; {args.fraction:.0%} of train labelled; phase 1 {args.pretrain_minutes:g} min, "
+        f"phase 2 {args.phase2_minutes:g} min each\n"
+    )
     print("| seed | subset | phase 1 | (a) supervised | (b) semi student | (b) semi teacher |\n|---|---|---|---|---|---|")
     for seed, r in results.items():
         for subset in sorted(r["supervised"], key=lambda k: (k != "overall", k)):

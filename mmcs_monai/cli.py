@@ -186,9 +186,16 @@ def infer_slide(
     distributed.init_process_group()  # under torchrun: the blocks are shared out over the ranks
     network = _load_network(model, bundle_root, device=str(distributed.local_device()))
     segmenter = SlideSegmenter(
-        network, CellInferer(precision=precision), block_size=block_size, halo=halo, diameter=diameter,
-        cyto_channel=cyto_channel, nucleus_channel=nucleus_channel, flow_threshold=flow_threshold,
-        cellprob_threshold=cellprob_threshold, min_size=min_size,
+        network,
+        CellInferer(precision=precision),
+        block_size=block_size,
+        halo=halo,
+        diameter=diameter,
+        cyto_channel=cyto_channel,
+        nucleus_channel=nucleus_channel,
+        flow_threshold=flow_threshold,
+        cellprob_threshold=cellprob_threshold,
+        min_size=min_size,
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # block progress
     result = segmenter(image, labels_path, table_path)

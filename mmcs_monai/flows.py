@@ -35,7 +35,7 @@ ground-truth round trip 0.9996 for both).
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Union
 
 import numpy as np
 import torch
@@ -54,7 +54,7 @@ __all__ = [
     "relabel_sequential",
 ]
 
-ArrayLike = Union[np.ndarray, torch.Tensor]
+ArrayLike = Union[np.ndarray, torch.Tensor]  # noqa: UP007 (a runtime alias, kept as typing.Union)
 
 # Cellpose's network predicts flows scaled by this factor; integration and QC divide it out.
 FLOW_SCALE = 5.0
@@ -67,7 +67,7 @@ _HIST_PAD = 20
 # ----------------------------------------------------------------------------------------------
 
 
-def _to_tensor(x: ArrayLike, device: Optional[Union[str, torch.device]] = None) -> torch.Tensor:
+def _to_tensor(x: ArrayLike, device: str | torch.device | None = None) -> torch.Tensor:
     """numpy array or tensor -> tensor on ``device`` (default: the tensor's device, CPU for numpy)."""
     if isinstance(x, torch.Tensor):
         return x if device is None else x.to(device)
@@ -153,8 +153,7 @@ def _cell_geometry(labels: torch.Tensor) -> dict:
     order = torch.arange(pix.numel(), device=labels.device)
     candidates = torch.where(d2 == dmin[cell], order, pix.numel())
     center = reduce(candidates, "amin", pix.numel())
-    return dict(pix=pix, cell=cell, y=y, x=x, ymin=ymin, xmin=xmin,
-                h=ymax - ymin + 1, w=xmax - xmin + 1, center=center)
+    return dict(pix=pix, cell=cell, y=y, x=x, ymin=ymin, xmin=xmin, h=ymax - ymin + 1, w=xmax - xmin + 1, center=center)
 
 
 def _shelf_pack(hc: torch.Tensor, wc: torch.Tensor, width: int):
@@ -186,7 +185,7 @@ _FLUSH_EVERY = 8
 _FLUSH_BELOW = {torch.float32: 1e-30, torch.float64: 1e-290}
 
 
-def _diffuse_packed(geo: dict, niter: Optional[int], dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+def _diffuse_packed(geo: dict, niter: int | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Cellpose heat diffusion for all cells at once.
 
     Per cell, as ``cellpose.dynamics.masks_to_flows_cpu``: ``niter_c`` times (default
@@ -257,8 +256,19 @@ def _diffuse_packed(geo: dict, niter: Optional[int], dtype: torch.dtype) -> Tupl
         # slicing costs as much as the arithmetic on small canvases: build the views once per
         # active prefix (interior rows 1..m) and buffer parity
         rv, bv = rows[:m], box[:m]
-        return (src[:m], src[1 : m + 1], src[2 : m + 2], rv, rv[:, :-2], rv[:, 1:-1], rv[:, 2:], bv,
-                S[1 : m + 1, 1:-1], m9[1 : m + 1, 1:-1], dst[1 : m + 1, 1:-1])
+        return (
+            src[:m],
+            src[1 : m + 1],
+            src[2 : m + 2],
+            rv,
+            rv[:, :-2],
+            rv[:, 1:-1],
+            rv[:, 2:],
+            bv,
+            S[1 : m + 1, 1:-1],
+            m9[1 : m + 1, 1:-1],
+            dst[1 : m + 1, 1:-1],
+        )
 
     # segments of steps with the same active shelves
     t_last = max(events)
@@ -302,9 +312,7 @@ def _box3(x: torch.Tensor) -> torch.Tensor:
     return (r[:, :-2] + r[:, 2:]) + r[:, 1:-1]
 
 
-def labels_to_flows(
-    labels: ArrayLike, niter: Optional[int] = None, device: Optional[Union[str, torch.device]] = None
-) -> ArrayLike:
+def labels_to_flows(labels: ArrayLike, niter: int | None = None, device: str | torch.device | None = None) -> ArrayLike:
     """Cellpose heat-diffusion flows of instance labels.
 
     Equivalent to ``cellpose.dynamics.masks_to_flows(labels, device=cpu)`` (Cellpose 3): for each
@@ -337,7 +345,7 @@ def labels_to_flows(
     return _like_input(out, labels)
 
 
-def _labels_to_flows(labels: torch.Tensor, niter: Optional[int] = None) -> torch.Tensor:
+def _labels_to_flows(labels: torch.Tensor, niter: int | None = None) -> torch.Tensor:
     """Tensor version of :func:`labels_to_flows`: [H, W] ints -> [2, H, W] float32, same device."""
     if labels.is_floating_point():
         labels = labels.long()
@@ -382,7 +390,7 @@ def _underflow(heat: torch.Tensor) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
-def follow_flows(flows: torch.Tensor, inds: Tuple[torch.Tensor, torch.Tensor], niter: int = 200) -> torch.Tensor:
+def follow_flows(flows: torch.Tensor, inds: tuple[torch.Tensor, torch.Tensor], niter: int = 200) -> torch.Tensor:
     """Euler integration of pixels along a flow field, with bilinear interpolation.
 
     As Cellpose 3's CPU path (``steps_interp``): ``p <- clip(p + bilinear(flows, p), 0, L - 1)``
@@ -414,8 +422,7 @@ def follow_flows(flows: torch.Tensor, inds: Tuple[torch.Tensor, torch.Tensor], n
         step = F.grid_sample(field, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
         p.add_(step.view(2, -1))
         p.clamp_(-1.0, 1.0)
-    pos = torch.stack(((p[1] + 1.0) / sy if sy else torch.zeros_like(p[1]),
-                       (p[0] + 1.0) / sx if sx else torch.zeros_like(p[0])))
+    pos = torch.stack(((p[1] + 1.0) / sy if sy else torch.zeros_like(p[1]), (p[0] + 1.0) / sx if sx else torch.zeros_like(p[0])))
     # undo the normalisation; clamp away float round-off at the upper edge
     pos[0].clamp_(0, H - 1)
     pos[1].clamp_(0, W - 1)
@@ -438,8 +445,8 @@ def _max_filter(x: torch.Tensor, radius: int) -> torch.Tensor:
 
 def get_masks(
     positions: torch.Tensor,
-    inds: Tuple[torch.Tensor, torch.Tensor],
-    shape: Tuple[int, int],
+    inds: tuple[torch.Tensor, torch.Tensor],
+    shape: tuple[int, int],
     max_size_fraction: float = 0.4,
 ) -> torch.Tensor:
     """Masks from the convergence of pixels (Cellpose 3 ``get_masks_torch``).
@@ -509,7 +516,7 @@ def remove_big_masks(labels: torch.Tensor, max_size_fraction: float = 0.4) -> to
     return labels
 
 
-def flow_error(labels: ArrayLike, flows: ArrayLike) -> Tuple[ArrayLike, ArrayLike]:
+def flow_error(labels: ArrayLike, flows: ArrayLike) -> tuple[ArrayLike, ArrayLike]:
     """Per-mask mean squared error between the flows of ``labels`` and given network flows.
 
     As ``cellpose.metrics.flow_error``: ``sum_c mean_{pixels of mask}((F_c(labels) - flows_c / 5)^2)``
@@ -636,7 +643,7 @@ def flows_to_masks(
     cellprob: ArrayLike,
     niter: int = 200,
     cellprob_threshold: float = 0.0,
-    flow_threshold: Optional[float] = 0.4,
+    flow_threshold: float | None = 0.4,
     min_size: int = 15,
     max_size_fraction: float = 0.4,
 ) -> ArrayLike:
@@ -670,9 +677,7 @@ def flows_to_masks(
     prob = _to_tensor(cellprob, fl.device)
     if tuple(prob.shape) != tuple(fl.shape[1:]):
         raise ValueError(f"cellprob {tuple(prob.shape)} does not match flows {tuple(fl.shape)}")
-    labels = _flows_to_masks(
-        fl.to(torch.float32), prob, niter, cellprob_threshold, flow_threshold, min_size, max_size_fraction
-    )
+    labels = _flows_to_masks(fl.to(torch.float32), prob, niter, cellprob_threshold, flow_threshold, min_size, max_size_fraction)
     return _like_input(labels, flows)
 
 

@@ -38,17 +38,13 @@ class CellposeLoss(nn.Module):
             scalar loss tensor (float, same dtype as ``pred``).
         """
         if pred.shape != target.shape or pred.ndim < 3 or pred.shape[1] != 3:
-            raise ValueError(
-                f"pred and target must both be [B, 3, H, W], got {tuple(pred.shape)} and {tuple(target.shape)}."
-            )
+            raise ValueError(f"pred and target must both be [B, 3, H, W], got {tuple(pred.shape)} and {tuple(target.shape)}.")
         return self.per_sample(pred, target).mean()
 
     def per_sample(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The loss of each sample, float [B]; their mean equals ``forward`` (samples have equal size)."""
         if pred.shape != target.shape or pred.ndim < 3 or pred.shape[1] != 3:
-            raise ValueError(
-                f"pred and target must both be [B, 3, H, W], got {tuple(pred.shape)} and {tuple(target.shape)}."
-            )
+            raise ValueError(f"pred and target must both be [B, 3, H, W], got {tuple(pred.shape)} and {tuple(target.shape)}.")
         target = target.to(pred.dtype)
         flow_loss = F.mse_loss(pred[:, :2], self.flow_scale * target[:, :2], reduction="none").flatten(1).mean(1) / 2.0
         inside = (target[:, 2] > self.cellprob_threshold).to(pred.dtype)

@@ -207,7 +207,12 @@ class SlideSegmenter:
             blocks = plan_blocks(regions.shape, block_px, halo)
             logger.info(
                 "%s: %d x %d px, diameter %.1f px, %d blocks of %d px + %d px halo",
-                image_path, *regions.shape, diameter, len(blocks), block_px, halo,
+                image_path,
+                *regions.shape,
+                diameter,
+                len(blocks),
+                block_px,
+                halo,
             )
             labels_path.parent.mkdir(parents=True, exist_ok=True)
             block_files = None
@@ -225,8 +230,16 @@ class SlideSegmenter:
                 if block_files is not None and is_main_process():
                     shutil.rmtree(block_files, ignore_errors=True)
         return SlideResult(
-            labels_path, Path(table_path) if table_path else None, regions.shape, cells, len(blocks),
-            diameter, time.perf_counter() - start, block_px, halo, copies,
+            labels_path,
+            Path(table_path) if table_path else None,
+            regions.shape,
+            cells,
+            len(blocks),
+            diameter,
+            time.perf_counter() - start,
+            block_px,
+            halo,
+            copies,
         )
 
     def _assemble(self, shape, blocks, owned_blocks, labels_path: Path, table_path) -> tuple[int, int]:
@@ -296,9 +309,7 @@ def owned_cells(masks: np.ndarray, block: Block, margin: float = 0.0) -> np.ndar
     return new_ids[masks]
 
 
-def paste_block(
-    canvas: LabelCanvas, block: Block, owned: np.ndarray, next_id: int, duplicate_fraction: float = 0.5
-) -> tuple[int, int]:
+def paste_block(canvas: LabelCanvas, block: Block, owned: np.ndarray, next_id: int, duplicate_fraction: float = 0.5) -> tuple[int, int]:
     """Write a block's owned cells into the canvas with ids from ``next_id`` on.
 
     A cell more than ``duplicate_fraction`` of which is already labelled is a copy of a cell an

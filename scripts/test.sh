@@ -14,5 +14,12 @@ MMCS_VENV="$deploy_venv" bash "$repo/scripts/setup_env.sh" deploy
 MMCS_VENV="$label_venv" bash "$repo/scripts/setup_env.sh" label
 export MMCS_DEPLOY_PYTHON="$deploy_venv/bin/python" MMCS_REQUIRE_DEPLOY=1
 export MMCS_LABEL_PYTHON="$label_venv/bin/python" MMCS_REQUIRE_LABEL=1
+# the Cellpose reference (dev extra) must be there: its parity tests fail instead of skipping
+export MMCS_REQUIRE_CELLPOSE=1
+# the shared data sits beside the checkout in this project's workspaces (../shared): where that folder
+# exists its dev data is expected, and tests that need it fail instead of skipping when it is missing
+if [ -d "$repo/../shared" ]; then export MMCS_REQUIRE_DEV_DATA=1; fi
 cd "$repo"
+"$venv/bin/ruff" check .
+"$venv/bin/ruff" format --check .
 exec "$venv/bin/python" -m pytest -q "$@"

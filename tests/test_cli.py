@@ -7,12 +7,14 @@ import numpy as np
 import pytest
 import tifffile
 
-from conftest import disk_labels
+from helpers import disk_labels, subprocess_env
 from mmcs_monai import cli
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "mmcs_monai.cli", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "mmcs_monai.cli", *args], capture_output=True, text=True, timeout=120, env=subprocess_env()
+    )
 
 
 def test_help_lists_commands():
@@ -52,8 +54,16 @@ def test_diameter_sweep_command_prints_a_row_per_diameter(tmp_path):
     tifffile.imwrite(tmp_path / "labels" / "a.tif", labels)
     torch.save(CPnet(nbase=(2, 8, 16)).state_dict(), tmp_path / "model.pt")
     result = run_cli(
-        "diameter-sweep", str(tmp_path), "--model", str(tmp_path / "model.pt"), "--diameters", "12,stored",
-        "--precision", "fp32", "--output", str(tmp_path / "sweep.csv"),
+        "diameter-sweep",
+        str(tmp_path),
+        "--model",
+        str(tmp_path / "model.pt"),
+        "--diameters",
+        "12,stored",
+        "--precision",
+        "fp32",
+        "--output",
+        str(tmp_path / "sweep.csv"),
     )
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.strip().splitlines()
@@ -72,8 +82,17 @@ def test_infer_slide_command_writes_tiled_labels_and_cell_table(tmp_path):
     tifffile.imwrite(tmp_path / "slide.tif", image, tile=(128, 128), compression="zlib")
     torch.save(CPnet(nbase=(2, 8, 16)).state_dict(), tmp_path / "model.pt")
     result = run_cli(
-        "infer-slide", str(tmp_path / "slide.tif"), str(tmp_path / "out"), "--model", str(tmp_path / "model.pt"),
-        "--block_size", "160", "--halo", "16", "--precision", "fp32",
+        "infer-slide",
+        str(tmp_path / "slide.tif"),
+        str(tmp_path / "out"),
+        "--model",
+        str(tmp_path / "model.pt"),
+        "--block_size",
+        "160",
+        "--halo",
+        "16",
+        "--precision",
+        "fp32",
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "blocks" in result.stdout and "slide_masks.tif" in result.stdout
@@ -83,3 +102,15 @@ def test_infer_slide_command_writes_tiled_labels_and_cell_table(tmp_path):
     assert header == ",".join(CELL_TABLE_COLUMNS)
     missing = run_cli("infer-slide", str(tmp_path / "nope.tif"), str(tmp_path / "out"), "--model", str(tmp_path / "model.pt"))
     assert missing.returncode != 0 and "nope.tif: file not found" in missing.stderr
+
+
+def test_child_processes_run_this_checkout(tmp_path):
+    """Every subprocess test imports the package from this repository, not an installed copy elsewhere."""
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    code = "import mmcs_monai, pathlib; print(pathlib.Path(mmcs_monai.__file__).resolve())"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=subprocess_env(), check=True)
+    assert out.stdout.strip() == str(REPO / "mmcs_monai" / "__init__.py")

@@ -83,7 +83,7 @@ def test_errors(tmp_path):
 # ------------------------------------------------------------------ skipping bad samples
 def _mixed_items(tmp_path, n_good=8):
     """Good image/label pairs plus one of each common kind of broken sample."""
-    from conftest import disk_labels
+    from helpers import disk_labels
 
     items = []
     for k in range(n_good):

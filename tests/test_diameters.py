@@ -3,8 +3,7 @@
 import numpy as np
 import pytest
 
-from conftest import disk_labels
-from mmcs_monai.io import read_labels
+from helpers import disk_labels
 from mmcs_monai.diameters import (
     cell_areas,
     datalist_diameters,
@@ -39,13 +38,13 @@ def test_mean_ignores_images_without_cells_and_scale():
     assert scale_to_target(0.0, 30.0) == 1.0
 
 
-def _two_subsets(tmp_path):
+def _two_subsets(tmp_path, n_small=2, n_large=2):
     """Labelled items of two subsets whose cells differ 4x in diameter (radius 4 vs 16 px)."""
     import tifffile
 
     items = []
-    for subset, radius, shape in (("small", 4, (64, 64)), ("large", 16, (128, 128))):
-        for k in range(2):
+    for subset, radius, shape, n in (("small", 4, (64, 64), n_small), ("large", 16, (128, 128), n_large)):
+        for k in range(n):
             centers = ((shape[0] // 4, shape[1] // 4 + k), (shape[0] * 3 // 4, shape[1] * 3 // 4))
             labels = disk_labels(shape=shape, centers=centers, radii=(radius, radius))
             path = tmp_path / f"{subset}{k}.tif"
@@ -55,15 +54,14 @@ def _two_subsets(tmp_path):
 
 
 def test_datalist_diameters_per_subset(tmp_path):
-    items = _two_subsets(tmp_path) + [{"image": "unlabelled.tif", "subset": "small"}]
+    # 3 small-cell images, 1 large: the overall mean is over images, not over subset means
+    items = _two_subsets(tmp_path, n_small=3, n_large=1) + [{"image": "unlabelled.tif", "subset": "small"}]
     mean, subsets = datalist_diameters(items)
-    expected = {
-        name: np.mean([median_diameter(read_labels(i["label"])) for i in items if i.get("label") and i["subset"] == name])
-        for name in ("small", "large")
-    }
-    assert subsets == pytest.approx(expected)
-    assert subsets["small"] == pytest.approx(8, rel=0.1) and subsets["large"] == pytest.approx(32, rel=0.05)
-    assert mean == pytest.approx((2 * subsets["small"] + 2 * subsets["large"]) / 4)
+    # hand values: the disc of radius r drawn by disk_labels has this many pixels; diameter 2 sqrt(area / pi)
+    small = 2 * np.sqrt((disk_labels(shape=(64, 64), centers=((32, 32),), radii=(4,)) > 0).sum() / np.pi)
+    large = 2 * np.sqrt((disk_labels(shape=(128, 128), centers=((64, 64),), radii=(16,)) > 0).sum() / np.pi)
+    assert subsets == pytest.approx({"small": small, "large": large})
+    assert mean == pytest.approx((3 * small + large) / 4) and mean != pytest.approx((small + large) / 2)
     # an explicit diameter in the data list wins over the labels
     assert item_diameter({"label": items[0]["label"], "diameter": 50}) == 50.0
 
@@ -76,4 +74,3 @@ def test_with_subset_diameters_assigns_the_subset_mean(tmp_path):
     out = with_subset_diameters(items, subsets)
     assert [o.get("diameter") for o in out] == [subsets["small"]] * 2 + [subsets["large"]] * 2 + [11.0, None]
     assert "diameter" not in items[0]  # inputs untouched
-

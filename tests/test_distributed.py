@@ -1,7 +1,6 @@
 """Distributed training and inference: real 2-process ``torchrun`` runs (gloo on CPU) through the bundle and the CLI."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ import pytest
 import tifffile
 import torch
 
+from helpers import subprocess_env
 from mmcs_monai import distributed
 from mmcs_monai.engines import handlers
 from mmcs_monai.io import read_image, read_labels
@@ -25,7 +25,7 @@ TINY = ["--nbase", "[2,8,16,32]", "--patch_size", "64", "--batch_size", "4", "--
 def torchrun(*args, nproc=2):
     """Run ``python -m <args>`` under ``torchrun --standalone`` (a free rendezvous port) with ``nproc`` ranks."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", *map(str, args)]
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    env = subprocess_env(OMP_NUM_THREADS="1")
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result.stdout + result.stderr
@@ -109,23 +109,52 @@ def single_process_f1(models, tmp_path, *extra) -> float:
     """Mean validation F1 of ``models/model.pt`` on the sample val split, scored by one process (evaluate.json)."""
     out = tmp_path / "single_eval"
     command = [
-        sys.executable, "-m", "monai.bundle", "run", "evaluating",
-        "--config_file", configs(BUNDLE / "configs/train.json", BUNDLE / "configs/evaluate.json"),
-        "--bundle_root", str(BUNDLE), "--ckpt_dir", str(models), "--output_dir", str(out), *map(str, extra), *TINY,
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "evaluating",
+        "--config_file",
+        configs(BUNDLE / "configs/train.json", BUNDLE / "configs/evaluate.json"),
+        "--bundle_root",
+        str(BUNDLE),
+        "--ckpt_dir",
+        str(models),
+        "--output_dir",
+        str(out),
+        *map(str, extra),
+        *TINY,
     ]
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    env = subprocess_env(OMP_NUM_THREADS="1")
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((out / "f1_summary.json").read_text())["overall"]["f1"]
 
 
+@pytest.mark.slow
 def test_torchrun_training_through_the_bundle(tmp_path):
     out = tmp_path / "run"
     log = torchrun(
-        "monai.bundle", "run", "training",
-        "--config_file", configs(BUNDLE / "configs/train.json", BUNDLE / "configs/multi_gpu_train.json", _rank_dump_config(tmp_path)),
-        "--meta_file", BUNDLE / "configs/metadata.json", "--bundle_root", BUNDLE, "--ckpt_dir", out / "models",
-        "--output_dir", out / "eval", "--epochs", "2", "--val_interval", "1", "--inference_precision", "fp32", *TINY,
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        configs(BUNDLE / "configs/train.json", BUNDLE / "configs/multi_gpu_train.json", _rank_dump_config(tmp_path)),
+        "--meta_file",
+        BUNDLE / "configs/metadata.json",
+        "--bundle_root",
+        BUNDLE,
+        "--ckpt_dir",
+        out / "models",
+        "--output_dir",
+        out / "eval",
+        "--epochs",
+        "2",
+        "--val_interval",
+        "1",
+        "--inference_precision",
+        "fp32",
+        *TINY,
     )
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False)["network"] for r in (0, 1)]
     _assert_same_state(ranks[0], ranks[1])  # DDP kept the ranks identical
@@ -141,17 +170,37 @@ def test_torchrun_training_through_the_bundle(tmp_path):
     assert f"val_f1: {best:.4f}" in log
 
 
+@pytest.mark.slow
 def test_torchrun_semi_supervised_ranks_share_teacher_and_pseudo_labels(tmp_path):
     out = tmp_path / "run"
     torchrun(
-        "monai.bundle", "run", "training",
-        "--config_file", configs(
-            BUNDLE / "configs/train.json", BUNDLE / "configs/semi.json", BUNDLE / "configs/multi_gpu_train.json",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        configs(
+            BUNDLE / "configs/train.json",
+            BUNDLE / "configs/semi.json",
+            BUNDLE / "configs/multi_gpu_train.json",
             _rank_dump_config(tmp_path, with_store=True),
         ),
-        "--meta_file", BUNDLE / "configs/metadata.json", "--bundle_root", BUNDLE, "--ckpt_dir", out / "models",
-        "--output_dir", out / "eval", "--epochs", "2", "--val_interval", "2", "--pseudo_interval", "1",
-        "--unlabelled_batch_size", "4", *TINY,
+        "--meta_file",
+        BUNDLE / "configs/metadata.json",
+        "--bundle_root",
+        BUNDLE,
+        "--ckpt_dir",
+        out / "models",
+        "--output_dir",
+        out / "eval",
+        "--epochs",
+        "2",
+        "--val_interval",
+        "2",
+        "--pseudo_interval",
+        "1",
+        "--unlabelled_batch_size",
+        "4",
+        *TINY,
     )
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     _assert_same_state(ranks[0]["network"], ranks[1]["network"])
@@ -170,6 +219,7 @@ def test_torchrun_semi_supervised_ranks_share_teacher_and_pseudo_labels(tmp_path
     _assert_same_state(torch.load(out / "models" / "checkpoint.pt", weights_only=False)["teacher"], teacher)
 
 
+@pytest.mark.slow
 def test_torchrun_folder_inference_equals_single_process(tiny_model, tmp_path):
     from mmcs_monai import cli
 
@@ -186,6 +236,7 @@ def test_torchrun_folder_inference_equals_single_process(tiny_model, tmp_path):
     assert cells > 100
 
 
+@pytest.mark.slow
 def test_torchrun_folder_inference_gives_every_rank_every_other_image(tiny_model, tmp_path):
     """The work split: under 2 ranks, rank r segments images r, r + 2, ... of the sorted folder, and no other."""
     dump = tmp_path / "dump.json"
@@ -195,9 +246,19 @@ def test_torchrun_folder_inference_gives_every_rank_every_other_image(tiny_model
     )
     dump.write_text(json.dumps({"finalize": [expression, "$mmcs_monai.distributed.destroy_process_group()"]}))
     torchrun(
-        "monai.bundle", "run", "inference",
-        "--config_file", configs(BUNDLE / "configs/inference.json", BUNDLE / "configs/multi_gpu_inference.json", dump),
-        "--bundle_root", BUNDLE, "--model_path", tiny_model, "--input_dir", SAMPLE_IMAGES, "--output_dir", tmp_path / "out",
+        "monai.bundle",
+        "run",
+        "inference",
+        "--config_file",
+        configs(BUNDLE / "configs/inference.json", BUNDLE / "configs/multi_gpu_inference.json", dump),
+        "--bundle_root",
+        BUNDLE,
+        "--model_path",
+        tiny_model,
+        "--input_dir",
+        SAMPLE_IMAGES,
+        "--output_dir",
+        tmp_path / "out",
     )
     images = sorted(str(p) for p in SAMPLE_IMAGES.glob("*.tif"))
     shares = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
@@ -205,6 +266,7 @@ def test_torchrun_folder_inference_gives_every_rank_every_other_image(tiny_model
     assert len(list((tmp_path / "out").glob("*_masks.tif"))) == len(images)
 
 
+@pytest.mark.slow
 def test_torchrun_slide_inference_equals_single_process(tiny_model, tmp_path):
     from mmcs_monai import cli
 
@@ -222,15 +284,33 @@ def test_torchrun_slide_inference_equals_single_process(tiny_model, tmp_path):
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["slide_cells.csv", "slide_masks.tif"]  # scratch removed
 
 
+@pytest.mark.slow
 def test_validation_with_fewer_images_than_ranks(tmp_path):
     """One validation image, two ranks: both score it; the all-reduced F1 is that image's F1."""
     out = tmp_path / "run"
     log = torchrun(
-        "monai.bundle", "run", "training",
-        "--config_file", configs(BUNDLE / "configs/train.json", BUNDLE / "configs/multi_gpu_train.json"),
-        "--meta_file", BUNDLE / "configs/metadata.json", "--bundle_root", BUNDLE, "--ckpt_dir", out / "models",
-        "--output_dir", out / "eval", "--epochs", "1", "--val_interval", "1", "--val_limit", "1",
-        "--inference_precision", "fp32", *TINY,
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        configs(BUNDLE / "configs/train.json", BUNDLE / "configs/multi_gpu_train.json"),
+        "--meta_file",
+        BUNDLE / "configs/metadata.json",
+        "--bundle_root",
+        BUNDLE,
+        "--ckpt_dir",
+        out / "models",
+        "--output_dir",
+        out / "eval",
+        "--epochs",
+        "1",
+        "--val_interval",
+        "1",
+        "--val_limit",
+        "1",
+        "--inference_precision",
+        "fp32",
+        *TINY,
     )
     best = torch.load(out / "models" / "checkpoint.pt", weights_only=False)["best_model"]["best"]
     one = single_process_f1(out / "models", tmp_path, "--val_limit", "1", "--inference_precision", "fp32")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from conftest import OracleNet, disk_labels
+from helpers import OracleNet, disk_labels
 from mmcs_monai.evaluation import diameter_sweep, format_sweep_table, parse_diameters, summarise_sweep, write_sweep_csv
 from mmcs_monai.inference import CellInferer
 

@@ -5,8 +5,8 @@ import csv
 import numpy as np
 import pytest
 import torch
-from conftest import disk_labels
 
+from helpers import disk_labels, require_module
 from mmcs_monai.flows import (
     fill_holes_and_remove_small_masks,
     flow_error,
@@ -112,7 +112,7 @@ def test_torch_in_torch_out():
 
 
 def test_labels_to_flows_matches_cellpose_on_discs():
-    dynamics = pytest.importorskip("cellpose.dynamics")
+    dynamics = require_module("cellpose.dynamics")
     labels = disk_labels(shape=(80, 100), centers=((20, 20), (40, 50), (60, 80), (22, 62)), radii=(9, 15, 11, 6))
     ref = dynamics.masks_to_flows(labels.astype(np.int64), device=torch.device("cpu"))
     assert _inside_cosine(labels_to_flows(labels), ref, labels) > 0.999
@@ -185,7 +185,7 @@ def test_fill_holes_and_remove_small_masks():
 
 
 def test_labels_to_flows_matches_cellpose_on_dev_labels(dev_val_labels):
-    dynamics = pytest.importorskip("cellpose.dynamics")
+    dynamics = require_module("cellpose.dynamics")
     cosines = []
     for labels in dev_val_labels:
         ref = dynamics.masks_to_flows(labels, device=torch.device("cpu"))
@@ -194,19 +194,14 @@ def test_labels_to_flows_matches_cellpose_on_dev_labels(dev_val_labels):
 
 
 def test_round_trip_on_dev_labels(dev_val_labels):
-    f1 = [
-        f1_score(labels, flows_to_masks(5 * labels_to_flows(labels), _cellprob(labels)))["f1"]
-        for labels in dev_val_labels
-    ]
+    f1 = [f1_score(labels, flows_to_masks(5 * labels_to_flows(labels), _cellprob(labels)))["f1"] for labels in dev_val_labels]
     assert np.mean(f1) >= 0.98, f1
 
 
 def test_flows_to_masks_matches_cellpose_on_dev_labels(dev_val_labels):
-    dynamics = pytest.importorskip("cellpose.dynamics")
+    dynamics = require_module("cellpose.dynamics")
     for labels in dev_val_labels[:4]:
         flows = (5 * dynamics.masks_to_flows(labels, device=torch.device("cpu"))).astype(np.float32)
         prob = _cellprob(labels)
-        ref = dynamics.compute_masks(
-            flows, prob, niter=200, flow_threshold=0.4, min_size=15, device=torch.device("cpu")
-        )
+        ref = dynamics.compute_masks(flows, prob, niter=200, flow_threshold=0.4, min_size=15, device=torch.device("cpu"))
         assert f1_score(ref, flows_to_masks(flows, prob))["f1"] >= 0.98

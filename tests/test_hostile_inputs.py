@@ -148,8 +148,9 @@ def test_truncated_files_are_a_clear_error(tmp_path):
 
 
 @FAST
-@given(image=arrays(np.float32, st.tuples(st.integers(1, 4), st.integers(2, 20), st.integers(2, 20)),
-                    elements=st.floats(-1e6, 1e6, width=32)))
+@given(
+    image=arrays(np.float32, st.tuples(st.integers(1, 4), st.integers(2, 20), st.integers(2, 20)), elements=st.floats(-1e6, 1e6, width=32))
+)
 def test_channel_stacking_and_normalisation_stay_finite(image):
     stacked = StackNucleusChannel(nucleus_channel=image.shape[0] - 1 if image.shape[0] > 1 else None)(image)
     out = NormalizePercentile()(stacked)
@@ -162,7 +163,18 @@ def test_flows_of_any_labels_are_unit_vectors_inside_cells_and_zero_outside(labe
     flows = np.asarray(labels_to_flows(labels))
     assert flows.shape == (2, *labels.shape) and np.isfinite(flows).all()
     norms = np.sqrt((flows**2).sum(0))
-    assert (norms[labels == 0] == 0).all() and (norms <= 1 + 1e-4).all()
+    assert (norms[labels == 0] == 0).all()
+    # inside cells: unit vectors, or 0 where the heat gradient vanishes (the source of a symmetric piece)
+    inside = norms[labels > 0]
+    assert (np.isclose(inside, 1.0, atol=1e-4) | (inside == 0)).all()
+    from skimage.measure import label as connected
+
+    for i in np.unique(labels[labels > 0]):
+        pieces = connected(labels == i, connectivity=1)
+        for piece in range(1, pieces.max() + 1):
+            where = pieces == piece
+            if where.sum() >= 9:  # a piece this size has a gradient almost everywhere
+                assert (norms[where] > 0.5).mean() > 0.5
 
 
 @FAST
@@ -176,8 +188,7 @@ def test_spatial_augmentation_survives_any_diameter(diameter, size):
 
 
 @FAST
-@given(y0=st.integers(0, 99), x0=st.integers(0, 119), h=st.integers(1, 100), w=st.integers(1, 120),
-       tile=st.sampled_from([16, 32, 48]))
+@given(y0=st.integers(0, 99), x0=st.integers(0, 119), h=st.integers(1, 100), w=st.integers(1, 120), tile=st.sampled_from([16, 32, 48]))
 def test_any_region_of_a_tiled_tiff_equals_the_full_read(tmp_path, y0, x0, h, w, tile):
     path = tmp_path / f"tiled{tile}.tif"
     if not path.exists():

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from helpers import OracleNet, RecordingNet
 from mmcs_monai.inference import CellInferer, PrecisionInferer, autocast_context, resolve_diameter
-from conftest import OracleNet, RecordingNet
 from mmcs_monai.networks import CPnet
 
 
@@ -82,7 +82,7 @@ def test_training_inferer_auto_precision_and_layout():
 
 
 def test_auto_diameter_measures_cells_then_rescales():
-    from conftest import disk_labels
+    from helpers import disk_labels
 
     labels = disk_labels(shape=(96, 96), centers=((25, 25), (70, 68), (25, 72)), radii=(18, 18, 18))
     image = torch.stack([torch.as_tensor(labels > 0, dtype=torch.float32), torch.zeros(96, 96)])[None]

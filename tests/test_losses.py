@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import require_module
 from mmcs_monai.losses import CellposeLoss
 
 
@@ -34,7 +35,7 @@ def test_matches_numpy():
 
 
 def test_matches_cellpose_loss_fn_seg():
-    train = pytest.importorskip("cellpose.train")
+    train = require_module("cellpose.train")
     pred, target = _example(seed=3)
     # Cellpose's labels are (cell probability, dY, dX); our target is (dY, dX, cell probability)
     lbl = np.ascontiguousarray(target[:, [2, 0, 1]])

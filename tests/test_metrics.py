@@ -5,7 +5,7 @@ import pytest
 import torch
 from ignite.engine import Engine
 
-from conftest import disk_labels
+from helpers import disk_labels, require_module
 from mmcs_monai.metrics import F1Metric, f1_score, match_instances, remove_border_cells
 
 
@@ -102,7 +102,7 @@ def test_empty_cases(discs):
 
 
 def test_against_cellpose_average_precision(three_discs_case):
-    metrics = pytest.importorskip("cellpose.metrics")
+    metrics = require_module("cellpose.metrics")
     rng = np.random.default_rng(0)
     cases = [three_discs_case, (_strips([(0, 10), (10, 20)]), _strips([(3, 14), (0, 3)]))]
     for _ in range(3):  # random disc layouts against jittered copies
@@ -121,10 +121,8 @@ def test_f1_metric_engine(three_discs_case, discs):
     empty = np.zeros_like(gt)
     # batch 1: tensors [B, 1, H, W]; batch 2: decollated list of per-image [1, H, W] / [H, W] masks
     batches = [
-        (torch.from_numpy(np.stack([pred, gt])[:, None].astype(np.int32)),
-         torch.from_numpy(np.stack([gt, gt])[:, None].astype(np.int32))),
-        ([torch.from_numpy(empty[None].astype(np.int32)), discs],
-         [torch.from_numpy(gt[None].astype(np.int32)), discs]),
+        (torch.from_numpy(np.stack([pred, gt])[:, None].astype(np.int32)), torch.from_numpy(np.stack([gt, gt])[:, None].astype(np.int32))),
+        ([torch.from_numpy(empty[None].astype(np.int32)), discs], [torch.from_numpy(gt[None].astype(np.int32)), discs]),
     ]
     per_image = [4 / 7, 1.0, 0.0, 1.0]
 
@@ -146,8 +144,9 @@ def test_f1_metric_dict_output_transform(three_discs_case):
     # MONAI evaluators decollate into a list of dicts; from_engine(["pred", "label"]) builds the two lists
     from monai.handlers import from_engine
 
-    engine = Engine(lambda e, batch: [{"pred": torch.from_numpy(pred[None].astype(np.float32)),
-                                       "label": torch.from_numpy(gt[None].astype(np.float32))}])
+    engine = Engine(
+        lambda e, batch: [{"pred": torch.from_numpy(pred[None].astype(np.float32)), "label": torch.from_numpy(gt[None].astype(np.float32))}]
+    )
     metric = F1Metric(output_transform=from_engine(["pred", "label"]))
     metric.attach(engine, "f1")
     assert engine.run([0, 1], max_epochs=1).metrics["f1"] == pytest.approx(4 / 7)

@@ -7,9 +7,9 @@ import pytest
 import tifffile
 from skimage.measure import regionprops
 
-from conftest import OracleNet, disk_labels
+from helpers import OracleNet, disk_labels
 from mmcs_monai.inference import CellInferer
-from mmcs_monai.metrics import f1_score, match_instances
+from mmcs_monai.metrics import f1_score
 from mmcs_monai.wholeslide import Block, LabelCanvas, SlideSegmenter, owned_cells, paste_block, plan_blocks
 
 
@@ -69,9 +69,7 @@ def test_slide_cells_across_block_borders_are_whole_with_unique_ids(tmp_path):
     segmenter = SlideSegmenter(net, CellInferer(roi_size=256, precision="fp32"), block_size=100, halo=24)
     result = segmenter(path, tmp_path / "out" / "slide_masks.tif", tmp_path / "out" / "cells.csv")
     out = tifffile.imread(result.labels_path)
-    crossing = sum(
-        1 for c in regionprops(labels) if any(c.bbox[a] < edge <= c.bbox[a + 2] - 1 for a in (0, 1) for edge in (100, 200))
-    )
+    crossing = sum(1 for c in regionprops(labels) if any(c.bbox[a] < edge <= c.bbox[a + 2] - 1 for a in (0, 1) for edge in (100, 200)))
     assert crossing >= 20  # the test really has cells on block borders
     assert result.blocks == 9 and result.cells == labels.max()
     assert f1_score(labels, out)["f1"] == 1.0
@@ -90,6 +88,7 @@ def test_slide_cells_across_block_borders_are_whole_with_unique_ids(tmp_path):
         assert tuple(int(row[k]) for k in ("bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1")) == cell.bbox
     with tifffile.TiffFile(result.labels_path) as tif:
         assert tif.pages[0].is_tiled and tif.pages[0].compression == 8  # zlib
+
     # ids follow the blocks in row-major order. A cell near a border may be kept by either neighbour
     # (ownership margin), so only cells far inside one core say which block wrote them
     def inside(c):

@@ -40,8 +40,8 @@ from monai.deploy.conditions import CountCondition
 from monai.deploy.core import Application
 
 from mmcs_monai.data import BadSampleLog, load_datalist, readable_images
-from mmcs_monai.io import InputError, is_image_file
 from mmcs_monai.deploy.operators import CellOutputWriterOperator, CellSegmentationOperator, MicroscopyLoaderOperator
+from mmcs_monai.io import InputError, is_image_file
 
 logger = logging.getLogger("mmcs_monai.deploy")
 

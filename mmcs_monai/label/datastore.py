@@ -23,9 +23,10 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 from fastapi import HTTPException

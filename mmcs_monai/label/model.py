@@ -53,14 +53,21 @@ class ServedModel:
         served = model_dir / f"mmcs{suffix}"
         if not served.is_file():
             if not source:
-                raise InputError(served, "no model to serve yet: start the server with --conf model PATH (an mmcs or Cellpose 3 checkpoint)")
+                raise InputError(
+                    served, "no model to serve yet: start the server with --conf model PATH (an mmcs or Cellpose 3 checkpoint)"
+                )
             if not Path(source).is_file():
                 raise InputError(source, "model file not found (--conf model)")
             with atomic_path(served) as tmp:
                 shutil.copyfile(source, tmp)
             logger.info("serving %s (copied from %s)", served, source)
         elif source:
-            logger.info("serving %s, kept from an earlier start (it may be trained); --conf model %s is not copied over it: delete %s to start from it", served, source, served)
+            logger.info(
+                "serving %s, kept from an earlier start (it may be trained); --conf model %s is not copied over it: delete %s to start from it",
+                served,
+                source,
+                served,
+            )
         return cls(served, device)
 
     def _file_stamp(self) -> tuple[int, int]:

@@ -121,7 +121,8 @@ class CellTrainTask(TrainTask):
         values = self.settings(request)
         if self.model.path.suffix == ".ts":
             raise MONAILabelException(
-                MONAILabelError.INVALID_INPUT, f"{self.model.path}: an exported TorchScript model cannot be trained; serve a checkpoint (.pt)"
+                MONAILabelError.INVALID_INPUT,
+                f"{self.model.path}: an exported TorchScript model cannot be trained; serve a checkpoint (.pt)",
             )
         labelled = datastore.labelled_items()
         if not labelled:
@@ -169,7 +170,9 @@ class CellTrainTask(TrainTask):
             )
         baseline = self.served_f1(val_items, values["precision"]) if values["publish"] == "if_better" else None
         start = time.time()
-        logger.info("training on %d labelled (%d val) and %d unlabelled images -> %s", len(train_items), len(val_items), len(unlabelled), run_dir)
+        logger.info(
+            "training on %d labelled (%d val) and %d unlabelled images -> %s", len(train_items), len(val_items), len(unlabelled), run_dir
+        )
         train(recipe=recipe, bundle_root=str(root), **overrides)
         seconds = time.time() - start
 

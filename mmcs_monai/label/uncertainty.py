@@ -18,7 +18,7 @@ No MONAI Label import here: the label app's scoring method and ``benchmarks/acti
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch

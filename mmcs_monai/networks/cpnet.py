@@ -325,9 +325,7 @@ _EXTRA_STATE = "_extra_state"  # our subset-diameter table; absent from Cellpose
 
 def _is_state_dict(obj) -> bool:
     return (
-        isinstance(obj, Mapping)
-        and len(obj) > 0
-        and all(torch.is_tensor(v) for k, v in obj.items() if not str(k).endswith(_EXTRA_STATE))
+        isinstance(obj, Mapping) and len(obj) > 0 and all(torch.is_tensor(v) for k, v in obj.items() if not str(k).endswith(_EXTRA_STATE))
     )
 
 
@@ -396,9 +394,7 @@ def _read_torch_file(path: Path):
         raise ValueError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e}).") from e
 
 
-def load_cellpose_checkpoint(
-    path: str | Path, net: CPnet | None = None, strict: bool = True, **kwargs
-) -> CPnet:
+def load_cellpose_checkpoint(path: str | Path, net: CPnet | None = None, strict: bool = True, **kwargs) -> CPnet:
     """Load Cellpose 3 weights (or an mmcs trainer checkpoint) into a :class:`CPnet`.
 
     The file is read with ``torch.load(map_location="cpu", weights_only=True)``. Checkpoints from before

@@ -22,7 +22,7 @@ import os
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict  # noqa: UP035 (TorchScript wants typing.Dict)
 
 import torch
 import torch.nn as nn
@@ -149,9 +149,7 @@ def is_torchscript_file(path: str | os.PathLike) -> bool:
         return False
 
 
-def load_torchscript(
-    path: str | os.PathLike, map_location: torch.device | str | None = "cpu"
-) -> tuple[torch.jit.ScriptModule, dict]:
+def load_torchscript(path: str | os.PathLike, map_location: torch.device | str | None = "cpu") -> tuple[torch.jit.ScriptModule, dict]:
     """Load an exported model; returns ``(module in eval mode, metadata dict)``.
 
     Raises:

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
-
 from pathlib import Path
 
 import numpy as np
 import torch
-
 from monai.config import KeysCollection
 from monai.transforms import Compose, MapTransform, Randomizable
 
@@ -213,9 +211,7 @@ class RandCellAffined(Randomizable, MapTransform):
         d = dict(data)
         present = [(k, kind) for k, kind in zip(self.keys, self.kinds) if k in d or not self.allow_missing_keys]
         self.randomize()
-        warped = self.affine(
-            [d[k] for k, _ in present], [kind for _, kind in present], float(d.get(self.diameter_key) or 0.0), False
-        )
+        warped = self.affine([d[k] for k, _ in present], [kind for _, kind in present], float(d.get(self.diameter_key) or 0.0), False)
         for (key, _), value in zip(present, warped):
             d[key] = value
         return d

@@ -1,7 +1,6 @@
 """The bundle runs for real through ``python -m monai.bundle`` on the built-in sample data (tiny network)."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -12,26 +11,13 @@ import pytest
 import tifffile
 import torch
 
+from helpers import BUNDLE, TINY, bundle, configs, subprocess_env
 from mmcs_monai.data import load_datalist
 from mmcs_monai.diameters import median_diameter
 from mmcs_monai.io import read_labels
 from mmcs_monai.networks import CPnet
 
-REPO = Path(__file__).resolve().parents[2]
-BUNDLE = REPO / "bundle"
-TINY = ["--nbase", "[2,8,16,32]", "--patch_size", "64", "--batch_size", "4", "--num_workers", "0"]
-
-
-def bundle(*args, cwd=REPO):
-    cmd = [sys.executable, "-m", "monai.bundle", *args]
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result.stdout + result.stderr
-
-
-def configs(*names):
-    return json.dumps([str(BUNDLE / "configs" / n) for n in names])
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +25,23 @@ def trained(tmp_path_factory):
     """A 2-epoch training run with validation each epoch; returns its checkpoint folder."""
     out = tmp_path_factory.mktemp("run")
     bundle(
-        "run", "training", "--config_file", configs("train.json"), "--meta_file", str(BUNDLE / "configs/metadata.json"),
-        "--bundle_root", str(BUNDLE), "--ckpt_dir", str(out / "models"), "--output_dir", str(out / "eval"),
-        "--epochs", "2", "--val_interval", "1", *TINY,
+        "run",
+        "training",
+        "--config_file",
+        configs("train.json"),
+        "--meta_file",
+        str(BUNDLE / "configs/metadata.json"),
+        "--bundle_root",
+        str(BUNDLE),
+        "--ckpt_dir",
+        str(out / "models"),
+        "--output_dir",
+        str(out / "eval"),
+        "--epochs",
+        "2",
+        "--val_interval",
+        "1",
+        *TINY,
     )
     return out
 
@@ -59,7 +59,9 @@ def test_training_writes_models_with_training_diameter(trained):
         assert diameter == pytest.approx(np.mean([median_diameter(lbl) for lbl in labels]), rel=1e-5)
     assert set(net.subset_diameters) == {i["subset"] for i in items}
     state = torch.load(models / "checkpoint.pt", weights_only=False)
-    assert state["trainer"]["iteration"] == 2 * state["trainer"]["epoch_length"] and {"network", "optimizer", "lr_scheduler", "rng"} <= set(state)
+    assert state["trainer"]["iteration"] == 2 * state["trainer"]["epoch_length"] and {"network", "optimizer", "lr_scheduler", "rng"} <= set(
+        state
+    )
     assert any(p.name.startswith("events.out.tfevents") for p in (trained / "eval").iterdir())
 
 
@@ -74,8 +76,19 @@ def test_evaluate_writes_per_image_f1(trained, tiny_model):
 
     out = trained / "eval_f1"
     bundle(
-        "run", "evaluating", "--config_file", configs("train.json", "evaluate.json"), "--bundle_root", str(BUNDLE),
-        "--model_path", str(tiny_model), "--output_dir", str(out), "--inference_precision", "fp32", *TINY,
+        "run",
+        "evaluating",
+        "--config_file",
+        configs("train.json", "evaluate.json"),
+        "--bundle_root",
+        str(BUNDLE),
+        "--model_path",
+        str(tiny_model),
+        "--output_dir",
+        str(out),
+        "--inference_precision",
+        "fp32",
+        *TINY,
     )
     with open(out / "f1_per_image.csv") as f:
         rows = {r["id"]: r for r in csv.DictReader(f)}
@@ -103,9 +116,23 @@ def test_evaluate_writes_per_image_f1(trained, tiny_model):
 def test_resume_continues_to_more_epochs(trained, tmp_path):
     shutil.copytree(trained / "models", tmp_path / "models")  # the other tests keep the 2-epoch run
     log = bundle(
-        "run", "training", "--config_file", configs("train.json"), "--bundle_root", str(BUNDLE),
-        "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval"),
-        "--epochs", "3", "--val_interval", "5", "--resume", "True", *TINY,
+        "run",
+        "training",
+        "--config_file",
+        configs("train.json"),
+        "--bundle_root",
+        str(BUNDLE),
+        "--ckpt_dir",
+        str(tmp_path / "models"),
+        "--output_dir",
+        str(tmp_path / "eval"),
+        "--epochs",
+        "3",
+        "--val_interval",
+        "5",
+        "--resume",
+        "True",
+        *TINY,
     )
     assert "Epoch: 3/3" in log and "Epoch: 1/3" not in log
     trainer_state = torch.load(tmp_path / "models" / "checkpoint.pt", weights_only=False)["trainer"]
@@ -115,9 +142,20 @@ def test_resume_continues_to_more_epochs(trained, tmp_path):
 def test_inference_writes_masks_and_overlays_then_skips_done(trained, tmp_path):
     images = BUNDLE / "sample_data" / "images"
     args = [
-        "run", "inference", "--config_file", configs("inference.json"), "--bundle_root", str(BUNDLE),
-        "--model_path", str(trained / "models" / "model.pt"), "--input_dir", str(images),
-        "--output_dir", str(tmp_path), "--cellprob_threshold", "-10",
+        "run",
+        "inference",
+        "--config_file",
+        configs("inference.json"),
+        "--bundle_root",
+        str(BUNDLE),
+        "--model_path",
+        str(trained / "models" / "model.pt"),
+        "--input_dir",
+        str(images),
+        "--output_dir",
+        str(tmp_path),
+        "--cellprob_threshold",
+        "-10",
     ]
     bundle(*args)
     names = {p.name for p in tmp_path.iterdir()}
@@ -135,8 +173,18 @@ def test_metadata_and_network_shape_verify_offline():
     cfg = str(BUNDLE / "configs")
     bundle("verify_metadata", "--meta_file", f"{cfg}/metadata.json", "--filepath", f"{cfg}/metadata_schema.json")
     bundle(
-        "verify_net_in_out", "network_def", "--meta_file", f"{cfg}/metadata.json", "--config_file",
-        f"{cfg}/train.json", "--bundle_root", str(BUNDLE), "--n", "4", "--nbase", "[2,8,16,32]",
+        "verify_net_in_out",
+        "network_def",
+        "--meta_file",
+        f"{cfg}/metadata.json",
+        "--config_file",
+        f"{cfg}/train.json",
+        "--bundle_root",
+        str(BUNDLE),
+        "--n",
+        "4",
+        "--nbase",
+        "[2,8,16,32]",
     )
 
 
@@ -144,10 +192,29 @@ def test_two_phase_semi_supervised_run(trained, tmp_path):
     """Phase 2 starts from phase 1's model, trains on labelled + unlabelled sample images."""
     out = tmp_path / "semi"
     bundle(
-        "run", "training", "--config_file", configs("train.json", "semi.json"), "--bundle_root", str(BUNDLE),
-        "--pretrained", str(trained / "models" / "model_final.pt"), "--ckpt_dir", str(out / "models"),
-        "--output_dir", str(out / "eval"), "--epochs", "2", "--val_interval", "1", "--pseudo_interval", "1",
-        "--unlabelled_batch_size", "2", "--w_unlabelled", "0.4", *TINY,
+        "run",
+        "training",
+        "--config_file",
+        configs("train.json", "semi.json"),
+        "--bundle_root",
+        str(BUNDLE),
+        "--pretrained",
+        str(trained / "models" / "model_final.pt"),
+        "--ckpt_dir",
+        str(out / "models"),
+        "--output_dir",
+        str(out / "eval"),
+        "--epochs",
+        "2",
+        "--val_interval",
+        "1",
+        "--pseudo_interval",
+        "1",
+        "--unlabelled_batch_size",
+        "2",
+        "--w_unlabelled",
+        "0.4",
+        *TINY,
     )
     state = torch.load(out / "models" / "checkpoint.pt", weights_only=False)
     images = sorted(p.stem for p in (BUNDLE / "sample_data" / "images").iterdir())
@@ -181,9 +248,25 @@ def test_bad_files_are_skipped_and_reported_in_training_and_inference(tmp_path):
     validation = [dict(i, image=str(root / i["image"]), label=str(root / i["label"])) for i in sample["validation"]]
     (tmp_path / "datalist.json").write_text(json.dumps({"training": training, "validation": validation}))
     log = bundle(
-        "run", "training", "--config_file", configs("train.json"), "--bundle_root", str(BUNDLE),
-        "--data_source", str(tmp_path / "datalist.json"), "--ckpt_dir", str(tmp_path / "models"),
-        "--output_dir", str(tmp_path / "eval"), "--epochs", "1", "--val_interval", "1", "--max_bad_fraction", "0.2", *TINY,
+        "run",
+        "training",
+        "--config_file",
+        configs("train.json"),
+        "--bundle_root",
+        str(BUNDLE),
+        "--data_source",
+        str(tmp_path / "datalist.json"),
+        "--ckpt_dir",
+        str(tmp_path / "models"),
+        "--output_dir",
+        str(tmp_path / "eval"),
+        "--epochs",
+        "1",
+        "--val_interval",
+        "1",
+        "--max_bad_fraction",
+        "0.2",
+        *TINY,
     )
     assert "2 bad sample(s) skipped" in log
     report = (tmp_path / "eval" / "bad_samples.csv").read_text()
@@ -196,9 +279,18 @@ def test_bad_files_are_skipped_and_reported_in_training_and_inference(tmp_path):
         (images / Path(i["image"]).name).write_bytes((root / i["image"]).read_bytes())
     (images / "junk.png").write_bytes(b"\x89PNG not an image")
     bundle(
-        "run", "inference", "--config_file", configs("inference.json"), "--bundle_root", str(BUNDLE),
-        "--model_path", str(tmp_path / "models" / "model_final.pt"), "--input_dir", str(images),
-        "--output_dir", str(tmp_path / "out"),
+        "run",
+        "inference",
+        "--config_file",
+        configs("inference.json"),
+        "--bundle_root",
+        str(BUNDLE),
+        "--model_path",
+        str(tmp_path / "models" / "model_final.pt"),
+        "--input_dir",
+        str(images),
+        "--output_dir",
+        str(tmp_path / "out"),
     )
     written = {p.name for p in (tmp_path / "out").iterdir()}
     assert {f"{Path(i['image']).stem}_masks.tif" for i in sample["validation"]} <= written
@@ -213,11 +305,26 @@ def test_too_many_bad_files_stop_training_with_a_clear_message(tmp_path):
     training += [{"image": str(tmp_path / "empty.tif"), "label": training[0]["label"], "id": "e"}]
     (tmp_path / "datalist.json").write_text(json.dumps({"training": training, "validation": []}))
     cmd = [
-        sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", configs("train.json"),
-        "--bundle_root", str(BUNDLE), "--data_source", str(tmp_path / "datalist.json"),
-        "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval"), "--epochs", "1", *TINY,
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        configs("train.json"),
+        "--bundle_root",
+        str(BUNDLE),
+        "--data_source",
+        str(tmp_path / "datalist.json"),
+        "--ckpt_dir",
+        str(tmp_path / "models"),
+        "--output_dir",
+        str(tmp_path / "eval"),
+        "--epochs",
+        "1",
+        *TINY,
     ]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=subprocess_env())
     assert result.returncode != 0
     assert "1 of 4 samples in the data list are unusable (25% > max_bad_fraction 10%)" in result.stderr
     assert "empty.tif: file is empty" in result.stderr

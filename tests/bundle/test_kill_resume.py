@@ -8,20 +8,40 @@ import time
 import pytest
 import torch
 
-from test_bundle_runs import BUNDLE, REPO, TINY, bundle, configs
+from helpers import BUNDLE, REPO, TINY, bundle, configs, subprocess_env
+
+pytestmark = pytest.mark.slow
 
 
 def _training(ckpt_dir, out_dir, epochs, *extra):
     return [
-        sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", configs("train.json"),
-        "--bundle_root", str(BUNDLE), "--ckpt_dir", str(ckpt_dir), "--output_dir", str(out_dir),
-        "--epochs", str(epochs), "--val_interval", "100", "--save_iteration_interval", "1", *extra, *TINY,
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        configs("train.json"),
+        "--bundle_root",
+        str(BUNDLE),
+        "--ckpt_dir",
+        str(ckpt_dir),
+        "--output_dir",
+        str(out_dir),
+        "--epochs",
+        str(epochs),
+        "--val_interval",
+        "100",
+        "--save_iteration_interval",
+        "1",
+        *extra,
+        *TINY,
     ]
 
 
 def _kill_while_writing(cmd, models, timeout=300):
     """Start ``cmd``; SIGKILL it the moment a temporary checkpoint file appears after a first checkpoint."""
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env = subprocess_env()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     deadline = time.monotonic() + timeout
     try:
@@ -60,15 +80,29 @@ def test_sigkill_mid_write_leaves_a_loadable_checkpoint_and_resume_finishes(tmp_
 
 def test_semi_supervised_run_resumes_with_its_teacher_and_pseudo_labels(tmp_path):
     """Phase 2 stopped after epoch 1 and resumed: the pseudo-label store keeps its history."""
-    from test_bundle_runs import BUNDLE as B
-
     phase1 = tmp_path / "phase1"
     bundle(*_training(phase1, tmp_path / "eval1", 1)[3:])
     models = tmp_path / "semi"
     semi = [
-        "run", "training", "--config_file", configs("train.json", "semi.json"), "--bundle_root", str(B),
-        "--pretrained", str(phase1 / "model_final.pt"), "--ckpt_dir", str(models), "--output_dir", str(tmp_path / "eval"),
-        "--val_interval", "100", "--pseudo_interval", "1", "--unlabelled_batch_size", "2", *TINY,
+        "run",
+        "training",
+        "--config_file",
+        configs("train.json", "semi.json"),
+        "--bundle_root",
+        str(BUNDLE),
+        "--pretrained",
+        str(phase1 / "model_final.pt"),
+        "--ckpt_dir",
+        str(models),
+        "--output_dir",
+        str(tmp_path / "eval"),
+        "--val_interval",
+        "100",
+        "--pseudo_interval",
+        "1",
+        "--unlabelled_batch_size",
+        "2",
+        *TINY,
     ]
     bundle(*semi, "--epochs", "1")
     first = torch.load(models / "checkpoint.pt", weights_only=False)

@@ -6,10 +6,8 @@ cannot pass them by skipping).
 """
 
 import csv
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +15,11 @@ import pytest
 import tifffile
 from skimage.measure import regionprops
 
+from helpers import environment_python, subprocess_env
 from mmcs_monai import cli
 from mmcs_monai.io import read_labels
-from tests.conftest import environment_python
+
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 BUNDLE = REPO / "bundle"
@@ -34,7 +34,7 @@ def deploy_python() -> str:
 
 def run_app(python, *args, env=None, module=False):
     command = [python, "-m", "mmcs_monai.deploy"] if module else [python, str(APP)]
-    environment = dict(os.environ, PYTHONWARNINGS="ignore", **(env or {}))
+    environment = subprocess_env(**(env or {}))
     return subprocess.run([*command, *map(str, args)], capture_output=True, text=True, env=environment, timeout=600, cwd=REPO)
 
 

@@ -6,7 +6,7 @@ import tifffile
 import torch
 from ignite.engine import Engine, Events
 
-from conftest import disk_labels
+from helpers import disk_labels
 from mmcs_monai.engines import (
     BestModelSaver,
     CheckpointHandler,

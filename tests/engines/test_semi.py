@@ -8,7 +8,7 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import EMAHandler
 
-from conftest import disk_labels
+from helpers import disk_labels
 from mmcs_monai.engines import MixedBatchLoader, PrepareFlowBatch, PseudoLabelStore, sigmoid_rampup
 from mmcs_monai.flows import labels_to_flows
 from mmcs_monai.losses import CellposeLoss, SemiSupervisedLoss
@@ -36,7 +36,7 @@ def test_teacher_is_exponential_moving_average_of_student():
         lambda e: [t.mul_(1 - momentum).add_(p.detach(), alpha=momentum) for t, p in zip(expected, student.parameters())],
     )
     trainer.run([torch.rand(2, 2, 32, 32) for _ in range(4)], max_epochs=1)
-    for t, p, s in zip(expected, ema.ema_model.parameters(), student.parameters()):
+    for t, p, _s in zip(expected, ema.ema_model.parameters(), student.parameters()):
         torch.testing.assert_close(p, t)
     moved = [not torch.equal(p, s) for p, s in zip(ema.ema_model.parameters(), student.parameters()) if s.requires_grad]
     assert any(moved)  # the teacher lags the student

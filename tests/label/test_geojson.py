@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from skimage.draw import polygon2mask
 
+from helpers import disk_labels
 from mmcs_monai.label.geojson import masks_to_geojson
-from tests.conftest import disk_labels
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:

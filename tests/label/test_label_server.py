@@ -22,18 +22,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 import tifffile
 import torch
 
+from helpers import environment_python, subprocess_env
 from mmcs_monai.flows import flows_to_masks
 from mmcs_monai.inference import CellInferer
 from mmcs_monai.io import read_labels, write_labels
 from mmcs_monai.label.uncertainty import image_uncertainty
 from mmcs_monai.networks import load_model
 from mmcs_monai.transforms import inference_preprocessing
-from tests.conftest import environment_python
 
-requests = pytest.importorskip("requests")
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "bundle" / "sample_data"
@@ -97,7 +98,7 @@ def server(tmp_path_factory, tiny_model):
         "--conf", "models", "mmcs", "--conf", "model", str(tiny_model), "--conf", "precision", "fp32",
         "--conf", "max_upload_mb", str(MAX_UPLOAD_MB), "--conf", "device", "cpu",
     ]  # fmt: skip
-    env = dict(os.environ, PATH=f"{python.parent}{os.pathsep}{os.environ['PATH']}", PYTHONWARNINGS="ignore")
+    env = subprocess_env(PATH=f"{python.parent}{os.pathsep}{os.environ['PATH']}")
     env.pop("PYTHONPATH", None)
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root, start_new_session=True)
@@ -163,7 +164,9 @@ def test_infer_returns_the_library_masks_and_polygons(server, tiny_model):
     assert [f["properties"]["area"] for f in features] == [int((masks == i).sum()) for i in range(1, masks.max() + 1)]
 
     # a requested diameter changes the scale the network sees, so the cells found
-    small = server.post("/infer/mmcs", params={"image": SECOND, "output": "json"}, data={"params": json.dumps({"diameter": 5, "geojson": False})}).json()
+    small = server.post(
+        "/infer/mmcs", params={"image": SECOND, "output": "json"}, data={"params": json.dumps({"diameter": 5, "geojson": False})}
+    ).json()
     assert small["diameter"] == 5.0 and "geojson" not in small and small["cells"] != result["cells"]
 
 
@@ -241,7 +244,9 @@ def test_bad_uploads_are_refused_and_change_nothing(server, tmp_path):
         assert words in response.json()["detail"], response.text
 
     for name, content, status in [("../../evil.tif", IMAGES[2].read_bytes(), 400), ("new.tif", b"junk bytes", 400)]:
-        response = server.put("/datastore/image", params={"image": Path(name).stem if "/" not in name else name}, files={"file": (name, content)})
+        response = server.put(
+            "/datastore/image", params={"image": Path(name).stem if "/" not in name else name}, files={"file": (name, content)}
+        )
         assert response.status_code == status, response.text
     response = server.put("/datastore/image", params={"image": SECOND}, files={"file": ("x.tif", IMAGES[2].read_bytes())})
     assert response.status_code == 409, response.text

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import OracleNet, RecordingNet, disk_labels
 from mmcs_monai.flows import flows_to_masks, labels_to_flows
 from mmcs_monai.inference import CellInferer
 from mmcs_monai.label.uncertainty import FLIPS, image_uncertainty, rank_by_uncertainty, tta_flows, tta_uncertainty, unflip_flows
 from mmcs_monai.metrics import f1_score
-from tests.conftest import OracleNet, RecordingNet, disk_labels
 
 
 def perfect_flows(labels: np.ndarray) -> torch.Tensor:

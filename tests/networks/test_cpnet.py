@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from helpers import require_module
 from mmcs_monai.networks import CPnet, load_cellpose_checkpoint
 
 NBASE = [2, 32, 64, 128, 256]
@@ -23,7 +24,7 @@ def _randomise_bn(net: torch.nn.Module, seed: int = 0) -> None:
 
 @pytest.fixture(scope="module")
 def cellpose_net():
-    resnet_torch = pytest.importorskip("cellpose.resnet_torch")
+    resnet_torch = require_module("cellpose.resnet_torch")
     torch.manual_seed(0)
     net = resnet_torch.CPnet(nbase=list(NBASE), nout=3, sz=3, diam_mean=17.0)
     _randomise_bn(net)
@@ -91,7 +92,7 @@ def test_parity_with_cellpose(cellpose_net, size):
 
 def test_padding_matches_cellpose_zero_padding(cellpose_net):
     """Odd sizes: same as Cellpose's net on the centred zero-padded image, cropped back."""
-    transforms = pytest.importorskip("cellpose.transforms")
+    transforms = require_module("cellpose.transforms")
     ours = CPnet(nbase=NBASE)
     ours.load_state_dict(cellpose_net.state_dict())
     ours.eval()

@@ -1,7 +1,6 @@
 """TorchScript export: round trip, equality with the eager model, diameters and metadata inside, clear errors."""
 
 import json
-import os
 import subprocess
 import sys
 import zipfile
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import subprocess_env
 from mmcs_monai import cli
 from mmcs_monai.inference import CellInferer, resolve_diameter
 from mmcs_monai.io import InputError, read_image
@@ -102,7 +102,7 @@ def test_exported_file_loads_without_mmcs_installed(exported):
         f"m = torch.jit.load({str(exported)!r})\n"
         "print(tuple(m(torch.zeros(1, 2, 30, 41)).shape), float(m.diam_labels))\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=subprocess_env())
     assert result.returncode == 0, result.stderr[-2000:]
     assert "(1, 3, 30, 41) 21.5" in result.stdout
 
@@ -183,7 +183,7 @@ def test_other_torchscript_model_is_refused(tmp_path):
 
 
 def _bundle(*args):
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env = subprocess_env()
     result = subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=BUNDLE, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
 
@@ -193,8 +193,20 @@ def test_bundle_ckpt_export_and_mmcs_export_write_equal_models(network, tmp_path
     torch.save(network.state_dict(), ckpt)
     out = tmp_path / "bundle_model.ts"
     _bundle(
-        "ckpt_export", "network_def", "--filepath", str(out), "--ckpt_file", str(ckpt), "--model_path", str(ckpt),
-        "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json", "--bundle_root", ".",
+        "ckpt_export",
+        "network_def",
+        "--filepath",
+        str(out),
+        "--ckpt_file",
+        str(ckpt),
+        "--model_path",
+        str(ckpt),
+        "--meta_file",
+        "configs/metadata.json",
+        "--config_file",
+        "configs/inference.json",
+        "--bundle_root",
+        ".",
     )
     from_bundle, metadata = load_torchscript(out)
     assert metadata["version"] == json.loads((BUNDLE / "configs" / "metadata.json").read_text())["version"]

@@ -7,7 +7,7 @@ import pytest
 import tifffile
 import torch
 
-from conftest import disk_labels
+from helpers import disk_labels
 from mmcs_monai.diameters import datalist_diameters, median_diameter, with_subset_diameters
 from mmcs_monai.flows import labels_to_flows
 from mmcs_monai.io import InputError, read_labels
@@ -90,7 +90,11 @@ def test_rand_cell_affine_resizes_to_target_diameter():
 
 
 def test_rand_cell_affined_is_reproducible_and_crops(discs):
-    data = {"image": np.random.default_rng(0).random((2, 96, 96)).astype(np.float32), "flows": LabelsToFlows()(discs[None]), "diameter": 20.0}
+    data = {
+        "image": np.random.default_rng(0).random((2, 96, 96)).astype(np.float32),
+        "flows": LabelsToFlows()(discs[None]),
+        "diameter": 20.0,
+    }
     t1 = RandCellAffined(keys=["image", "flows"], spatial_size=64).set_random_state(seed=3)
     t2 = RandCellAffined(keys=["image", "flows"], spatial_size=64).set_random_state(seed=3)
     a, b = t1(data), t2(data)
@@ -118,6 +122,15 @@ def test_flows_to_masks_transform_recovers_labels(discs):
     masks = FlowsToMasks()(output)
     assert masks.shape == (1, *discs.shape) and masks.dtype == torch.int32
     assert int(masks.max()) == 3
+    from mmcs_monai.metrics import match_instances
+
+    # the same cells, pixel for pixel (ids may be renumbered): every disc matched at IoU > 0.95
+    recovered = masks[0].numpy()
+    for i in (1, 2, 3):
+        ids, counts = np.unique(recovered[discs == i], return_counts=True)
+        assert len(ids) == 1 and ids[0] > 0 and counts[0] == (discs == i).sum()
+    assert ((recovered > 0) == (discs > 0)).mean() > 0.99
+    assert match_instances(discs, recovered, 0.95)[0] == 3
 
 
 def test_subset_diameters_bring_both_subsets_to_the_target_size(tmp_path):

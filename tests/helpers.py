@@ -1,0 +1,131 @@
+"""Shared test helpers (imported by tests as ``from helpers import ...``; fixtures live in ``conftest.py``).
+
+Requirements: a test that needs an optional dependency calls :func:`require_module`, :func:`require_dev_data`
+or :func:`environment_python`. Missing, the test is skipped, or **failed** when the matching
+``MMCS_REQUIRE_<NAME>=1`` is set: ``scripts/test.sh`` (CI) sets them, so CI cannot go green by skipping.
+"""
+
+import importlib
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mmcs_monai.networks import CPnet
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundle"
+SAMPLE_IMAGES = BUNDLE / "sample_data" / "images"
+DEV_DATA = Path(os.environ.get("MMCS_DEV_DATA", REPO.parent / "shared" / "data" / "dev"))
+
+# A small CPnet (nbase [2, 8, 16, 32]) trained on the sample data, so tests that need real cells have them;
+# tests/data/README.md says how it was made.
+TINY_MODEL = REPO / "tests" / "data" / "tiny_cpnet.pt"
+
+
+def _missing(requirement: str, message: str):
+    if os.environ.get(f"MMCS_REQUIRE_{requirement}") == "1":
+        pytest.fail(f"{message} (MMCS_REQUIRE_{requirement}=1: required here)")
+    pytest.skip(message)
+
+
+def require_module(name: str, requirement: str = "CELLPOSE"):
+    """Import ``name`` (e.g. ``"cellpose.dynamics"``): the reference implementation the parity tests compare
+    with. Missing: skip, or fail under ``MMCS_REQUIRE_<requirement>=1``."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:
+        _missing(requirement, f"{name} not importable ({err}): pip install 'cellpose<4'")
+
+
+def require_dev_data() -> Path:
+    """Root of ``../shared/data/dev``; missing: skip, or fail under ``MMCS_REQUIRE_DEV_DATA=1``."""
+    if not (DEV_DATA / "manifest.csv").is_file():
+        _missing("DEV_DATA", f"dev data not found at {DEV_DATA}")
+    return DEV_DATA
+
+
+def environment_python(extra: str) -> Path:
+    """Python of the separate environment for the ``extra`` (``deploy``, ``label``): ``MMCS_<EXTRA>_PYTHON``, else
+    ``~/.venvs/mmcs-<extra>``. Missing: skip, or fail under ``MMCS_REQUIRE_<EXTRA>=1``."""
+    name = extra.upper()
+    python = Path(os.environ.get(f"MMCS_{name}_PYTHON", Path.home() / ".venvs" / f"mmcs-{extra}" / "bin" / "python"))
+    if not python.is_file():
+        _missing(name, f"{extra} environment not found at {python}: MMCS_VENV=~/.venvs/mmcs-{extra} bash scripts/setup_env.sh {extra}")
+    return python
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment for a child process that must run *this checkout's* package (not an installed copy):
+    the repository first on ``PYTHONPATH``, warnings quiet, plus ``extra``."""
+    path = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return dict(os.environ, PYTHONPATH=path, PYTHONWARNINGS="ignore", **extra)
+
+
+# bundle runs with a tiny network, so a training epoch on the sample data takes seconds
+TINY = ["--nbase", "[2,8,16,32]", "--patch_size", "64", "--batch_size", "4", "--num_workers", "0"]
+
+
+def bundle(*args, cwd=REPO) -> str:
+    """Run ``python -m monai.bundle <args>`` on this checkout; asserts exit 0, returns stdout + stderr."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "monai.bundle", *map(str, args)]
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=subprocess_env(), timeout=600)
+    assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout + result.stderr
+
+
+def configs(*names) -> str:
+    """A JSON list of bundle config files: names in ``bundle/configs`` or paths."""
+    import json
+
+    return json.dumps([str(n) if Path(str(n)).is_absolute() else str(BUNDLE / "configs" / n) for n in names])
+
+
+def disk_labels(shape=(96, 96), centers=((30, 30), (60, 64), (25, 70)), radii=(10, 14, 8)) -> np.ndarray:
+    """Instance labels [H, W] uint16 of non-overlapping discs, ids 1..n in the order given."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    labels = np.zeros(shape, np.uint16)
+    for i, ((cy, cx), r) in enumerate(zip(centers, radii), start=1):
+        labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= r**2] = i
+    return labels
+
+
+class RecordingNet(torch.nn.Module):
+    """A stand-in network that records the sizes it is called with and returns x-coordinate ramps."""
+
+    def __init__(self, diam_mean=30.0, diam_labels=15.0):
+        super().__init__()
+        self.diam_mean = torch.nn.Parameter(torch.tensor([diam_mean]), requires_grad=False)
+        self.diam_labels = torch.nn.Parameter(torch.tensor([diam_labels]), requires_grad=False)
+        self.seen = []
+        self.subset_diameters = {}
+
+    # the real network's subset-diameter table
+    set_subset_diameters = CPnet.set_subset_diameters
+    diameter_for = CPnet.diameter_for
+
+    def forward(self, x):
+        self.seen.append(tuple(x.shape[-2:]))
+        return x[:, :1].repeat(1, 3, 1, 1)
+
+
+class OracleNet(RecordingNet):
+    """Stand-in network that returns perfect outputs for a binary disc image at any scale."""
+
+    def forward(self, x):
+        from skimage.measure import label
+
+        from mmcs_monai.flows import labels_to_flows
+
+        self.seen.append(tuple(x.shape[-2:]))
+        outs = []
+        for image in x[:, 0].float():
+            labels = label(image.numpy() > 0.5)
+            flows = torch.as_tensor(labels_to_flows(labels)) * 5
+            outs.append(torch.cat([flows, torch.where(torch.as_tensor(labels > 0), 10.0, -10.0)[None]]))
+        return torch.stack(outs)
