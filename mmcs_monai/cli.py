@@ -150,9 +150,9 @@ def infer_slide(
     precision: str = "auto",
     nucleus_channel: int | None = None,
     cyto_channel: int | None = None,
-    flow_threshold: float = 0.4,
-    cellprob_threshold: float = 0.0,
-    min_size: int = 15,
+    flow_threshold: float | None = None,
+    cellprob_threshold: float | None = None,
+    min_size: int | None = None,
     bundle_root: str | None = None,
 ) -> str:
     """Segment one large image (whole slide, 10,000 x 10,000 px and more) block by block.
@@ -166,6 +166,7 @@ def infer_slide(
         diameter: cell diameter in pixels, a stored subset name, ``auto``, or None (the model's mean).
         block_size: block side in network pixels; memory grows with its square.
         halo: context around each block in image pixels (default ``max(64, 4 * diameter)``).
+        flow_threshold, cellprob_threshold, min_size: mask thresholds (default: the library's, as in Cellpose 3).
 
     Returns:
         a one-line summary (cells, blocks, seconds, outputs).
@@ -173,6 +174,7 @@ def infer_slide(
     import logging
 
     from mmcs_monai import distributed
+    from mmcs_monai.flows import MaskSettings
     from mmcs_monai.inference import CellInferer
     from mmcs_monai.io import masks_filename
     from mmcs_monai.wholeslide import SlideSegmenter
@@ -193,9 +195,7 @@ def infer_slide(
         diameter=diameter,
         cyto_channel=cyto_channel,
         nucleus_channel=nucleus_channel,
-        flow_threshold=flow_threshold,
-        cellprob_threshold=cellprob_threshold,
-        min_size=min_size,
+        mask_settings=MaskSettings.from_options(flow_threshold=flow_threshold, cellprob_threshold=cellprob_threshold, min_size=min_size),
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # block progress
     result = segmenter(image, labels_path, table_path)
@@ -216,7 +216,7 @@ def diameter_sweep(
     split: str = "val",
     limit: int | None = None,
     precision: str = "auto",
-    roi_size: int = 224,
+    roi_size: int | None = None,
     border: int = 2,
     output: str | None = None,
     bundle_root: str | None = None,
@@ -244,7 +244,7 @@ def diameter_sweep(
     if not items:
         raise SystemExit(f"{data_source}: no labelled images in split {split!r}")
     network = _load_network(model, bundle_root)
-    inferer = CellInferer(roi_size=roi_size, precision=precision)
+    inferer = CellInferer(precision=precision, **({"roi_size": int(roi_size)} if roi_size else {}))
     rows = sweep(network, items, parse_diameters(diameters), inferer=inferer, border=border)
     if output:
         write_sweep_csv(output, rows)

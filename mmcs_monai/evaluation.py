@@ -1,7 +1,7 @@
 """F1 over a sweep of inference diameters on a labelled set (the paper's Table 4).
 
-The same prediction path as everywhere else (:class:`~mmcs_monai.inference.CellInferer`, then
-:func:`~mmcs_monai.flows.flows_to_masks`), scored with :func:`~mmcs_monai.metrics.f1_score`.
+The same image -> masks path as everywhere else (:class:`~mmcs_monai.segmentation.CellSegmenter`),
+scored with :func:`~mmcs_monai.metrics.f1_score`.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmcs_monai.flows import flows_to_masks
+from mmcs_monai.flows import MaskSettings
 from mmcs_monai.inference import CellInferer
 from mmcs_monai.io import atomic_path
 from mmcs_monai.metrics import f1_score
+from mmcs_monai.segmentation import CellSegmenter
 from mmcs_monai.transforms import inference_preprocessing
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def diameter_sweep(
     diameters: Sequence[str | float],
     inferer: CellInferer | None = None,
     border: int = 2,
-    mask_kwargs: Mapping[str, Any] | None = None,
+    mask_settings: MaskSettings | None = None,
 ) -> list[dict[str, Any]]:
     """Per-image F1 at IoU 0.5 for each inference diameter.
 
@@ -71,22 +72,22 @@ def diameter_sweep(
             image at its own subset's stored diameter) or a stored subset name.
         inferer: the inferer to use (default: 224 px tiles, auto precision).
         border: CellSeg border (px) for the F1.
-        mask_kwargs: passed to :func:`flows_to_masks` (``flow_threshold``, ``cellprob_threshold``...).
+        mask_settings: flows -> masks thresholds (default: :class:`MaskSettings`()).
 
     Returns:
-        one row per (diameter, image): ``diameter``, ``id``, ``subset``, ``f1``, ``cells`` (predicted).
+        one row per (diameter, image): ``diameter`` (as asked), ``id``, ``subset``, ``f1``, ``cells``
+        (predicted) and ``diameter_px`` (the diameter the image was segmented at).
     """
-    inferer = inferer or CellInferer()
-    device = next(network.parameters()).device
+    segmenter = CellSegmenter(network, inferer, mask_settings)
     load = inference_preprocessing(keys=["image", "label"])
     rows = []
     for item in items:
         data = load(dict(item))
-        image = torch.as_tensor(np.asarray(data["image"]))[None].to(device)
+        image = torch.as_tensor(np.asarray(data["image"]))
         gt = np.asarray(data["label"])[0]
         for spec in diameters:
-            flows = inferer(image, network, diameter=_inference_diameter(spec, item, network))[0].cpu().numpy()
-            masks = flows_to_masks(flows[:2], flows[2], **dict(mask_kwargs or {}))
+            result = segmenter(image, diameter=_inference_diameter(spec, item, network))
+            masks = result.masks
             score = f1_score(gt, masks, border=border)
             rows.append(
                 {
@@ -94,7 +95,8 @@ def diameter_sweep(
                     "id": item.get("id", ""),
                     "subset": str(item.get("subset") or "default"),
                     "f1": score["f1"],
-                    "cells": int(masks.max()),
+                    "cells": result.cells,
+                    "diameter_px": round(result.diameter, 2),
                 }
             )
         logger.info("%s done", item.get("id", item["image"]))
@@ -127,8 +129,8 @@ def format_sweep_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def write_sweep_csv(path, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Per-image rows (diameter, id, subset, f1, cells) as CSV, written atomically."""
+    """Per-image rows (diameter, id, subset, f1, cells, diameter_px) as CSV, written atomically."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["diameter", "id", "subset", "f1", "cells"])
+        writer = csv.DictWriter(f, fieldnames=["diameter", "id", "subset", "f1", "cells", "diameter_px"])
         writer.writeheader()
         writer.writerows(rows)

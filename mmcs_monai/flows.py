@@ -35,6 +35,7 @@ ground-truth round trip 0.9996 for both).
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, fields
 from typing import Union
 
 import numpy as np
@@ -45,6 +46,7 @@ from scipy import ndimage
 __all__ = [
     "labels_to_flows",
     "flows_to_masks",
+    "MaskSettings",
     "follow_flows",
     "get_masks",
     "flow_error",
@@ -638,14 +640,61 @@ def _fill_holes(labels: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@dataclass(frozen=True)
+class MaskSettings:
+    """The settings of flows -> masks, with Cellpose 3's defaults: the one place they are written.
+
+    Every path from an image to masks (``CellSegmenter``, the bundle's ``FlowsToMasksd``, the label and
+    Deploy apps, the command line) takes its thresholds from here; a config or a request overrides them.
+
+    Attributes:
+        flow_threshold: maximum mean squared flow error per mask (None or <= 0: no flow QC).
+        cellprob_threshold: pixels with a cell-probability logit above it are in cells.
+        min_size: minimum mask size in pixels (<= 0: keep all).
+        niter: Euler steps of flow following.
+        max_size_fraction: masks covering more than this fraction of the image are dropped.
+    """
+
+    flow_threshold: float | None = 0.4
+    cellprob_threshold: float = 0.0
+    min_size: int = 15
+    niter: int = 200
+    max_size_fraction: float = 0.4
+
+    @classmethod
+    def from_options(cls, **options) -> MaskSettings:
+        """Settings from keyword options, where None means "the default" (command-line and request values).
+
+        Raises:
+            ValueError: an unknown option, or a value that is not a number.
+        """
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise ValueError(f"unknown mask setting(s) {unknown}; known: {sorted(known)}")
+        values = {}
+        for name, value in options.items():
+            if value is None:
+                continue
+            try:
+                values[name] = int(value) if name in ("min_size", "niter") else float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{name} must be a number, got {value!r}") from None
+        return cls(**values)
+
+    def masks(self, output: ArrayLike) -> ArrayLike:
+        """Instance masks int32 [H, W] from a network output [3, H, W] (dY, dX, cell probability logit)."""
+        return flows_to_masks(output[:2], output[2], **asdict(self))
+
+
 def flows_to_masks(
     flows: ArrayLike,
     cellprob: ArrayLike,
-    niter: int = 200,
-    cellprob_threshold: float = 0.0,
-    flow_threshold: float | None = 0.4,
-    min_size: int = 15,
-    max_size_fraction: float = 0.4,
+    niter: int = MaskSettings.niter,
+    cellprob_threshold: float = MaskSettings.cellprob_threshold,
+    flow_threshold: float | None = MaskSettings.flow_threshold,
+    min_size: int = MaskSettings.min_size,
+    max_size_fraction: float = MaskSettings.max_size_fraction,
 ) -> ArrayLike:
     """Instance masks from Cellpose network outputs (Cellpose 3 ``compute_masks`` + hole filling).
 

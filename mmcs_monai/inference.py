@@ -16,9 +16,14 @@ import torch.nn.functional as F
 from monai.inferers import Inferer, SlidingWindowInferer
 
 from mmcs_monai.diameters import median_diameter, scale_to_target
-from mmcs_monai.flows import flows_to_masks
+from mmcs_monai.flows import MaskSettings
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+# Tiling defaults (network pixels), written once: configs, the apps and the command line refer to these.
+ROI_SIZE = 224
+OVERLAP = 0.1
+SW_BATCH_SIZE = 8
 
 
 def native_bf16(device: torch.device | str) -> bool:
@@ -97,6 +102,9 @@ def resolve_diameter(network: torch.nn.Module, diameter: float | str | None) -> 
 class CellInferer(Inferer):
     """Predict flows for whole images with a CPnet, at the right scale, tile by tile.
 
+    Stateless between calls (a server may share one across requests): the diameter used for each
+    image comes back from :meth:`predict`, not through an attribute.
+
     Args:
         roi_size: tile size (pixels, at network scale).
         overlap: fraction of a tile that overlaps its neighbour.
@@ -104,12 +112,12 @@ class CellInferer(Inferer):
         diameter: cell diameter in the input images: a number (pixels); None for the model's stored
             training-set mean (``diam_labels``); the name of a training subset whose diameter the
             model stored (``network.subset_diameters``); or ``"auto"``: segment once at the stored
-            mean, measure the median diameter of the cells found, and segment again at that size
-            (the measured values are kept in ``last_diameters``).
+            mean, measure the median diameter of the cells found, and segment again at that size.
         precision: ``auto`` (bf16 where the device has native bf16, else fp32), ``fp32``, ``bf16``
             (CPU/GPU autocast) or ``fp16`` (GPU).
         channels_last: run the network in channels-last memory layout (faster with bf16 on CPU);
             None: on when the resolved precision is bf16.
+        mask_settings: thresholds of the masks that ``auto`` measures (default :class:`MaskSettings`()).
 
     Call: ``inferer(images [B, 2, H, W] float32, network, diameter=None) -> flows [B, 3, H, W] float32``
     (dY, dX as the network scales them, cell probability logit), at the input's H, W; ``diameter``
@@ -118,19 +126,20 @@ class CellInferer(Inferer):
 
     def __init__(
         self,
-        roi_size: int = 224,
-        overlap: float = 0.1,
-        sw_batch_size: int = 8,
+        roi_size: int = ROI_SIZE,
+        overlap: float = OVERLAP,
+        sw_batch_size: int = SW_BATCH_SIZE,
         diameter: float | str | None = None,
         precision: str = "auto",
         channels_last: bool | None = None,
+        mask_settings: MaskSettings | None = None,
     ):
         super().__init__()
         resolve_precision(precision, "cpu")  # validates the name early
         self.diameter = diameter
         self.precision = precision
         self.channels_last = channels_last
-        self.last_diameters: list[float] = []
+        self.mask_settings = mask_settings or MaskSettings()
         self.roi_size = roi_size
         self.overlap = overlap
         self.sw_batch_size = sw_batch_size
@@ -150,20 +159,29 @@ class CellInferer(Inferer):
     def __call__(
         self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, diameter: float | str | None = None, **kwargs
     ) -> torch.Tensor:
+        return self.predict(inputs, network, *args, diameter=diameter, **kwargs)[0]
+
+    def predict(
+        self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, diameter: float | str | None = None, **kwargs
+    ) -> tuple[torch.Tensor, list[float]]:
+        """Flows ``[B, 3, H, W]`` float32 and the cell diameter (pixels) each image was segmented at.
+
+        With ``auto``, an image whose first pass finds no cell keeps the stored diameter.
+        """
         diameter = diameter if diameter is not None else self.diameter
         if diameter != "auto":
-            return self._predict(inputs, network, diameter, *args, **kwargs)
+            used = resolve_diameter(network, diameter)
+            return self._predict(inputs, network, diameter, *args, **kwargs), [used] * len(inputs)
         # Cellpose's size model in spirit: segment at the stored diameter, measure the cells found,
         # then segment again at that size. Images whose cells are 2-4x off the training size are
         # otherwise segmented at a scale where the network finds few or no cells.
-        outputs, self.last_diameters = [], []
+        outputs, used = [], []
         for image in inputs.split(1):
             first = self._predict(image, network, None, *args, **kwargs)
-            flows = first[0].cpu().numpy()
-            measured = median_diameter(flows_to_masks(flows[:2], flows[2]))
-            self.last_diameters.append(measured)
+            measured = median_diameter(self.mask_settings.masks(first[0].cpu().numpy()))
+            used.append(measured if measured > 0 else resolve_diameter(network, None))
             outputs.append(self._predict(image, network, measured, *args, **kwargs) if measured > 0 else first)
-        return torch.cat(outputs)
+        return torch.cat(outputs), used
 
     def _predict(self, inputs: torch.Tensor, network: torch.nn.Module, diameter, *args: Any, **kwargs) -> torch.Tensor:
         height, width = inputs.shape[-2:]

@@ -20,7 +20,6 @@ a band of rows at a time.
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import os
@@ -33,18 +32,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import ndimage
 
+from mmcs_monai.cells import finalize_labels, write_cell_table
 from mmcs_monai.diameters import DEFAULT_TARGET_DIAMETER, scale_to_target
 from mmcs_monai.distributed import barrier, broadcast_object, get_rank, is_distributed, is_main_process, shard
-from mmcs_monai.flows import flows_to_masks
+from mmcs_monai.flows import MaskSettings
 from mmcs_monai.inference import CellInferer, model_diameters, resolve_diameter
 from mmcs_monai.io import ImageRegions, atomic_path, open_regions
+from mmcs_monai.segmentation import CellSegmenter
 from mmcs_monai.transforms.array import StackNucleusChannel, percentile_bounds, scale_to_bounds
 
 logger = logging.getLogger(__name__)
-
-CELL_TABLE_COLUMNS = ("id", "centroid_y", "centroid_x", "area", "bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1")
 
 
 @dataclass(frozen=True)
@@ -119,7 +117,7 @@ class SlideSegmenter:
         diameter: cell diameter in the slide (pixels), a stored subset name, None (the model's mean) or
             ``"auto"`` (measured on a central crop of ``auto_crop`` pixels, then used for every block).
         cyto_channel, nucleus_channel: channel choice as in :class:`StackNucleusChannel`.
-        flow_threshold, cellprob_threshold, min_size: passed to :func:`flows_to_masks`.
+        mask_settings: flows -> masks thresholds (default :class:`~mmcs_monai.flows.MaskSettings`()).
         intensity_samples: number of windows (spread over the slide) whose pixels set the 1-99
             percentile intensity range used for every block.
 
@@ -137,9 +135,7 @@ class SlideSegmenter:
         diameter: float | str | None = None,
         cyto_channel: int | None = None,
         nucleus_channel: int | None = None,
-        flow_threshold: float | None = 0.4,
-        cellprob_threshold: float = 0.0,
-        min_size: int = 15,
+        mask_settings: MaskSettings | None = None,
         intensity_samples: int = 64,
         auto_crop: int = 1024,
     ):
@@ -149,7 +145,7 @@ class SlideSegmenter:
         self.halo = halo
         self.diameter = diameter
         self.stack = StackNucleusChannel(cyto_channel, nucleus_channel)
-        self.mask_kwargs = dict(flow_threshold=flow_threshold, cellprob_threshold=cellprob_threshold, min_size=min_size)
+        self.segmenter = CellSegmenter(network, self.inferer, mask_settings)
         self.intensity_samples = intensity_samples
         self.auto_crop = auto_crop
 
@@ -175,16 +171,11 @@ class SlideSegmenter:
         h, w = regions.shape
         cy, cx, half = h // 2, w // 2, self.auto_crop // 2
         window = (max(cy - half, 0), min(cy + half, h), max(cx - half, 0), min(cx + half, w))
-        x = torch.as_tensor(self.read_window(regions, window, bounds))[None].to(self._device)
-        self.inferer(x, self.network, diameter="auto")
-        measured = self.inferer.last_diameters[0] if self.inferer.last_diameters else 0.0
-        return measured if measured > 0 else resolve_diameter(self.network, None)
+        return self.segmenter(self.read_window(regions, window, bounds), diameter="auto").diameter
 
     def segment_block(self, regions: ImageRegions, block: Block, bounds, diameter: float) -> np.ndarray:
         """Cells owned by ``block``: int32 [window h, window w], ids 1..n (consecutive), 0 elsewhere."""
-        x = torch.as_tensor(self.read_window(regions, block.window, bounds))[None].to(self._device)
-        flows = self.inferer(x, self.network, diameter=diameter)[0].float().cpu().numpy()
-        masks = flows_to_masks(flows[:2], flows[2], **self.mask_kwargs)
+        masks = self.segmenter(self.read_window(regions, block.window, bounds), diameter=diameter).masks
         return owned_cells(masks, block, margin=0.5 * diameter)
 
     @property
@@ -345,81 +336,6 @@ def paste_block(canvas: LabelCanvas, block: Block, owned: np.ndarray, next_id: i
     return next_id + int(keep.sum()), int((area[1:] > 0).sum() - keep.sum())
 
 
-def finalize_labels(canvas: LabelCanvas, band: int = 1024) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """One streaming pass: the lookup table to consecutive ids and each cell's measurements.
-
-    Returns:
-        ``(lut, table)``: ``lut[old_id]`` is the final id (0 for ids no pixel kept) and ``table`` maps
-        each of :data:`CELL_TABLE_COLUMNS` to an array over cells 1..N.
-    """
-    width = canvas.shape[1]
-    size = 1
-    area = np.zeros(1, np.int64)
-    sums_y = np.zeros(1)
-    sums_x = np.zeros(1)
-    bbox = np.zeros((1, 4), np.int64)
-    for y0, rows in canvas.bands(band):
-        ids = np.asarray(rows)
-        top = int(ids.max())
-        if top == 0:
-            continue
-        if top + 1 > size:  # grow the per-id arrays
-            grow = top + 1 - size
-            area = np.concatenate([area, np.zeros(grow, np.int64)])
-            sums_y, sums_x = np.concatenate([sums_y, np.zeros(grow)]), np.concatenate([sums_x, np.zeros(grow)])
-            bbox = np.concatenate([bbox, np.tile([[np.iinfo(np.int64).max, np.iinfo(np.int64).max, -1, -1]], (grow, 1))])
-            size = top + 1
-        flat = ids.ravel()
-        area[: top + 1] += np.bincount(flat, minlength=top + 1)
-        row_index = np.repeat(np.arange(y0, y0 + ids.shape[0], dtype=np.float64), width)
-        col_index = np.tile(np.arange(width, dtype=np.float64), ids.shape[0])
-        sums_y[: top + 1] += np.bincount(flat, row_index, minlength=top + 1)
-        sums_x[: top + 1] += np.bincount(flat, col_index, minlength=top + 1)
-        for label, found in enumerate(ndimage.find_objects(ids), start=1):
-            if found is not None:
-                ys, xs = found
-                box = bbox[label]
-                box[0] = min(box[0], y0 + ys.start)
-                box[1] = min(box[1], xs.start)
-                box[2] = max(box[2], y0 + ys.stop)
-                box[3] = max(box[3], xs.stop)
-        del rows
-    present = np.flatnonzero(area[1:]) + 1
-    lut = np.zeros(size, np.uint32)
-    lut[present] = np.arange(1, present.size + 1, dtype=np.uint32)
-    table = {
-        "id": np.arange(1, present.size + 1),
-        "centroid_y": sums_y[present] / area[present],
-        "centroid_x": sums_x[present] / area[present],
-        "area": area[present],
-        "bbox_y0": bbox[present, 0],
-        "bbox_x0": bbox[present, 1],
-        "bbox_y1": bbox[present, 2],
-        "bbox_x1": bbox[present, 3],
-    }
-    return lut, table
-
-
-class _ArrayCanvas:
-    """An in-memory label image seen through :class:`LabelCanvas`'s ``shape``/``bands`` interface."""
-
-    def __init__(self, labels: np.ndarray):
-        self.labels = np.asarray(labels)
-        self.shape = self.labels.shape
-
-    def bands(self, height: int = 1024) -> Iterator[tuple[int, np.ndarray]]:
-        for y0 in range(0, self.shape[0], height):
-            yield y0, self.labels[y0 : y0 + height]
-
-
-def measure_cells(labels: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """:func:`finalize_labels` for a label image in memory (``[H, W]`` int): ``(lut, table)``.
-
-    ``lut[labels]`` renumbers the cells 1..N in the order of the table's ``id`` column.
-    """
-    return finalize_labels(_ArrayCanvas(labels))
-
-
 def write_label_tiff(path, canvas: LabelCanvas, lut: np.ndarray, tile: int = 512) -> Path:
     """Write the canvas through ``lut`` as a tiled, zlib-compressed TIFF (uint16 or uint32), atomically."""
     import tifffile
@@ -441,16 +357,4 @@ def write_label_tiff(path, canvas: LabelCanvas, lut: np.ndarray, tile: int = 512
     with atomic_path(path) as tmp:
         big = h * w * np.dtype(dtype).itemsize > 2**31
         tifffile.imwrite(tmp, tiles(), shape=(h, w), dtype=dtype, tile=(tile, tile), compression="zlib", bigtiff=big)
-    return path
-
-
-def write_cell_table(path, table: dict[str, np.ndarray]) -> Path:
-    """Write the per-cell table (:data:`CELL_TABLE_COLUMNS`) as CSV, atomically."""
-    path = Path(path)
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(CELL_TABLE_COLUMNS)
-        columns = [table[c] for c in CELL_TABLE_COLUMNS]
-        for row in zip(*columns):
-            writer.writerow([f"{v:.2f}" if isinstance(v, float) else int(v) for v in row])
     return path

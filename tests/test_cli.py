@@ -74,8 +74,8 @@ def test_diameter_sweep_command_prints_a_row_per_diameter(tmp_path):
 def test_infer_slide_command_writes_tiled_labels_and_cell_table(tmp_path):
     import torch
 
+    from mmcs_monai.cells import CELL_TABLE_COLUMNS
     from mmcs_monai.networks import CPnet
-    from mmcs_monai.wholeslide import CELL_TABLE_COLUMNS
 
     image = np.zeros((400, 300), np.uint8)
     image[::7] = 200

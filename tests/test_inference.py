@@ -88,9 +88,9 @@ def test_auto_diameter_measures_cells_then_rescales():
     image = torch.stack([torch.as_tensor(labels > 0, dtype=torch.float32), torch.zeros(96, 96)])[None]
     net = OracleNet(diam_mean=30.0, diam_labels=12.0)  # stored size 3x too small for these cells
     inferer = CellInferer(diameter="auto", precision="fp32")
-    out = inferer(image, net)
-    assert out.shape == (1, 3, 96, 96)
-    assert inferer.last_diameters[0] == pytest.approx(36, rel=0.1)
+    out, used = inferer.predict(image, net)
+    assert out.shape == (1, 3, 96, 96) and torch.equal(out, inferer(image, net))
+    assert used[0] == pytest.approx(36, rel=0.1) and not hasattr(inferer, "last_diameters")
     # second pass at zoom 30/36: a 80 x 80 image, one tile (rounded up to 16 px)
     assert net.seen[-1] == (80, 80)
 

@@ -106,9 +106,9 @@ class RecordingInferer(CellInferer):
         super().__init__(*args, **kwargs)
         self.inputs = []
 
-    def __call__(self, inputs, network, *args, **kwargs):
+    def predict(self, inputs, network, *args, **kwargs):
         self.inputs.append(tuple(inputs.shape[-2:]))
-        return super().__call__(inputs, network, *args, **kwargs)
+        return super().predict(inputs, network, *args, **kwargs)
 
 
 def test_network_never_sees_more_than_one_window(tmp_path):

@@ -97,10 +97,10 @@ class CellSegmentationApp(Application):
             device=_setting("DEVICE"),
             diameter=_diameter(_setting("DIAMETER")),
             precision=_setting("PRECISION", "fp32"),
-            roi_size=_setting("ROI_SIZE", 224, int),
-            flow_threshold=_setting("FLOW_THRESHOLD", 0.4, float),
-            cellprob_threshold=_setting("CELLPROB_THRESHOLD", 0.0, float),
-            min_size=_setting("MIN_SIZE", 15, int),
+            roi_size=_setting("ROI_SIZE", None, int),
+            flow_threshold=_setting("FLOW_THRESHOLD", None, float),
+            cellprob_threshold=_setting("CELLPROB_THRESHOLD", None, float),
+            min_size=_setting("MIN_SIZE", None, int),
             name="segmenter",
         )
         if not items:

@@ -1,7 +1,7 @@
 """Operators of the Deploy app: load one image, segment it, write its outputs.
 
 Each operator wraps the library pieces ``mmcs infer`` runs (the bundle's inference config): the same
-transforms, :class:`~mmcs_monai.inference.CellInferer` (tiles, diameter) and ``FlowsToMasksd``, so the
+transforms and :class:`~mmcs_monai.segmentation.CellSegmenter` (tiles, diameter, masks), so the
 app's masks equal ``mmcs infer``'s for the same model and settings. A sample travels between operators
 as a dict: ``image`` ``[2, H, W]`` float32 (cytoplasm, nucleus), ``id``, ``image_file`` and, after
 segmentation, ``masks`` ``[1, H, W]`` int32. A sample that fails carries ``error`` instead and is
@@ -18,10 +18,11 @@ import torch
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
 from mmcs_monai.data import BadSampleLog
-from mmcs_monai.inference import CellInferer, resolve_diameter
+from mmcs_monai.inference import resolve_diameter
 from mmcs_monai.io import InputError
 from mmcs_monai.networks.torchscript import load_torchscript
-from mmcs_monai.transforms import FlowsToMasksd, SaveCellOutputsd, inference_preprocessing
+from mmcs_monai.segmentation import segmenter_from_options
+from mmcs_monai.transforms import SaveCellOutputsd, inference_preprocessing
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +65,9 @@ class CellSegmentationOperator(Operator):
         device: torch device (default: the first GPU, else CPU).
         diameter: cell diameter in the images: pixels, a stored subset name, ``auto`` or None (stored mean).
         precision: ``fp32`` (default: masks identical to ``mmcs infer --precision fp32``), ``bf16``, ``fp16``, ``auto``.
-        roi_size: tile size at network scale.
-        flow_threshold, cellprob_threshold, min_size: mask post-processing, as in Cellpose.
+        roi_size: tile size at network scale (None: the library's).
+        flow_threshold, cellprob_threshold, min_size: mask post-processing, as in Cellpose (None: the
+            library's defaults, :class:`~mmcs_monai.flows.MaskSettings`).
     """
 
     def __init__(
@@ -76,18 +78,23 @@ class CellSegmentationOperator(Operator):
         device: str | None = None,
         diameter: float | str | None = None,
         precision: str = "fp32",
-        roi_size: int = 224,
-        flow_threshold: float = 0.4,
-        cellprob_threshold: float = 0.0,
-        min_size: int = 15,
+        roi_size: int | None = None,
+        flow_threshold: float | None = None,
+        cellprob_threshold: float | None = None,
+        min_size: int | None = None,
         **kwargs,
     ):
         self.torch_device = torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
         self.model, self.model_metadata = load_torchscript(model_file(model_path), map_location=self.torch_device)
         resolve_diameter(self.model, diameter)  # an unknown subset name stops the app here, not per image
-        self.inferer = CellInferer(roi_size=roi_size, diameter=diameter, precision=precision)
-        self.to_masks = FlowsToMasksd(
-            keys="pred", output_key="masks", flow_threshold=flow_threshold, cellprob_threshold=cellprob_threshold, min_size=min_size
+        self.segmenter = segmenter_from_options(
+            self.model,
+            diameter,
+            roi_size=roi_size,
+            precision=precision,
+            flow_threshold=flow_threshold,
+            cellprob_threshold=cellprob_threshold,
+            min_size=min_size,
         )
         super().__init__(fragment, *args, **kwargs)
 
@@ -99,10 +106,8 @@ class CellSegmentationOperator(Operator):
         sample = op_input.receive("sample")
         if "error" not in sample:
             try:
-                image = torch.as_tensor(sample["image"], dtype=torch.float32)[None].to(self.torch_device)
-                sample["pred"] = self.inferer(image, self.model)[0]
-                sample = self.to_masks(sample)
-                sample.pop("pred")
+                result = self.segmenter(torch.as_tensor(sample["image"], dtype=torch.float32))
+                sample = {**sample, "masks": torch.as_tensor(result.masks)[None], "diameter": result.diameter}
             except Exception as err:
                 sample = {**sample, "error": err}
         op_output.emit(sample, "segmented")

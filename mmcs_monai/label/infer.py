@@ -11,12 +11,13 @@ import torch
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from mmcs_monai.data import root_cause
-from mmcs_monai.flows import flows_to_masks
-from mmcs_monai.inference import CellInferer, resolve_diameter
+from mmcs_monai.flows import MaskSettings
+from mmcs_monai.inference import ROI_SIZE, CellInferer, resolve_diameter
 from mmcs_monai.io import InputError, write_labels
 from mmcs_monai.label.datastore import UploadRejected
 from mmcs_monai.label.geojson import masks_to_geojson
 from mmcs_monai.label.model import ServedModel
+from mmcs_monai.segmentation import CellSegmenter
 from mmcs_monai.transforms import inference_preprocessing
 
 logger = logging.getLogger(__name__)
@@ -26,9 +27,10 @@ INFER_PARAMETERS: dict[str, Any] = {
     "diameter": None,  # pixels, a stored subset name, "auto" (measure per image), or None (the model's mean)
     "cyto_channel": None,  # channel of a multi-channel image to use as cytoplasm (None: mean of channels)
     "nucleus_channel": None,  # channel holding nuclei (None: no nucleus channel)
-    "flow_threshold": 0.4,
-    "cellprob_threshold": 0.0,
-    "min_size": 15,
+    # the library's defaults (MaskSettings); listed so /info/ shows every setting with its value
+    "flow_threshold": MaskSettings.flow_threshold,
+    "cellprob_threshold": MaskSettings.cellprob_threshold,
+    "min_size": MaskSettings.min_size,
     "geojson": True,  # cell polygons in the result JSON
 }
 
@@ -63,7 +65,7 @@ class CellInferTask(InferTask):
         roi_size: tile size at network scale.
     """
 
-    def __init__(self, model: ServedModel, defaults: dict[str, Any] | None = None, precision: str = "auto", roi_size: int = 224):
+    def __init__(self, model: ServedModel, defaults: dict[str, Any] | None = None, precision: str = "auto", roi_size: int = ROI_SIZE):
         config = {**INFER_PARAMETERS, **(defaults or {})}
         super().__init__(
             type=InferType.SEGMENTATION,
@@ -99,20 +101,15 @@ class CellInferTask(InferTask):
         network = self.model.network()
         try:
             diameter = values["diameter"]
-            used = resolve_diameter(network, None if diameter == "auto" else diameter)
+            resolve_diameter(network, None if diameter == "auto" else diameter)
+            settings = MaskSettings.from_options(
+                flow_threshold=values["flow_threshold"], cellprob_threshold=values["cellprob_threshold"], min_size=values["min_size"]
+            )
         except ValueError as err:
             raise UploadRejected(400, str(err)) from err
-        image = torch.as_tensor(item["image"], dtype=torch.float32)[None].to(self.model.device)
-        flows = self.inferer(image, network, diameter=diameter)[0].cpu().numpy()
-        if diameter == "auto" and self.inferer.last_diameters and self.inferer.last_diameters[0] > 0:
-            used = self.inferer.last_diameters[0]
-        masks = flows_to_masks(
-            flows[:2],
-            flows[2],
-            flow_threshold=float(values["flow_threshold"]),
-            cellprob_threshold=float(values["cellprob_threshold"]),
-            min_size=int(values["min_size"]),
-        )
+        # one segmenter per request: nothing of this request is kept on objects the next one uses
+        segmentation = CellSegmenter(network, self.inferer, settings)(torch.as_tensor(item["image"]), diameter=diameter)
+        masks, used = segmentation.masks, segmentation.diameter
         result_file = tempfile.NamedTemporaryFile(suffix=".tif", delete=False).name
         write_labels(result_file, masks)
         result = {

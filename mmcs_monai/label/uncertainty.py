@@ -23,7 +23,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from mmcs_monai.flows import flows_to_masks
+from mmcs_monai.flows import MaskSettings
 from mmcs_monai.inference import CellInferer
 from mmcs_monai.metrics import f1_score
 
@@ -53,12 +53,12 @@ def tta_flows(image: torch.Tensor, network: torch.nn.Module, inferer: CellInfere
     return torch.cat(outputs)
 
 
-def tta_uncertainty(flows: torch.Tensor | np.ndarray, mask_kwargs: Mapping | None = None) -> dict:
+def tta_uncertainty(flows: torch.Tensor | np.ndarray, mask_settings: MaskSettings | None = None) -> dict:
     """Uncertainty of one image from its TTA predictions.
 
     Args:
         flows: ``[K, 3, H, W]`` float (dY, dX, cellprob logit), K >= 2, prediction 0 the unaugmented one.
-        mask_kwargs: keyword arguments of :func:`~mmcs_monai.flows.flows_to_masks` (thresholds, min_size).
+        mask_settings: flows -> masks thresholds (default :class:`~mmcs_monai.flows.MaskSettings`()).
 
     Returns:
         dict: ``score`` (1 - mean F1 of the variants' masks against prediction 0; 1.0 when no variant
@@ -68,7 +68,8 @@ def tta_uncertainty(flows: torch.Tensor | np.ndarray, mask_kwargs: Mapping | Non
     flows = torch.as_tensor(flows, dtype=torch.float32)
     if flows.ndim != 4 or flows.shape[0] < 2 or flows.shape[1] != 3:
         raise ValueError(f"flows must be [K >= 2, 3, H, W], got {tuple(flows.shape)}")
-    masks = [flows_to_masks(f[:2].numpy(), f[2].numpy(), **dict(mask_kwargs or {})) for f in flows]
+    settings = mask_settings or MaskSettings()
+    masks = [settings.masks(f.numpy()) for f in flows]
     prob_std = float(torch.sigmoid(flows[:, 2]).std(dim=0, unbiased=False).mean())
     cells = int(masks[0].max())
     if all(m.max() == 0 for m in masks):
@@ -78,13 +79,13 @@ def tta_uncertainty(flows: torch.Tensor | np.ndarray, mask_kwargs: Mapping | Non
 
 
 def image_uncertainty(
-    image: torch.Tensor, network: torch.nn.Module, inferer: CellInferer, diameter=None, mask_kwargs: Mapping | None = None
+    image: torch.Tensor, network: torch.nn.Module, inferer: CellInferer, diameter=None, mask_settings: MaskSettings | None = None
 ) -> dict:
     """:func:`tta_uncertainty` of ``image`` ``[2, H, W]`` (or ``[1, 2, H, W]``) float32 under ``network``."""
     image = torch.as_tensor(image, dtype=torch.float32)
     image = image[None] if image.ndim == 3 else image
     device = next(iter(network.parameters()), torch.empty(0)).device
-    return tta_uncertainty(tta_flows(image.to(device), network, inferer, diameter).cpu(), mask_kwargs)
+    return tta_uncertainty(tta_flows(image.to(device), network, inferer, diameter).cpu(), mask_settings)
 
 
 def rank_by_uncertainty(scores: Mapping[str, Mapping]) -> list[str]:

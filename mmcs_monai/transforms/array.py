@@ -15,7 +15,7 @@ from monai.transforms import Randomizable, Transform
 
 from mmcs_monai import io
 from mmcs_monai.diameters import DEFAULT_TARGET_DIAMETER, median_diameter, scale_to_target
-from mmcs_monai.flows import flows_to_masks, labels_to_flows
+from mmcs_monai.flows import MaskSettings, labels_to_flows
 
 __all__ = [
     "LoadMicroscopyImage",
@@ -239,14 +239,17 @@ class RandCellAffine(Randomizable, Transform):
 class FlowsToMasks(Transform):
     """Instance masks from a network output [3, H, W] (dY, dX, cell probability logit) -> int32 [1, H, W].
 
-    Keyword arguments are passed to :func:`mmcs_monai.flows.flows_to_masks` (``cellprob_threshold``,
-    ``flow_threshold``, ``min_size``, ``niter``...).
+    Args:
+        mask_settings: the thresholds; default :class:`~mmcs_monai.flows.MaskSettings`().
+        options: or single settings (``flow_threshold``, ``cellprob_threshold``, ``min_size``, ``niter``...),
+            None meaning the default, as a bundle config passes them.
     """
 
-    def __init__(self, **kwargs):
-        self.kwargs = kwargs
+    def __init__(self, mask_settings: MaskSettings | None = None, **options):
+        if mask_settings is not None and options:
+            raise ValueError("give mask_settings or single settings, not both")
+        self.mask_settings = mask_settings or MaskSettings.from_options(**options)
 
     def __call__(self, output) -> torch.Tensor:
         output = torch.as_tensor(output).detach().float().cpu()
-        masks = flows_to_masks(output[:2], output[2], **self.kwargs)
-        return torch.as_tensor(masks, dtype=torch.int32)[None]
+        return torch.as_tensor(self.mask_settings.masks(output), dtype=torch.int32)[None]

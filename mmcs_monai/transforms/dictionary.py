@@ -10,6 +10,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import Compose, MapTransform, Randomizable
 
+from mmcs_monai.cells import measure_cells, write_cell_table
 from mmcs_monai.diameters import DEFAULT_TARGET_DIAMETER
 from mmcs_monai.io import InputError, masks_filename, overlay_filename, write_labels, write_overlay
 from mmcs_monai.transforms.array import (
@@ -277,9 +278,6 @@ class SaveCellOutputsd(MapTransform):
         for key in self.key_iterator(d):
             masks = np.asarray(d[key]).reshape(np.asarray(d[key]).shape[-2:])
             if self.table:
-                # imported here: wholeslide imports this package's array transforms
-                from mmcs_monai.wholeslide import measure_cells, write_cell_table
-
                 lut, cells = measure_cells(masks)
                 masks = lut[masks]
                 d[f"{key}_table_file"] = str(write_cell_table(self.output_dir / f"{stem}_cells.csv", cells))
