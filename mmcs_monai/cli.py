@@ -21,30 +21,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_BUNDLE = REPO_ROOT / "bundle"
+from mmcs_monai.workflows import resolve_bundle_root, run_workflow
 
 
 def _bundle_root(bundle_root: str | os.PathLike | None) -> Path:
-    root = Path(bundle_root) if bundle_root else DEFAULT_BUNDLE
-    if not (root / "configs" / "train.json").is_file():
-        raise SystemExit(f"{root}: not a bundle folder (no configs/train.json); pass --bundle_root")
-    return root.resolve()
-
-
-def _under_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def _config_files(root: Path, names: list[str], recipe: str | list[str] | None) -> list[str]:
-    files = [str(root / "configs" / n) for n in names]
-    recipes = [recipe] if isinstance(recipe, str) else list(recipe or [])
-    for r in recipes:
-        path = Path(r) if Path(r).is_file() else REPO_ROOT / r
-        if not path.is_file():
-            raise SystemExit(f"{r}: recipe config not found")
-        files.append(str(path))
-    return files
+    return resolve_bundle_root(bundle_root)
 
 
 def _load_network(model: str | None, bundle_root: str | None, device: str | None = None):
@@ -59,19 +40,6 @@ def _load_network(model: str | None, bundle_root: str | None, device: str | None
     return load_model(path, map_location=device)
 
 
-def _run(run_id: str, root: Path, config_files: list[str], overrides: dict) -> None:
-    from monai.bundle import run
-
-    run(
-        run_id=run_id,
-        config_file=config_files,
-        meta_file=str(root / "configs" / "metadata.json"),
-        logging_file=str(root / "configs" / "logging.conf"),
-        bundle_root=str(root),
-        **overrides,
-    )
-
-
 def train(recipe: str | list[str] | None = None, bundle_root: str | None = None, **overrides) -> None:
     """Train a model (supervised) with ``bundle/configs/train.json``.
 
@@ -81,11 +49,8 @@ def train(recipe: str | list[str] | None = None, bundle_root: str | None = None,
         overrides: config values, e.g. ``--data_source manifest.csv --epochs 50 --resume True``.
             Models are written to ``<bundle_root>/models`` unless ``--ckpt_dir`` is given.
     """
-    root = _bundle_root(bundle_root)
-    files = _config_files(root, ["train.json"], recipe)
-    if _under_torchrun():  # torchrun --nproc_per_node=N -m mmcs_monai.cli train ...
-        files.append(str(root / "configs" / "multi_gpu_train.json"))
-    _run("training", root, files, overrides)
+    # under torchrun (torchrun --nproc_per_node=N -m mmcs_monai.cli train ...) multi_gpu_train.json is added
+    run_workflow("training", bundle_root, recipe, overrides)
 
 
 def infer(
@@ -105,12 +70,10 @@ def infer(
         diameter: cell diameter in pixels in these images; default: the model's training mean.
         overrides: e.g. ``--nucleus_channel 1 --flow_threshold 0.4 --precision bf16``.
     """
-    root = _bundle_root(bundle_root)
     overrides.update(input_dir=str(input_dir), output_dir=str(output_dir), diameter=diameter)
     if model:
         overrides["model_path"] = str(model)
-    names = ["inference.json"] + (["multi_gpu_inference.json"] if _under_torchrun() else [])
-    _run("inference", root, _config_files(root, names, None), overrides)
+    run_workflow("inference", bundle_root, None, overrides)
 
 
 def evaluate(model: str | None = None, bundle_root: str | None = None, recipe=None, **overrides) -> None:
@@ -120,10 +83,9 @@ def evaluate(model: str | None = None, bundle_root: str | None = None, recipe=No
         model: model file; default ``<bundle_root>/models/model.pt``.
         overrides: e.g. ``--data_source manifest.csv --val_split val --output_dir eval/``.
     """
-    root = _bundle_root(bundle_root)
     if model:
         overrides["model_path"] = str(model)
-    _run("evaluating", root, _config_files(root, ["train.json", "evaluate.json"], recipe), overrides)
+    run_workflow("evaluating", bundle_root, recipe, overrides)
 
 
 def diameter(*paths: str) -> dict[str, float]:
@@ -273,7 +235,7 @@ def export(model: str | None = None, output: str | None = None, bundle_root: str
     import torch
 
     from mmcs_monai.networks import export_torchscript, load_torchscript
-    from mmcs_monai.networks.torchscript import max_output_difference
+    from mmcs_monai.networks.model_files import max_output_difference
 
     root = _bundle_root(bundle_root)
     network = _load_network(model, bundle_root, device="cpu")  # exported on CPU: loads anywhere
@@ -297,21 +259,56 @@ def export(model: str | None = None, output: str | None = None, bundle_root: str
     return summary
 
 
-def main() -> None:
+def user_error(error: BaseException) -> str | None:
+    """The one line to show for ``error``, or None for a bug (shown with its traceback).
+
+    MONAI's config evaluation wraps the error a user can act on (``RuntimeError: Failed to evaluate
+    ConfigExpression ...``); this walks the chain back to it: an :class:`~mmcs_monai.io.InputError` (a file
+    and its problem, model files included) first, else a ``ValueError``/``KeyError`` (a bad option value,
+    an unknown subset name).
+    """
+    from mmcs_monai.io import InputError
+
+    chain, cause = [], error
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    for kind in (InputError, FileNotFoundError, ValueError, KeyError):
+        for link in chain:
+            if isinstance(link, kind):
+                return str(link.args[0]) if isinstance(link, KeyError) and link.args else str(link)
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``mmcs`` entry point: a mistake exits with status 2 and one line; ``--verbose`` or ``MMCS_DEBUG=1``
+    shows the traceback instead."""
+    import sys
+
     import fire
 
-    fire.Fire(
-        {
-            "train": train,
-            "infer": infer,
-            "evaluate": evaluate,
-            "diameter": diameter,
-            "diameter-sweep": diameter_sweep,
-            "infer-slide": infer_slide,
-            "export": export,
-        },
-        name="mmcs",
-    )
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv or os.environ.get("MMCS_DEBUG") == "1"
+    argv = [a for a in argv if a != "--verbose"]
+    commands = {
+        "train": train,
+        "infer": infer,
+        "evaluate": evaluate,
+        "diameter": diameter,
+        "diameter-sweep": diameter_sweep,
+        "infer-slide": infer_slide,
+        "export": export,
+    }
+    try:
+        fire.Fire(commands, command=argv, name="mmcs")
+    except SystemExit:
+        raise
+    except Exception as err:
+        message = None if verbose else user_error(err)
+        if message is None:
+            raise
+        print(f"mmcs: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from monai.deploy.core import Fragment, Operator, OperatorSpec
 from mmcs_monai.data import BadSampleLog
 from mmcs_monai.inference import resolve_diameter
 from mmcs_monai.io import InputError
-from mmcs_monai.networks.torchscript import load_torchscript
+from mmcs_monai.networks.model_files import load_torchscript
 from mmcs_monai.segmentation import segmenter_from_options
 from mmcs_monai.transforms import SaveCellOutputsd, inference_preprocessing
 

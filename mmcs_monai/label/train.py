@@ -33,6 +33,7 @@ from mmcs_monai.label.activelearning import UncertaintyScoring
 from mmcs_monai.label.datastore import CellDatastore
 from mmcs_monai.label.model import ServedModel
 from mmcs_monai.label.publishing import as_bool, should_publish, split_labelled
+from mmcs_monai.workflows import resolve_bundle_root, run_workflow
 
 logger = logging.getLogger(__name__)
 
@@ -116,8 +117,6 @@ class CellTrainTask(TrainTask):
         return sum(r["f1"] for r in rows) / len(rows)
 
     def __call__(self, request: dict[str, Any], datastore: CellDatastore) -> dict[str, Any]:
-        from mmcs_monai.cli import DEFAULT_BUNDLE, train
-
         values = self.settings(request)
         if self.model.path.suffix == ".ts":
             raise MONAILabelException(
@@ -158,7 +157,7 @@ class CellTrainTask(TrainTask):
             "seed": int(values["seed"]),
             "device": str(self.model.device),
         }
-        root = Path(self.bundle_root) if self.bundle_root else DEFAULT_BUNDLE
+        root = resolve_bundle_root(self.bundle_root)
         recipe = []
         if unlabelled:
             recipe.append(str(root / "configs" / "semi.json"))
@@ -173,7 +172,7 @@ class CellTrainTask(TrainTask):
         logger.info(
             "training on %d labelled (%d val) and %d unlabelled images -> %s", len(train_items), len(val_items), len(unlabelled), run_dir
         )
-        train(recipe=recipe, bundle_root=str(root), **overrides)
+        run_workflow("training", root, recipe, overrides)
         seconds = time.time() - start
 
         models = run_dir / "models"

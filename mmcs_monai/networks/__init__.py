@@ -1,6 +1,26 @@
-"""Networks: :class:`CPnet` (Cellpose 3 compatible), its checkpoint loader and its TorchScript export."""
+"""Networks: the model (:mod:`.cpnet`), its TorchScript shim (:mod:`.torchscript`) and model files (:mod:`.model_files`).
 
-from .cpnet import CPnet, load_cellpose_checkpoint
-from .torchscript import export_torchscript, load_model, load_torchscript
+Imports go one way: ``padding`` <- ``torchscript`` <- ``cpnet`` <- ``model_files``.
+"""
 
-__all__ = ["CPnet", "load_cellpose_checkpoint", "export_torchscript", "load_model", "load_torchscript"]
+from .cpnet import CPnet
+from .model_files import (
+    ModelFileError,
+    export_torchscript,
+    extract_state_dict,
+    infer_cpnet_args,
+    load_cellpose_checkpoint,
+    load_model,
+    load_torchscript,
+)
+
+__all__ = [
+    "CPnet",
+    "ModelFileError",
+    "export_torchscript",
+    "extract_state_dict",
+    "infer_cpnet_args",
+    "load_cellpose_checkpoint",
+    "load_model",
+    "load_torchscript",
+]

@@ -19,15 +19,19 @@ available from :meth:`CPnet.forward_with_style`.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["CPnet", "load_cellpose_checkpoint", "extract_state_dict", "infer_cpnet_args"]
+from mmcs_monai.networks.padding import pad_to_multiple
+from mmcs_monai.networks.torchscript import TorchScriptCPnet
+
+__all__ = ["CPnet", "EXTRA_STATE_KEY"]
+
+# the state-dict key of CPnet's subset-diameter table (``get_extra_state``); absent from Cellpose files
+EXTRA_STATE_KEY = "_extra_state"
 
 # Cellpose 3 batch-norm settings; the momentum matters when fine-tuning a Cellpose checkpoint.
 _BN_EPS = 1e-5
@@ -159,21 +163,6 @@ class _Decoder(nn.Module):
         return x
 
 
-def pad_to_multiple(x: torch.Tensor, divisor: int) -> tuple[torch.Tensor, int, int]:
-    """Zero-pad H and W of ``x [B, C, H, W]`` (centred, as Cellpose's ``get_pad_yx`` without its extra margin)
-    up to multiples of ``divisor``; returns ``(padded, top, left)`` so the caller can crop back.
-
-    Scriptable: the exported model's ``forward`` (:mod:`mmcs_monai.networks.torchscript`) calls it too.
-    """
-    h, w = x.size(2), x.size(3)
-    ph = (divisor - h % divisor) % divisor
-    pw = (divisor - w % divisor) % divisor
-    if ph == 0 and pw == 0:
-        return x, 0, 0
-    top, left = ph // 2, pw // 2
-    return F.pad(x, [left, pw - left, top, ph - top], mode="constant", value=0.0), top, left
-
-
 class CPnet(nn.Module):
     """Cellpose 3 network (``cellpose.resnet_torch.CPnet``, 2D) with a single-tensor ``forward``.
 
@@ -256,8 +245,6 @@ class CPnet(nn.Module):
     def __prepare_scriptable__(self) -> nn.Module:
         """What ``torch.jit.script(cpnet)`` compiles (``ckpt_export``, ``mmcs export``): a traced core with a
         scripted padding ``forward`` and the diameters; see :mod:`mmcs_monai.networks.torchscript`."""
-        from mmcs_monai.networks.torchscript import TorchScriptCPnet
-
         return TorchScriptCPnet(self)
 
     # ------------------------------------------------------------------ diameters
@@ -297,156 +284,6 @@ class CPnet(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args) -> None:
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
         # Cellpose files carry no subset table: they still load with strict=True (an empty table)
-        if prefix + _EXTRA_STATE in missing_keys:
-            missing_keys.remove(prefix + _EXTRA_STATE)
+        if prefix + EXTRA_STATE_KEY in missing_keys:
+            missing_keys.remove(prefix + EXTRA_STATE_KEY)
             self.subset_diameters = {}
-
-    # ------------------------------------------------------------------ checkpoints
-    @classmethod
-    def from_checkpoint(cls, path: str | Path, strict: bool = True, **kwargs) -> CPnet:
-        """Build a CPnet whose shape is inferred from a checkpoint file and load its weights.
-
-        See :func:`load_cellpose_checkpoint`; ``kwargs`` override the inferred constructor arguments
-        (e.g. ``max_pool``, which leaves no trace in the weights).
-        """
-        return load_cellpose_checkpoint(path, net=None, strict=strict, **kwargs)
-
-    def load_checkpoint(self, path: str | Path, strict: bool = True) -> CPnet:
-        """Load a Cellpose 3 or mmcs checkpoint into this network (in place); returns ``self``."""
-        return load_cellpose_checkpoint(path, net=self, strict=strict)
-
-
-# ---------------------------------------------------------------------- checkpoint helpers
-# keys under which trainers nest the network weights, first match wins
-_NESTED_KEYS = ("network", "model", "net", "state_dict", "model_state_dict")
-_DIAM_KEYS = ("diam_mean", "diam_labels")
-_EXTRA_STATE = "_extra_state"  # our subset-diameter table; absent from Cellpose files
-
-
-def _is_state_dict(obj) -> bool:
-    return (
-        isinstance(obj, Mapping) and len(obj) > 0 and all(torch.is_tensor(v) for k, v in obj.items() if not str(k).endswith(_EXTRA_STATE))
-    )
-
-
-def extract_state_dict(obj, source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """Return the network state dict held by a loaded checkpoint object.
-
-    Accepts a plain state dict (Cellpose ``save_model``) or a dict nesting it under one of
-    ``"network", "model", "net", "state_dict", "model_state_dict"`` (MONAI ``CheckpointSaver`` with
-    ``save_dict={"network": net, ...}``). A ``"module."`` prefix (DataParallel/DDP) is stripped.
-
-    Raises:
-        ValueError: naming ``source`` when no state dict is found.
-    """
-    if _is_state_dict(obj):
-        state = dict(obj)
-    elif isinstance(obj, Mapping):
-        nested = [k for k in _NESTED_KEYS if _is_state_dict(obj.get(k))]
-        if not nested:
-            raise ValueError(
-                f"{source}: no network state dict found; expected a state dict or a dict with one of the keys "
-                f"{list(_NESTED_KEYS)}, got keys {sorted(map(str, obj))[:10]}."
-            )
-        state = dict(obj[nested[0]])
-    else:
-        raise ValueError(f"{source}: expected a state dict (mapping of tensors), got {type(obj).__name__}.")
-    if all(k.startswith("module.") for k in state):
-        state = {k[len("module.") :]: v for k, v in state.items()}
-    return state
-
-
-def infer_cpnet_args(state: Mapping[str, torch.Tensor]) -> dict:
-    """Infer ``nbase``, ``nout``, ``sz`` and ``diam_mean`` of :class:`CPnet` from its state dict.
-
-    Raises:
-        ValueError: when the keys do not look like a CPnet (e.g. a Cellpose 4 / SAM checkpoint).
-    """
-    if "W2" in state:
-        raise ValueError("this is a Cellpose 4 (Cellpose-SAM) checkpoint; only Cellpose 3 CPnet weights are supported.")
-    nbase = []
-    k = 0
-    while f"downsample.down.res_down_{k}.proj.1.weight" in state:
-        w = state[f"downsample.down.res_down_{k}.proj.1.weight"]  # [out, in, 1, 1]
-        if k == 0:
-            nbase.append(int(w.shape[1]))
-        nbase.append(int(w.shape[0]))
-        k += 1
-    if not nbase or "output.2.weight" not in state:
-        some = sorted(state)[:5]
-        raise ValueError(f"keys do not look like a Cellpose CPnet (first keys: {some}).")
-    args = {
-        "nbase": nbase,
-        "nout": int(state["output.2.weight"].shape[0]),
-        "sz": int(state["downsample.down.res_down_0.conv.conv_0.2.weight"].shape[-1]),
-    }
-    if "diam_mean" in state:
-        args["diam_mean"] = float(state["diam_mean"].reshape(-1)[0])
-    return args
-
-
-def _read_torch_file(path: Path):
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError/RuntimeError/EOFError... depending on the content
-        raise ValueError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e}).") from e
-
-
-def load_cellpose_checkpoint(path: str | Path, net: CPnet | None = None, strict: bool = True, **kwargs) -> CPnet:
-    """Load Cellpose 3 weights (or an mmcs trainer checkpoint) into a :class:`CPnet`.
-
-    The file is read with ``torch.load(map_location="cpu", weights_only=True)``. Checkpoints from before
-    Cellpose 2 lack ``diam_mean``/``diam_labels``; those two are then kept from the network (with a warning).
-
-    Args:
-        path: file written by Cellpose's ``CPnet.save_model`` (a state dict) or by MONAI ``CheckpointSaver``
-            (``{"network": state_dict, ...}``; see :func:`extract_state_dict`).
-        net: network to load into; when ``None`` one is built from :func:`infer_cpnet_args`.
-        strict: require the keys to match exactly (shapes must always match).
-        kwargs: constructor arguments overriding the inferred ones (only when ``net`` is None).
-
-    Returns:
-        the network (on CPU when built here; ``net`` itself otherwise).
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: not a torch file, no state dict inside, or keys/shapes that do not match the network;
-            the message names the file and lists a few missing/unexpected keys.
-    """
-    path = Path(path)
-    source = str(path)
-    state = extract_state_dict(_read_torch_file(path), source=source)
-    if net is None:
-        try:
-            args = infer_cpnet_args(state)
-        except ValueError as e:
-            raise ValueError(f"{source}: {e}") from e
-        args.update(kwargs)
-        net = CPnet(**args)
-    elif kwargs:
-        raise TypeError(f"constructor arguments {sorted(kwargs)} are only used when net is None.")
-
-    own = net.state_dict()
-    state.setdefault(_EXTRA_STATE, {"subset_diameters": {}})
-    missing_diams = [k for k in _DIAM_KEYS if k not in state]
-    if missing_diams and all(k in state for k in own if k not in _DIAM_KEYS):
-        warnings.warn(f"{source}: no {missing_diams} in checkpoint; keeping the network's values.", stacklevel=2)
-        state.update({k: own[k] for k in missing_diams})
-
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong_shape = [
-        f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-        for k in own
-        if k in state and torch.is_tensor(own[k]) and state[k].shape != own[k].shape
-    ]
-    if wrong_shape or (strict and (missing or unexpected)):
-        raise ValueError(
-            f"{source}: checkpoint does not match CPnet(nbase={net.nbase}, nout={net.nout}, sz={net.sz}): "
-            f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}, "
-            f"{len(wrong_shape)} shape mismatches {wrong_shape[:5]}."
-        )
-    net.load_state_dict(state, strict=strict)
-    return net

@@ -17,23 +17,14 @@
 """
 
 # no ``from __future__ import annotations``: TorchScript must read the class annotation below as a type
-import json
-import os
-import zipfile
-from collections.abc import Mapping
-from pathlib import Path
-from typing import Any, Dict  # noqa: UP035 (TorchScript wants typing.Dict)
+from typing import Dict  # noqa: UP035 (TorchScript wants typing.Dict)
 
 import torch
 import torch.nn as nn
 
-from mmcs_monai.io import InputError, atomic_path
-from mmcs_monai.networks.cpnet import load_cellpose_checkpoint, pad_to_multiple
+from mmcs_monai.networks.padding import pad_to_multiple
 
-__all__ = ["TorchScriptCPnet", "export_torchscript", "max_output_difference", "is_torchscript_file", "load_torchscript", "load_model"]
-
-# extra files stored beside the weights (the names MONAI's ``ckpt_export`` uses for the metadata)
-METADATA_FILE = "metadata.json"
+__all__ = ["TorchScriptCPnet"]
 
 
 class _CPnetCore(nn.Module):
@@ -92,100 +83,3 @@ class TorchScriptCPnet(nn.Module):
         if name not in self.subset_diameters:
             raise KeyError(f"no stored diameter for subset {name}")
         return self.subset_diameters[name]
-
-
-def _metadata_dict(metadata: Mapping[str, Any] | str | os.PathLike | None) -> dict:
-    if metadata is None:
-        return {}
-    if isinstance(metadata, Mapping):
-        return dict(metadata)
-    return json.loads(Path(metadata).read_text())
-
-
-def export_torchscript(
-    network: nn.Module,
-    path: str | os.PathLike,
-    metadata: Mapping[str, Any] | str | os.PathLike | None = None,
-    configs: Mapping[str, Any] | None = None,
-) -> Path:
-    """Script ``network`` (a CPnet) and save it atomically with the metadata and configs as extra JSON files.
-
-    Args:
-        network: the CPnet (eval mode is used for the trace; the network itself is left as it was).
-        path: destination ``.ts`` file; written to a temporary file first, then renamed.
-        metadata: bundle metadata (a dict or the path of ``metadata.json``), stored as ``metadata.json``
-            as ``python -m monai.bundle ckpt_export`` does.
-        configs: ``{name: dict}`` configs stored as ``<name>.json`` (e.g. the inference config).
-
-    Returns:
-        the written path.
-    """
-    scripted = torch.jit.script(network)
-    extra = {METADATA_FILE: json.dumps(_metadata_dict(metadata)).encode()}
-    for name, config in (configs or {}).items():
-        extra[f"{name}.json"] = json.dumps(config).encode()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        torch.jit.save(scripted, str(tmp), _extra_files=extra)
-    return path
-
-
-def max_output_difference(network: nn.Module, exported: nn.Module, images: list[torch.Tensor]) -> float:
-    """Largest absolute difference between the two models' outputs over ``images`` (each ``[B, C, H, W]``)."""
-    difference = 0.0
-    with torch.no_grad():
-        for x in images:
-            difference = max(difference, float((network(x) - exported(x)).abs().max()))
-    return difference
-
-
-def is_torchscript_file(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a TorchScript archive (a zip with compiled ``code/``), not a ``torch.save`` file."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return any("/code/" in name or name.startswith("code/") for name in archive.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False
-
-
-def load_torchscript(path: str | os.PathLike, map_location: torch.device | str | None = "cpu") -> tuple[torch.jit.ScriptModule, dict]:
-    """Load an exported model; returns ``(module in eval mode, metadata dict)``.
-
-    Raises:
-        InputError: the file is missing, empty, not a TorchScript archive (a checkpoint is named as such,
-            with the command that exports it), or a TorchScript model that is not an exported CPnet.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "model file not found")
-    if path.stat().st_size == 0:
-        raise InputError(path, "model file is empty")
-    if not is_torchscript_file(path):
-        problem = "not a TorchScript model"
-        if zipfile.is_zipfile(path):
-            problem += " (it looks like a checkpoint: export it with `mmcs export CHECKPOINT MODEL.ts`)"
-        raise InputError(path, problem)
-    extra = {METADATA_FILE: ""}
-    try:
-        module = torch.jit.load(str(path), map_location=map_location, _extra_files=extra)
-    except Exception as err:  # torch raises RuntimeError/ValueError/... for damaged archives
-        raise InputError(path, f"cannot load the TorchScript model ({type(err).__name__}: {err})") from None
-    for attribute in ("diam_mean", "diam_labels", "subset_diameters"):
-        if not hasattr(module, attribute):
-            raise InputError(path, f"TorchScript model has no {attribute!r}: not exported from an mmcs CPnet")
-    try:
-        metadata = json.loads(extra[METADATA_FILE] or "{}")
-    except json.JSONDecodeError:
-        metadata = {}
-    return module.eval(), metadata
-
-
-def load_model(path: str | os.PathLike, map_location: torch.device | str | None = "cpu") -> nn.Module:
-    """The network in ``path``, in eval mode: an exported TorchScript model, or a Cellpose 3 / mmcs checkpoint."""
-    path = Path(path)
-    if is_torchscript_file(path):
-        return load_torchscript(path, map_location)[0]
-    if not path.is_file():
-        raise InputError(path, "model file not found")
-    return load_cellpose_checkpoint(path).to(map_location).eval()

@@ -15,7 +15,7 @@ from helpers import BUNDLE, TINY, bundle, configs, subprocess_env
 from mmcs_monai.data import load_datalist
 from mmcs_monai.diameters import median_diameter
 from mmcs_monai.io import read_labels
-from mmcs_monai.networks import CPnet
+from mmcs_monai.networks import load_cellpose_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +49,7 @@ def trained(tmp_path_factory):
 def test_training_writes_models_with_training_diameter(trained):
     models = trained / "models"
     assert {"checkpoint.pt", "model.pt", "model_final.pt"} <= {p.name for p in models.iterdir()}
-    net = CPnet.from_checkpoint(models / "model_final.pt")
+    net = load_cellpose_checkpoint(models / "model_final.pt")
     # Sample nuclei are 10-25 px across: the stored mean must be in that range, not the 30 px default.
     assert 8 < net.diam_labels.item() < 30 and net.diam_mean.item() == 30.0
     # and the per-subset table, measured independently from the training labels
@@ -94,7 +94,7 @@ def test_evaluate_writes_per_image_f1(trained, tiny_model):
         rows = {r["id"]: r for r in csv.DictReader(f)}
     items = load_datalist(BUNDLE / "sample_data" / "datalist.json", split="val")
     assert sorted(rows) == sorted(i["id"] for i in items)
-    net = CPnet.from_checkpoint(tiny_model).eval()
+    net = load_cellpose_checkpoint(tiny_model).eval()
     load = inference_preprocessing(keys=["image", "label"])
     expected = {}
     for item in items:

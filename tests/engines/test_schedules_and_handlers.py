@@ -13,7 +13,7 @@ from mmcs_monai.engines import (
     TrainingDiameterHandler,
     WarmupHalvingSchedule,
 )
-from mmcs_monai.networks import CPnet
+from mmcs_monai.networks import CPnet, load_cellpose_checkpoint
 
 
 def test_warmup_then_halving_to_floor():
@@ -82,7 +82,7 @@ def test_best_model_saver_keeps_the_weights_of_the_best_epoch(tmp_path):
     engine.run([0], max_epochs=4)
     # 0.4 after 0.5 keeps epoch 1; 0.7 saves epoch 3; an equal 0.7 is not an improvement
     assert held == [1.0, 1.0, 3.0, 3.0] and saver.best == 0.7
-    loaded = CPnet.from_checkpoint(path)
+    loaded = load_cellpose_checkpoint(path)
     assert loaded.state_dict().keys() == net.state_dict().keys()
     assert torch.equal(loaded.output[2].bias, torch.full_like(loaded.output[2].bias, 3.0))
     restored = BestModelSaver(net, str(path), "f1")
@@ -106,4 +106,4 @@ def test_training_diameter_handler_stores_mean_and_subset_table(tmp_path):
     assert net.diam_labels.item() == pytest.approx((d_small + d_large) / 2, rel=1e-5)
     assert net.subset_diameters == pytest.approx({"s": d_small, "l": d_large})
     torch.save(net.state_dict(), tmp_path / "model.pt")
-    assert CPnet.from_checkpoint(tmp_path / "model.pt").diameter_for("l") == pytest.approx(d_large)
+    assert load_cellpose_checkpoint(tmp_path / "model.pt").diameter_for("l") == pytest.approx(d_large)

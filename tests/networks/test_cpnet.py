@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from helpers import require_module
-from mmcs_monai.networks import CPnet, load_cellpose_checkpoint
+from mmcs_monai.networks import CPnet, ModelFileError, load_cellpose_checkpoint, load_model
 
 NBASE = [2, 32, 64, 128, 256]
 SMALL = [2, 8, 16, 32]
@@ -109,7 +109,7 @@ def test_padding_matches_cellpose_zero_padding(cellpose_net):
 def test_cellpose_checkpoint_roundtrip(cellpose_net, tmp_path):
     path = tmp_path / "cp3_model"
     cellpose_net.save_model(str(path))  # plain state dict, as Cellpose writes its models
-    net = CPnet.from_checkpoint(path).eval()
+    net = load_cellpose_checkpoint(path).eval()
     assert net.nbase == NBASE and net.nout == 3 and net.sz == 3
     assert net.diam_mean.item() == 17.0 and net.diam_labels.item() == 21.5
     x = torch.randn(1, 2, 64, 64)
@@ -127,7 +127,7 @@ def test_trainer_checkpoint_roundtrip(tmp_path, key):
     opt = torch.optim.Adam(p for p in src.parameters() if p.requires_grad)
     path = tmp_path / "ckpt.pt"
     torch.save({key: src.state_dict(), "optimizer": opt.state_dict(), "trainer": {"epoch": 3}}, path)
-    net = CPnet.from_checkpoint(path)
+    net = load_cellpose_checkpoint(path)
     assert net.nbase == SMALL and net.diam_mean.item() == 25.0 and net.diam_labels.item() == 12.0
     for k, v in src.state_dict().items():
         torch.testing.assert_close(net.state_dict()[k], v)
@@ -137,27 +137,30 @@ def test_ddp_prefix_is_stripped(tmp_path):
     src = CPnet(nbase=SMALL)
     path = tmp_path / "ddp.pt"
     torch.save({"network": {f"module.{k}": v for k, v in src.state_dict().items()}}, path)
-    assert CPnet.from_checkpoint(path).nbase == SMALL
+    assert load_cellpose_checkpoint(path).nbase == SMALL
 
 
 def test_missing_file_error(tmp_path):
     path = tmp_path / "nope.pt"
-    with pytest.raises(FileNotFoundError, match="nope.pt"):
-        CPnet.from_checkpoint(path)
+    with pytest.raises(ModelFileError, match="nope.pt: model file not found"):
+        load_cellpose_checkpoint(path)
+    path.write_bytes(b"")
+    with pytest.raises(ModelFileError, match="nope.pt: model file is empty"):
+        load_model(path)
 
 
 def test_not_a_torch_file_error(tmp_path):
     path = tmp_path / "notes.txt"
     path.write_text("not a checkpoint")
-    with pytest.raises(ValueError, match="notes.txt.*not a readable torch checkpoint"):
-        CPnet.from_checkpoint(path)
+    with pytest.raises(ModelFileError, match="notes.txt.*not a readable torch checkpoint"):
+        load_cellpose_checkpoint(path)
 
 
 def test_no_state_dict_error(tmp_path):
     path = tmp_path / "other.pt"
     torch.save({"optimizer": {"lr": 1.0}}, path)
-    with pytest.raises(ValueError, match="other.pt.*no network state dict"):
-        CPnet.from_checkpoint(path)
+    with pytest.raises(ModelFileError, match="other.pt.*no network state dict"):
+        load_cellpose_checkpoint(path)
 
 
 def test_mismatched_keys_error(tmp_path):
@@ -166,11 +169,11 @@ def test_mismatched_keys_error(tmp_path):
     del state["output.2.bias"]
     path = tmp_path / "broken.pt"
     torch.save(state, path)
-    with pytest.raises(ValueError, match=r"broken\.pt.*missing keys \['output\.2\.bias'\].*unexpected keys \['extra"):
-        CPnet.from_checkpoint(path)
+    with pytest.raises(ModelFileError, match=r"broken\.pt.*missing keys \['output\.2\.bias'\].*unexpected keys \['extra"):
+        load_cellpose_checkpoint(path)
     # shape mismatch when loading into a differently sized network
     torch.save(CPnet(nbase=SMALL).state_dict(), path)
-    with pytest.raises(ValueError, match="broken.pt.*shape mismatches"):
+    with pytest.raises(ModelFileError, match="broken.pt.*shape mismatches"):
         load_cellpose_checkpoint(path, net=CPnet(nbase=[2, 8, 16, 64]))
 
 
@@ -180,5 +183,5 @@ def test_old_checkpoint_without_diameters(tmp_path):
     path = tmp_path / "old.pt"
     torch.save(state, path)
     with pytest.warns(UserWarning, match="diam_mean"):
-        net = CPnet.from_checkpoint(path, diam_mean=17.0)
+        net = load_cellpose_checkpoint(path, diam_mean=17.0)
     assert net.diam_mean.item() == 17.0
