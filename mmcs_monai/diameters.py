@@ -93,3 +93,19 @@ def with_subset_diameters(items: list[Mapping[str, Any]], subsets: Mapping[str, 
             item["diameter"] = float(subsets[subset])
         out.append(item)
     return out
+
+
+DIAMETER_MODES = ("image", "subset")
+
+
+def training_datalist(items: list[Mapping[str, Any]], subsets: Mapping[str, float], diameter_mode: str = "image") -> list[dict]:
+    """The training items for a ``diameter_mode``: ``image`` (each image resized by its own median cell
+    diameter) leaves them as they are; ``subset`` gives each the mean of its subset
+    (:func:`with_subset_diameters`, the paper's self-adaptive diameter).
+
+    Raises:
+        ValueError: an unknown mode (a typo must not silently train per image).
+    """
+    if diameter_mode not in DIAMETER_MODES:
+        raise ValueError(f"diameter_mode {diameter_mode!r}: use one of {', '.join(DIAMETER_MODES)}")
+    return with_subset_diameters(items, subsets) if diameter_mode == "subset" else [dict(i) for i in items]

@@ -74,3 +74,14 @@ def test_with_subset_diameters_assigns_the_subset_mean(tmp_path):
     out = with_subset_diameters(items, subsets)
     assert [o.get("diameter") for o in out] == [subsets["small"]] * 2 + [subsets["large"]] * 2 + [11.0, None]
     assert "diameter" not in items[0]  # inputs untouched
+
+
+def test_training_datalist_by_mode_and_a_typo_is_an_error(tmp_path):
+    from mmcs_monai.diameters import training_datalist
+
+    items = _two_subsets(tmp_path)
+    subsets = {"small": 8.0, "large": 32.0}
+    assert [i.get("diameter") for i in training_datalist(items, subsets, "image")] == [None] * 4
+    assert [i["diameter"] for i in training_datalist(items, subsets, "subset")] == [8.0, 8.0, 32.0, 32.0]
+    with pytest.raises(ValueError, match="diameter_mode 'subsets': use one of image, subset"):
+        training_datalist(items, subsets, "subsets")

@@ -1,9 +1,14 @@
-"""Batch preparation for the engines."""
+"""Batch preparation for the engines, and running an evaluator over a data list that may be empty."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sized
+
 import torch
 from monai.engines.utils import PrepareBatch
+
+logger = logging.getLogger(__name__)
 
 
 class PrepareFlowBatch(PrepareBatch):
@@ -28,3 +33,13 @@ class PrepareFlowBatch(PrepareBatch):
             flag = move(batchdata[self.flag_key]).to(target.dtype)
             target = torch.cat([target, flag[:, None, None, None].expand(-1, 1, *target.shape[-2:])], dim=1)
         return image, target
+
+
+def run_if_any(engine, datalist: Sized, nothing: str = "nothing to run") -> bool:
+    """Run ``engine`` when ``datalist`` holds anything; else log (and print) ``nothing``. Returns whether it ran."""
+    if len(datalist):
+        engine.run()
+        return True
+    logger.info(nothing)
+    print(nothing)
+    return False

@@ -107,3 +107,14 @@ def test_training_diameter_handler_stores_mean_and_subset_table(tmp_path):
     assert net.subset_diameters == pytest.approx({"s": d_small, "l": d_large})
     torch.save(net.state_dict(), tmp_path / "model.pt")
     assert load_cellpose_checkpoint(tmp_path / "model.pt").diameter_for("l") == pytest.approx(d_large)
+
+
+def test_run_if_any_runs_only_with_data(capsys):
+    from mmcs_monai.engines import run_if_any
+
+    ran = []
+    engine = Engine(lambda e, b: ran.append(b))
+    engine.run = lambda: ran.append("ran")
+    assert run_if_any(engine, [1], "empty") and ran == ["ran"]
+    assert not run_if_any(engine, [], "nothing to segment") and ran == ["ran"]
+    assert "nothing to segment" in capsys.readouterr().out
