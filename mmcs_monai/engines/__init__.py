@@ -21,4 +21,4 @@ from mmcs_monai.engines.semi import (
     prediction_to_pseudo,
     sigmoid_rampup,
 )
-from mmcs_monai.engines.utils import PrepareFlowBatch, run_if_any
+from mmcs_monai.engines.utils import PrepareFlowBatch, TeacherValidationHandler, run_if_any, use_handler

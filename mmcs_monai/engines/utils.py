@@ -7,6 +7,7 @@ from collections.abc import Sized
 
 import torch
 from monai.engines.utils import PrepareBatch
+from monai.handlers import ValidationHandler
 
 logger = logging.getLogger(__name__)
 
@@ -43,3 +44,18 @@ def run_if_any(engine, datalist: Sized, nothing: str = "nothing to run") -> bool
     logger.info(nothing)
     print(nothing)
     return False
+
+
+def use_handler(handler):
+    """Return ``handler`` itself: lets a config list a handler defined under its own key (``"teacher_handler"``,
+    which ``"teacher"`` also reads) as a ``{"_target_": ...}`` entry, as model-zoo's checks expect every entry
+    of a handler list to be."""
+    return handler
+
+
+class TeacherValidationHandler(ValidationHandler):
+    """MONAI's ``ValidationHandler`` for the mean teacher's evaluator in the semi-supervised phase.
+
+    Its own name keeps the trainer's one ``ValidationHandler`` the student's, which is what MONAI's bundle
+    property checks (``ConfigWorkflow.check_properties``) read as the training workflow's evaluator.
+    """

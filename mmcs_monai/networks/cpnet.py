@@ -19,6 +19,7 @@ available from :meth:`CPnet.forward_with_style`.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -28,10 +29,39 @@ import torch.nn.functional as F
 from mmcs_monai.networks.padding import pad_to_multiple
 from mmcs_monai.networks.torchscript import TorchScriptCPnet
 
-__all__ = ["CPnet", "EXTRA_STATE_KEY"]
+__all__ = ["CPnet", "SUBSET_TABLE_KEY", "encode_subset_table", "decode_subset_table"]
 
-# the state-dict key of CPnet's subset-diameter table (``get_extra_state``); absent from Cellpose files
-EXTRA_STATE_KEY = "_extra_state"
+# the state-dict key of CPnet's subset-diameter table (a uint8 tensor of JSON); absent from Cellpose files
+SUBSET_TABLE_KEY = "subset_diameters"
+# where files written before 0.1 kept it (a dict: not every state-dict reader accepts one)
+LEGACY_EXTRA_STATE_KEY = "_extra_state"
+
+
+SUBSET_TABLE_BYTES = 4096  # fixed size: every model of an architecture has the same state-dict shapes
+
+
+def encode_subset_table(table: Mapping[str, float]) -> torch.Tensor:
+    """``{subset: diameter px}`` -> uint8 [SUBSET_TABLE_BYTES] tensor: its JSON (sorted keys), zero padded.
+
+    The fixed size lets MONAI's ``copy_model_state`` (how model-zoo users load a bundle's weights into its
+    ``network_def``) copy the table like any other tensor.
+
+    Raises:
+        ValueError: a table whose JSON exceeds :data:`SUBSET_TABLE_BYTES`.
+    """
+    data = json.dumps({str(k): round(float(v), 4) for k, v in table.items()}, sort_keys=True).encode()
+    if len(data) > SUBSET_TABLE_BYTES:
+        raise ValueError(f"subset diameter table too large to store ({len(data)} > {SUBSET_TABLE_BYTES} bytes of JSON)")
+    out = torch.zeros(SUBSET_TABLE_BYTES, dtype=torch.uint8)
+    out[: len(data)] = torch.tensor(list(data), dtype=torch.uint8)
+    return out
+
+
+def decode_subset_table(tensor: torch.Tensor) -> dict[str, float]:
+    """Inverse of :func:`encode_subset_table` (also reads unpadded tables)."""
+    data = bytes(torch.as_tensor(tensor).to(torch.uint8).tolist()).rstrip(b"\x00")
+    return {str(k): float(v) for k, v in json.loads(data.decode() or "{}").items()}
+
 
 # Cellpose 3 batch-norm settings; the momentum matters when fine-tuning a Cellpose checkpoint.
 _BN_EPS = 1e-5
@@ -273,17 +303,20 @@ class CPnet(nn.Module):
             raise KeyError(f"no stored diameter for subset {name!r}; stored subsets: {known}")
         return self.subset_diameters[name]
 
-    def get_extra_state(self) -> dict:
-        # plain str -> float dict so torch.load(weights_only=True) reads it and Cellpose, which loads
-        # with strict=False, ignores it
-        return {"subset_diameters": dict(self.subset_diameters)}
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        # the subset table travels as a tensor (UTF-8 JSON bytes): every entry of the state dict is a
+        # tensor, so MONAI's copy_model_state (model-zoo's bundle loading) and torch.load(weights_only=True)
+        # read it, and Cellpose, which loads with strict=False, ignores it
+        destination[prefix + SUBSET_TABLE_KEY] = encode_subset_table(self.subset_diameters)
 
-    def set_extra_state(self, state) -> None:
-        self.set_subset_diameters(dict((state or {}).get("subset_diameters", {})))
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args) -> None:
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
-        # Cellpose files carry no subset table: they still load with strict=True (an empty table)
-        if prefix + EXTRA_STATE_KEY in missing_keys:
-            missing_keys.remove(prefix + EXTRA_STATE_KEY)
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        ours = (prefix + SUBSET_TABLE_KEY, prefix + LEGACY_EXTRA_STATE_KEY)
+        unexpected_keys[:] = [k for k in unexpected_keys if k not in ours]
+        if prefix + LEGACY_EXTRA_STATE_KEY in state_dict:  # files written before the table was a tensor
+            self.set_subset_diameters(dict((state_dict[prefix + LEGACY_EXTRA_STATE_KEY] or {}).get("subset_diameters", {})))
+        elif prefix + SUBSET_TABLE_KEY in state_dict:
+            self.set_subset_diameters(decode_subset_table(state_dict[prefix + SUBSET_TABLE_KEY]))
+        else:  # Cellpose files carry no subset table: they load with strict=True (an empty table)
             self.subset_diameters = {}

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from mmcs_monai.io import InputError, atomic_path
-from mmcs_monai.networks.cpnet import EXTRA_STATE_KEY, CPnet
+from mmcs_monai.networks.cpnet import LEGACY_EXTRA_STATE_KEY, SUBSET_TABLE_KEY, CPnet
 
 __all__ = [
     "ModelFileError",
@@ -46,7 +46,8 @@ class ModelFileError(InputError):
 # keys under which trainers nest the network weights, first match wins
 _NESTED_KEYS = ("network", "model", "net", "state_dict", "model_state_dict")
 _DIAM_KEYS = ("diam_mean", "diam_labels")
-_EXTRA_STATE = EXTRA_STATE_KEY
+_EXTRA_STATE = LEGACY_EXTRA_STATE_KEY  # a dict, in files written before the subset table was a tensor
+_OPTIONAL_KEYS = (SUBSET_TABLE_KEY, LEGACY_EXTRA_STATE_KEY)  # absent from Cellpose files
 
 
 def _is_state_dict(obj) -> bool:
@@ -161,18 +162,17 @@ def load_cellpose_checkpoint(path: str | Path, net: CPnet | None = None, strict:
         raise TypeError(f"constructor arguments {sorted(kwargs)} are only used when net is None.")
 
     own = net.state_dict()
-    state.setdefault(_EXTRA_STATE, {"subset_diameters": {}})
     missing_diams = [k for k in _DIAM_KEYS if k not in state]
     if missing_diams and all(k in state for k in own if k not in _DIAM_KEYS):
         warnings.warn(f"{source}: no {missing_diams} in checkpoint; keeping the network's values.", stacklevel=2)
         state.update({k: own[k] for k in missing_diams})
 
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
+    missing = sorted(set(own) - set(state) - set(_OPTIONAL_KEYS))
+    unexpected = sorted(set(state) - set(own) - set(_OPTIONAL_KEYS))
     wrong_shape = [
         f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
         for k in own
-        if k in state and torch.is_tensor(own[k]) and state[k].shape != own[k].shape
+        if k in state and k not in _OPTIONAL_KEYS and torch.is_tensor(own[k]) and state[k].shape != own[k].shape
     ]
     if wrong_shape or (strict and (missing or unexpected)):
         raise ModelFileError(

@@ -5,6 +5,7 @@ import torch
 
 from helpers import require_module
 from mmcs_monai.networks import CPnet, ModelFileError, load_cellpose_checkpoint, load_model
+from mmcs_monai.networks.cpnet import decode_subset_table
 
 NBASE = [2, 32, 64, 128, 256]
 SMALL = [2, 8, 16, 32]
@@ -70,8 +71,9 @@ def test_diameters():
 def test_state_dict_keys_match_cellpose(cellpose_net):
     ours = CPnet(nbase=NBASE).state_dict()
     theirs = cellpose_net.state_dict()
-    assert [k for k in ours if k != "_extra_state"] == list(theirs)
-    assert ours["_extra_state"] == {"subset_diameters": {}}  # our subset-diameter table
+    assert [k for k in ours if k != "subset_diameters"] == list(theirs)
+    assert decode_subset_table(ours["subset_diameters"]) == {}  # our subset-diameter table, a tensor
+    assert all(torch.is_tensor(v) for v in ours.values())  # readable by MONAI's copy_model_state
     assert all(ours[k].shape == theirs[k].shape for k in theirs)
 
 
