@@ -1,0 +1,315 @@
+"""The ``mmcs`` command: train, infer, evaluate, measure diameters, sweep the inference diameter, export.
+
+Every sub-command runs the bundle's configs (``bundle/configs/*.json``) through
+``monai.bundle.run``, so the CLI and ``python -m monai.bundle run ...`` are the same code path;
+options are bundle config overrides (``--epochs 10``, ``--data_source path``...).
+
+Examples::
+
+    mmcs train                                     # sample data, default recipe
+    mmcs train --data_source ../shared/data/dev/manifest.csv --recipe configs/cpu.json
+    mmcs infer images/ outputs/ --model bundle/models/model.pt --diameter 25
+    mmcs evaluate --data_source ../shared/data/dev/manifest.csv
+    mmcs diameter labels/
+    mmcs infer-slide slide.tif outputs/ --model bundle/models/model.pt
+    mmcs diameter-sweep ../shared/data/dev/manifest.csv --diameters 10,20,30,stored,auto
+    mmcs export --model bundle/models/model.pt --output bundle/models/model.ts
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mmcs_monai.workflows import resolve_bundle_root, run_workflow
+
+
+def _bundle_root(bundle_root: str | os.PathLike | None) -> Path:
+    return resolve_bundle_root(bundle_root)
+
+
+def _load_network(model: str | None, bundle_root: str | None, device: str | None = None):
+    """The network in ``model`` (default ``<bundle_root>/models/model.pt``): a checkpoint or an exported
+    TorchScript model, in eval mode on ``device`` (default: the GPU if any)."""
+    import torch
+
+    from mmcs_monai.networks import load_model
+
+    path = Path(model) if model else _bundle_root(bundle_root) / "models" / "model.pt"
+    device = torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
+    return load_model(path, map_location=device)
+
+
+def train(recipe: str | list[str] | None = None, bundle_root: str | None = None, **overrides) -> None:
+    """Train a model (supervised) with ``bundle/configs/train.json``.
+
+    Args:
+        recipe: extra config(s) merged over train.json (e.g. ``configs/cpu.json``).
+        bundle_root: bundle folder (default: the repository's ``bundle/``).
+        overrides: config values, e.g. ``--data_source manifest.csv --epochs 50 --resume True``.
+            Models are written to ``<bundle_root>/models`` unless ``--ckpt_dir`` is given.
+    """
+    # under torchrun (torchrun --nproc_per_node=N -m mmcs_monai.cli train ...) multi_gpu_train.json is added
+    run_workflow("training", bundle_root, recipe, overrides)
+
+
+def infer(
+    input_dir: str,
+    output_dir: str,
+    model: str | None = None,
+    diameter: float | None = None,
+    bundle_root: str | None = None,
+    **overrides,
+) -> None:
+    """Segment every image in ``input_dir``; write ``<id>_masks.tif`` and ``<id>_overlay.png`` to ``output_dir``.
+
+    Args:
+        input_dir: folder of images (TIFF, PNG, JPEG, NIfTI), or a data list.
+        output_dir: destination; images that already have masks there are skipped.
+        model: model file (ours or a Cellpose 3 checkpoint); default ``<bundle_root>/models/model.pt``.
+        diameter: cell diameter in pixels in these images; default: the model's training mean.
+        overrides: e.g. ``--nucleus_channel 1 --flow_threshold 0.4 --precision bf16``.
+    """
+    overrides.update(input_dir=str(input_dir), output_dir=str(output_dir), diameter=diameter)
+    if model:
+        overrides["model_path"] = str(model)
+    run_workflow("inference", bundle_root, None, overrides)
+
+
+def evaluate(model: str | None = None, bundle_root: str | None = None, recipe=None, **overrides) -> None:
+    """F1 at IoU 0.5 on the validation split; writes ``f1_per_image.csv`` and ``f1_summary.json``.
+
+    Args:
+        model: model file; default ``<bundle_root>/models/model.pt``.
+        overrides: e.g. ``--data_source manifest.csv --val_split val --output_dir eval/``.
+    """
+    if model:
+        overrides["model_path"] = str(model)
+    run_workflow("evaluating", bundle_root, recipe, overrides)
+
+
+def diameter(*paths: str) -> dict[str, float]:
+    """Median cell diameter (pixels) of each label file (or folder of label files), and their mean."""
+    from mmcs_monai.diameters import mean_of_diameters, median_diameter
+    from mmcs_monai.io import is_image_file, read_labels
+
+    files: list[Path] = []
+    for p in map(Path, paths):
+        files += sorted(f for f in p.iterdir() if is_image_file(f)) if p.is_dir() else [p]
+    result = {str(f): round(median_diameter(read_labels(f)), 2) for f in files}
+    result["mean"] = round(mean_of_diameters(result.values()), 2)
+    return result
+
+
+def infer_slide(
+    image: str,
+    output: str,
+    model: str | None = None,
+    table: bool | str = True,
+    diameter: float | str | None = None,
+    block_size: int = 2048,
+    halo: int | None = None,
+    precision: str = "auto",
+    nucleus_channel: int | None = None,
+    cyto_channel: int | None = None,
+    flow_threshold: float | None = None,
+    cellprob_threshold: float | None = None,
+    min_size: int | None = None,
+    bundle_root: str | None = None,
+) -> str:
+    """Segment one large image (whole slide, 10,000 x 10,000 px and more) block by block.
+
+    Args:
+        image: TIFF (tiled, stripped or pyramidal; only the needed tiles are decoded), npy, PNG...
+        output: label TIFF path, or a folder for ``<stem>_masks.tif``.
+        model: model file; default ``<bundle_root>/models/model.pt``.
+        table: write the per-cell CSV (id, centroid, area, bbox) beside the labels (``True``), to this
+            path, or not (``False``).
+        diameter: cell diameter in pixels, a stored subset name, ``auto``, or None (the model's mean).
+        block_size: block side in network pixels; memory grows with its square.
+        halo: context around each block in image pixels (default ``max(64, 4 * diameter)``).
+        flow_threshold, cellprob_threshold, min_size: mask thresholds (default: the library's, as in Cellpose 3).
+
+    Returns:
+        a one-line summary (cells, blocks, seconds, outputs).
+    """
+    import logging
+
+    from mmcs_monai import distributed
+    from mmcs_monai.flows import MaskSettings
+    from mmcs_monai.inference import CellInferer
+    from mmcs_monai.io import masks_filename
+    from mmcs_monai.wholeslide import SlideSegmenter
+
+    out = Path(output)
+    stem = Path(image).name.split(".")[0]
+    labels_path = out if out.suffix.lower() in (".tif", ".tiff") else out / masks_filename(stem)
+    table_path = None
+    if table:
+        table_path = Path(table) if isinstance(table, str) else labels_path.with_name(f"{stem}_cells.csv")
+    distributed.init_process_group()  # under torchrun: the blocks are shared out over the ranks
+    network = _load_network(model, bundle_root, device=str(distributed.local_device()))
+    segmenter = SlideSegmenter(
+        network,
+        CellInferer(precision=precision),
+        block_size=block_size,
+        halo=halo,
+        diameter=diameter,
+        cyto_channel=cyto_channel,
+        nucleus_channel=nucleus_channel,
+        mask_settings=MaskSettings.from_options(flow_threshold=flow_threshold, cellprob_threshold=cellprob_threshold, min_size=min_size),
+    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # block progress
+    result = segmenter(image, labels_path, table_path)
+    main_process = distributed.is_main_process()
+    distributed.destroy_process_group()
+    if not main_process:
+        return None  # rank 0 reports
+    return (
+        f"{image}: {result.cells} cells in {result.blocks} blocks, {result.seconds:.1f} s "
+        f"(diameter {result.diameter:.1f} px) -> {labels_path}" + (f", {table_path}" if table_path else "")
+    )
+
+
+def diameter_sweep(
+    data_source: str,
+    model: str | None = None,
+    diameters="10,15,20,25,30,40,stored,subset,auto",
+    split: str = "val",
+    limit: int | None = None,
+    precision: str = "auto",
+    roi_size: int | None = None,
+    border: int = 2,
+    output: str | None = None,
+    bundle_root: str | None = None,
+) -> str:
+    """F1 at IoU 0.5 on a labelled set for each inference diameter (rows) overall and per subset (columns).
+
+    Args:
+        data_source: labelled data (manifest CSV/JSON, Decathlon JSON or folder).
+        model: model file; default ``<bundle_root>/models/model.pt``.
+        diameters: comma-separated numbers (pixels) and names: ``stored`` (the model's mean),
+            ``subset`` (each image at its own subset's stored diameter), ``auto``, or a stored subset name.
+        split: data split to score (manifests with a split column; ignored otherwise).
+        limit: score only the first N images.
+        output: optional CSV with one row per (diameter, image).
+
+    Returns:
+        the table (Markdown; the command line prints it).
+    """
+    from mmcs_monai.data import load_datalist
+    from mmcs_monai.evaluation import diameter_sweep as sweep
+    from mmcs_monai.evaluation import format_sweep_table, parse_diameters, write_sweep_csv
+    from mmcs_monai.inference import CellInferer
+
+    items = [i for i in load_datalist(data_source, split=split, exclude_partial=True, limit=limit) if i.get("label")]
+    if not items:
+        raise SystemExit(f"{data_source}: no labelled images in split {split!r}")
+    network = _load_network(model, bundle_root)
+    inferer = CellInferer(precision=precision, **({"roi_size": int(roi_size)} if roi_size else {}))
+    rows = sweep(network, items, parse_diameters(diameters), inferer=inferer, border=border)
+    if output:
+        write_sweep_csv(output, rows)
+    return format_sweep_table(rows)
+
+
+def export(model: str | None = None, output: str | None = None, bundle_root: str | None = None, verify: bool = True) -> str:
+    """Export a checkpoint as one TorchScript file (what ``python -m monai.bundle ckpt_export`` writes).
+
+    The file holds the weights, ``diam_mean``/``diam_labels`` and the per-subset diameters, the bundle's
+    ``metadata.json`` and ``inference.json``; it takes any H and W (padding inside) and runs without
+    mmcs-monai (``torch.jit.load``). The Deploy app (``mmcs_monai/deploy/app.py``) and ``mmcs infer --model``
+    take it.
+
+    Args:
+        model: checkpoint (ours or Cellpose 3); default ``<bundle_root>/models/model.pt``.
+        output: destination; default ``<bundle_root>/models/model.ts``. Written atomically.
+        verify: compare the exported model with the checkpoint on the bundle's sample images.
+
+    Returns:
+        a one-line summary (path, diameters, largest output difference).
+    """
+    import json
+
+    import numpy as np
+    import torch
+
+    from mmcs_monai.networks import export_torchscript, load_torchscript
+    from mmcs_monai.networks.model_files import max_output_difference
+
+    root = _bundle_root(bundle_root)
+    network = _load_network(model, bundle_root, device="cpu")  # exported on CPU: loads anywhere
+    path = Path(output) if output else root / "models" / "model.ts"
+    configs = {"inference": json.loads((root / "configs" / "inference.json").read_text())}
+    export_torchscript(network, path, metadata=root / "configs" / "metadata.json", configs=configs)
+    exported, _ = load_torchscript(path)
+    summary = f"{path}: diam_mean {float(exported.diam_mean):.1f}, diam_labels {float(exported.diam_labels):.2f}"
+    summary += f", {len(exported.subset_diameters)} subset diameter(s)"
+    if verify:
+        from mmcs_monai.data import load_datalist
+        from mmcs_monai.transforms import inference_preprocessing
+
+        load = inference_preprocessing()
+        items = load_datalist(root / "sample_data" / "datalist.json", split="validation")[:3]
+        images = [torch.as_tensor(np.asarray(load(item)["image"]))[None] for item in items]
+        difference = max_output_difference(network, exported, images)
+        summary += f"; max |eager - TorchScript| on {len(images)} sample images: {difference:.2e}"
+        if difference >= 1e-4:
+            raise SystemExit(summary + " (>= 1e-4: the export does not match)")
+    return summary
+
+
+def user_error(error: BaseException) -> str | None:
+    """The one line to show for ``error``, or None for a bug (shown with its traceback).
+
+    MONAI's config evaluation wraps the error a user can act on (``RuntimeError: Failed to evaluate
+    ConfigExpression ...``); this walks the chain back to it: an :class:`~mmcs_monai.io.InputError` (a file
+    and its problem, model files included) first, else a ``ValueError``/``KeyError`` (a bad option value,
+    an unknown subset name).
+    """
+    from mmcs_monai.io import InputError
+
+    chain, cause = [], error
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    for kind in (InputError, FileNotFoundError, ValueError, KeyError):
+        for link in chain:
+            if isinstance(link, kind):
+                return str(link.args[0]) if isinstance(link, KeyError) and link.args else str(link)
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``mmcs`` entry point: a mistake exits with status 2 and one line; ``--verbose`` or ``MMCS_DEBUG=1``
+    shows the traceback instead."""
+    import sys
+
+    import fire
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv or os.environ.get("MMCS_DEBUG") == "1"
+    argv = [a for a in argv if a != "--verbose"]
+    commands = {
+        "train": train,
+        "infer": infer,
+        "evaluate": evaluate,
+        "diameter": diameter,
+        "diameter-sweep": diameter_sweep,
+        "infer-slide": infer_slide,
+        "export": export,
+    }
+    try:
+        fire.Fire(commands, command=argv, name="mmcs")
+    except SystemExit:
+        raise
+    except Exception as err:
+        message = None if verbose else user_error(err)
+        if message is None:
+            raise
+        print(f"mmcs: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,288 @@
+"""Data lists: one loader for every way a user points at data.
+
+A data list is a list of dicts, one per image, as MONAI datasets expect::
+
+    {"image": "/abs/img.tif", "label": "/abs/lbl.tif", "id": "img", "subset": "fluorescence",
+     "nucleus_channel": None}
+
+``label`` is absent for unlabelled images. ``subset`` names the modality or data set the image
+belongs to (used for per-subset diameters and per-modality scores).
+
+Accepted sources (:func:`load_datalist`):
+
+- a manifest CSV or JSON with ``split``, ``image``, ``label`` columns (the dev manifest format;
+  ``modality`` becomes ``subset``), paths relative to the manifest;
+- a MONAI Decathlon-style JSON (``{"training": [...], "validation": [...]}``);
+- a JSON list of dicts;
+- a folder with ``images/`` and ``labels/`` subfolders (matched by file stem), or a folder of
+  images alone (unlabelled).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from monai.data import CacheDataset
+
+from mmcs_monai.io import InputError, atomic_path, is_image_file, masks_filename
+
+logger = logging.getLogger(__name__)
+
+# Decathlon JSONs name their splits differently from manifests.
+_DECATHLON_KEYS = {"train": "training", "val": "validation", "validation": "validation", "test": "test"}
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else path.stem
+
+
+def _resolve(base: Path, value: str | None) -> str | None:
+    if value in (None, ""):
+        return None
+    path = Path(value)
+    return str(path if path.is_absolute() else (base / path).resolve())
+
+
+def _normalise_row(row: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Absolute paths, ``modality`` -> ``subset``, empty strings -> None, channel index -> int."""
+    image = _resolve(base, row.get("image"))
+    if image is None:
+        raise InputError(base, f"data list row without an image: {row}")
+    item: dict[str, Any] = {"image": image}
+    label = _resolve(base, row.get("label"))
+    if label is not None:
+        item["label"] = label
+    item["id"] = row.get("id") or _stem(Path(image))
+    item["subset"] = row.get("subset") or row.get("modality") or "default"
+    nucleus = row.get("nucleus_channel")
+    item["nucleus_channel"] = None if nucleus in (None, "") else int(nucleus)
+    for key in ("gt_complete", "diameter"):
+        if row.get(key) not in (None, ""):
+            item[key] = float(row[key]) if key == "diameter" else row[key]
+    return item
+
+
+def _from_rows(rows: list[dict[str, Any]], base: Path, split: str | None) -> list[dict[str, Any]]:
+    if split is not None:
+        rows = [r for r in rows if r.get("split", split) == split]
+    return [_normalise_row(r, base) for r in rows]
+
+
+def _from_folder(folder: Path) -> list[dict[str, Any]]:
+    folder = folder.resolve()
+    images_dir, labels_dir = folder / "images", folder / "labels"
+    if images_dir.is_dir():
+        labels = {_stem(p): p for p in labels_dir.iterdir() if is_image_file(p)} if labels_dir.is_dir() else {}
+        rows = []
+        for image in sorted(p for p in images_dir.iterdir() if is_image_file(p)):
+            row = {"image": str(image)}
+            if _stem(image) in labels:
+                row["label"] = str(labels[_stem(image)])
+            rows.append(row)
+    else:
+        rows = [{"image": str(p)} for p in sorted(folder.iterdir()) if is_image_file(p)]
+    if not rows:
+        raise InputError(folder, "folder holds no images (looked for images/ and labels/, or image files)")
+    return [_normalise_row(r, folder) for r in rows]
+
+
+def load_datalist(
+    source: str | os.PathLike, split: str | None = None, exclude_partial: bool = False, limit: int | None = None
+) -> list[dict[str, Any]]:
+    """Read a data list from a manifest, a Decathlon JSON, a JSON list or a folder.
+
+    Args:
+        source: path of the manifest/JSON/folder.
+        split: keep rows of this split (``train``, ``val``, ...); for Decathlon JSON, the section.
+        exclude_partial: drop rows whose ``gt_complete`` is ``partial...`` (masks miss many cells),
+            as the dev data's README asks for F1 figures.
+        limit: keep the first ``limit`` rows (quick runs).
+
+    Returns:
+        list of dicts with absolute ``image`` (and ``label``) paths, ``id``, ``subset``, ``nucleus_channel``.
+    """
+    source = Path(source)
+    if source.is_dir():
+        items = _from_folder(source)
+    elif not source.is_file():
+        raise InputError(source, "data list not found")
+    elif source.suffix.lower() == ".csv":
+        with open(source, newline="") as f:
+            items = _from_rows(list(csv.DictReader(f)), source.parent, split)
+    elif source.suffix.lower() == ".json":
+        with open(source) as f:
+            content = json.load(f)
+        if isinstance(content, dict) and "items" in content:
+            items = _from_rows(content["items"], source.parent, split)
+        elif isinstance(content, dict):
+            key = _DECATHLON_KEYS.get(split or "train", split)
+            if key not in content:
+                raise InputError(source, f"no section {key!r} (has {sorted(content)})")
+            base = source.parent / content.get("base_dir", ".")  # an absolute base_dir replaces the parent
+            items = [_normalise_row(r, base) for r in content[key]]
+        elif isinstance(content, list):
+            items = _from_rows(content, source.parent, split)
+        else:
+            raise InputError(source, "JSON data list must be a list of rows or a dict of sections")
+    else:
+        raise InputError(source, "data list must be a folder, a .csv manifest or a .json file")
+    if exclude_partial:
+        items = [i for i in items if not str(i.get("gt_complete", "yes")).startswith("partial")]
+    return items[:limit] if limit else items
+
+
+def unlabelled(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The same rows with their labels removed: images to use as unlabelled data."""
+    return [{k: v for k, v in i.items() if k != "label"} for i in items]
+
+
+def pending_outputs(items: list[dict[str, Any]], output_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Items whose masks file is not yet in ``output_dir``, so a folder run resumes where it stopped."""
+    output_dir = Path(output_dir)
+    return [i for i in items if not (output_dir / masks_filename(i["id"])).is_file()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets that skip bad samples instead of stopping a long run.
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The innermost exception (MONAI's ``Compose`` wraps a transform's error in a RuntimeError)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error
+
+
+def _sample_name(item: Any) -> str:
+    if isinstance(item, dict):
+        for key in ("image", "image_file", "id"):
+            if item.get(key):
+                return str(item[key])
+    return repr(item)[:200]
+
+
+class BadSampleLog:
+    """Bad samples met during a run: each with its file, the stage and the problem.
+
+    Args:
+        max_bad_fraction: more bad samples than this fraction of a data list stops the run
+            (:meth:`check`), since then the data, not one file, is wrong.
+    """
+
+    def __init__(self, max_bad_fraction: float = 0.1):
+        if not 0 <= max_bad_fraction <= 1:
+            raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+        self.max_bad_fraction = max_bad_fraction
+        self.entries: list[dict[str, str]] = []
+
+    def add(self, item: Any, stage: str, error: BaseException) -> None:
+        cause = root_cause(error)
+        entry = {"file": _sample_name(item), "stage": stage, "problem": f"{type(cause).__name__}: {cause}"}
+        self.entries.append(entry)
+        logger.warning("skipping bad sample %s (%s): %s", entry["file"], stage, entry["problem"])
+
+    def check(self, bad: int, total: int, what: str = "samples") -> None:
+        """Raise when ``bad`` of ``total`` exceeds the allowed fraction."""
+        if total and bad / total > self.max_bad_fraction:
+            examples = "; ".join(f"{e['file']}: {e['problem']}" for e in self.entries[:5])
+            raise RuntimeError(
+                f"{bad} of {total} {what} are unusable ({bad / total:.0%} > max_bad_fraction "
+                f"{self.max_bad_fraction:.0%}); fix the data or raise the limit. First ones: {examples}"
+            )
+
+    def summary(self) -> str:
+        if not self.entries:
+            return "no bad samples"
+        lines = [f"{len(self.entries)} bad sample(s) skipped:"]
+        lines += [f"  {e['file']} ({e['stage']}): {e['problem']}" for e in self.entries]
+        return "\n".join(lines)
+
+    def write_csv(self, path: str | os.PathLike) -> None:
+        """``file, stage, problem`` rows, written atomically."""
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["file", "stage", "problem"])
+            writer.writeheader()
+            writer.writerows(self.entries)
+
+
+class SkippingCacheDataset(CacheDataset):
+    """MONAI ``CacheDataset`` that leaves out samples whose transforms fail, and says which.
+
+    Samples that fail while the cache is filled (unreadable files, label/image mismatch, ...) are
+    removed from the data set; a sample whose random transforms fail later is replaced by the next
+    good one for that draw. Every failure goes to ``bad_samples`` with its path; too many
+    (``bad_samples.max_bad_fraction`` of the list) stop the run with a clear message.
+
+    Args:
+        data, transform: as ``CacheDataset`` (``transform`` a ``Compose``).
+        bad_samples: where failures are recorded (shared with the summary handler).
+        kwargs: other ``CacheDataset`` arguments (``cache_rate``, ``num_workers``...).
+    """
+
+    def __init__(self, data, transform, bad_samples: BadSampleLog | None = None, **kwargs):
+        self.bad_samples = bad_samples if bad_samples is not None else BadSampleLog()
+        self._failed_at_cache: set[int] = set()
+        super().__init__(data, transform, **kwargs)
+
+    def _load_cache_item(self, idx: int):
+        try:
+            return super()._load_cache_item(idx)
+        except Exception as err:  # any transform error: the sample is bad, the run goes on
+            self.bad_samples.add(self.data[idx], "loading", err)
+            self._failed_at_cache.add(idx)
+            return None
+
+    def set_data(self, data) -> None:
+        self._failed_at_cache = set()
+        super().set_data(data)
+        if not self._failed_at_cache:
+            return
+        total = len(self.data)
+        self.bad_samples.check(len(self._failed_at_cache), total, "samples in the data list")
+        keep = [i for i in range(total) if i not in self._failed_at_cache]
+        cached = list(self._cache)
+        self.data = [self.data[i] for i in keep]
+        self._cache = [cached[i] for i in keep if i < len(cached)]
+        self.cache_num = len(self._cache)
+
+    def _transform(self, index: int):
+        if not -len(self.data) <= index < len(self.data):
+            raise IndexError(f"index {index} out of range for {len(self.data)} samples")
+        index %= len(self.data)
+        for attempt in range(len(self.data)):
+            i = (index + attempt) % len(self.data)
+            try:
+                return super()._transform(i)
+            except Exception as err:
+                self.bad_samples.add(self.data[i], "augmentation", err)
+                self.bad_samples.check(len({e["file"] for e in self.bad_samples.entries}), len(self.data))
+        raise RuntimeError(f"every sample failed its transforms; {self.bad_samples.summary()}")
+
+
+def readable_images(items: list[dict[str, Any]], bad_samples: BadSampleLog | None = None) -> list[dict[str, Any]]:
+    """The items whose image (and label, when given) can be read; the others go to ``bad_samples``.
+
+    Inference over a folder calls this first so one broken file is reported and skipped instead of
+    stopping the run; the check reads each file once, which costs far less than segmenting it.
+    """
+    from mmcs_monai.io import read_image, read_labels
+
+    bad_samples = bad_samples if bad_samples is not None else BadSampleLog(max_bad_fraction=1.0)
+    good = []
+    for item in items:
+        try:
+            image = read_image(item["image"])
+            if item.get("label"):
+                read_labels(item["label"], image_shape=image.shape[1:])
+        except InputError as err:
+            bad_samples.add(item, "reading", err)
+            continue
+        good.append(item)
+    bad_samples.check(len(items) - len(good), len(items), "images")
+    return good

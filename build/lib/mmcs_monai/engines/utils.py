@@ -1,0 +1,61 @@
+"""Batch preparation for the engines, and running an evaluator over a data list that may be empty."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sized
+
+import torch
+from monai.engines.utils import PrepareBatch
+from monai.handlers import ValidationHandler
+
+logger = logging.getLogger(__name__)
+
+
+class PrepareFlowBatch(PrepareBatch):
+    """Take ``(image, flows)`` from a collated batch dict and move them to ``device``.
+
+    ``image`` is float32 [B, 2, H, W]; ``flows`` (the training target) float32 [B, 3, H, W].
+    With ``flag_key`` (semi-supervised batches), the per-sample flag float [B] is appended to the
+    target as a fourth channel, broadcast over the image: target [B, 4, H, W].
+    """
+
+    def __init__(self, image_key: str = "image", target_key: str = "flows", flag_key: str | None = None):
+        self.image_key = image_key
+        self.target_key = target_key
+        self.flag_key = flag_key
+
+    def __call__(self, batchdata, device=None, non_blocking: bool = False, **kwargs):
+        def move(x):
+            return torch.as_tensor(x).to(device=device, non_blocking=non_blocking, **kwargs)
+
+        image, target = move(batchdata[self.image_key]), move(batchdata[self.target_key])
+        if self.flag_key is not None:
+            flag = move(batchdata[self.flag_key]).to(target.dtype)
+            target = torch.cat([target, flag[:, None, None, None].expand(-1, 1, *target.shape[-2:])], dim=1)
+        return image, target
+
+
+def run_if_any(engine, datalist: Sized, nothing: str = "nothing to run") -> bool:
+    """Run ``engine`` when ``datalist`` holds anything; else log (and print) ``nothing``. Returns whether it ran."""
+    if len(datalist):
+        engine.run()
+        return True
+    logger.info(nothing)
+    print(nothing)
+    return False
+
+
+def use_handler(handler):
+    """Return ``handler`` itself: lets a config list a handler defined under its own key (``"teacher_handler"``,
+    which ``"teacher"`` also reads) as a ``{"_target_": ...}`` entry, as model-zoo's checks expect every entry
+    of a handler list to be."""
+    return handler
+
+
+class TeacherValidationHandler(ValidationHandler):
+    """MONAI's ``ValidationHandler`` for the mean teacher's evaluator in the semi-supervised phase.
+
+    Its own name keeps the trainer's one ``ValidationHandler`` the student's, which is what MONAI's bundle
+    property checks (``ConfigWorkflow.check_properties``) read as the training workflow's evaluator.
+    """

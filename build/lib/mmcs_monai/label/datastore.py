@@ -1,0 +1,256 @@
+"""The label server's datastore: MONAI Label's local datastore with checked uploads and atomic writes.
+
+What it adds to :class:`monailabel.datastore.local.LocalDatastore`:
+
+- **Uploads are checked before anything is written.** Image ids and label tags must be plain names (no
+  ``/``, ``..`` or absolute paths); a label must decode as a 2D integer instance image of its image's
+  size; an image must decode as a 2D microscopy image; anything over ``max_upload_bytes`` is refused.
+  Refusals are :class:`UploadRejected`, an HTTP error whose text names the image and the problem, so the
+  client sees 400 / 404 / 409 / 413 instead of a server error.
+- **Labels are stored as TIFF** (uint16/uint32 ids) whatever format was uploaded.
+- **Nothing is half written.** Images, labels and ``datastore_v2.json`` are written to a temporary file
+  and renamed.
+- **Several processes share it.** Training and scoring run in their own processes (MONAI Label starts
+  them); every change re-reads ``datastore_v2.json`` under the file lock before writing, so a score
+  written by the scoring process does not erase a label the server saved meanwhile.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import HTTPException
+from filelock import FileLock
+from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
+
+from mmcs_monai.io import InputError, atomic_path, read_image, read_labels, write_labels
+
+logger = logging.getLogger(__name__)
+
+IMAGE_PATTERNS = ("*.tif", "*.tiff", "*.png", "*.jpg", "*.jpeg")
+LABEL_SUFFIX = ".tif"
+DEFAULT_MAX_UPLOAD_BYTES = 256 * 1024 * 1024
+# a file name without a folder: letters, digits, '.', '_', '-', not starting with '.'
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
+
+
+class UploadRejected(HTTPException):
+    """An upload or request the datastore refuses; FastAPI turns it into an HTTP error with ``detail``."""
+
+    def __init__(self, status_code: int, detail: str):
+        super().__init__(status_code=status_code, detail=detail)
+
+
+def plain_name(value: Any, what: str) -> str:
+    """``value`` if it is a plain file name (no folder, no ``..``, not absolute); else :class:`UploadRejected` 400."""
+    if not isinstance(value, str) or not _PLAIN_NAME.fullmatch(value) or ".." in value:
+        raise UploadRejected(400, f"{what} {value!r} refused: use a plain name (letters, digits, '.', '_', '-'; no folders)")
+    return value
+
+
+class CellDatastore(LocalDatastore):
+    """Local datastore of 2D microscopy images (TIFF, PNG, JPEG) and their instance labels.
+
+    Args:
+        datastore_path: the studies folder (images at its top level, labels in ``labels/<tag>/``).
+        max_upload_bytes: largest image or label file accepted.
+        extensions: image file patterns.
+        auto_reload: watch the folder for images and labels added by hand.
+        read_only: never write.
+    """
+
+    def __init__(
+        self,
+        datastore_path: str,
+        max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+        extensions=IMAGE_PATTERNS,
+        auto_reload: bool = False,
+        read_only: bool = False,
+    ):
+        self.max_upload_bytes = int(max_upload_bytes)
+        super().__init__(datastore_path, extensions=list(extensions), auto_reload=auto_reload, read_only=read_only)
+
+    # ------------------------------------------------------------------ shared state across processes
+    def _reload_unlocked(self) -> None:
+        """Re-read ``datastore_v2.json`` if another process wrote it (the caller holds the lock)."""
+        path = self._datastore_config_path
+        if os.path.exists(path) and os.stat(path).st_mtime != self._config_ts:
+            with open(path) as f:
+                self._datastore = LocalDatastoreModel.model_validate_json(f.read())
+            self._datastore.base_path = self._datastore_path
+            self._config_ts = os.stat(path).st_mtime
+
+    def reload(self) -> None:
+        """Bring this process's view up to date with the file (other processes may have written it)."""
+        with FileLock(self._lock_file):
+            self._reload_unlocked()
+
+    @contextmanager
+    def _change(self) -> Iterator[None]:
+        """Lock, re-read, let the caller change ``self._datastore``, write the file atomically."""
+        with FileLock(self._lock_file):
+            self._reload_unlocked()
+            yield
+            self._update_datastore_file(lock=False)
+
+    def _update_datastore_file(self, lock: bool = True) -> None:
+        def write() -> None:
+            self._ignore_event_config = True
+            text = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
+            with atomic_path(self._datastore_config_path) as tmp:
+                tmp.write_text(text)
+            self._config_ts = os.stat(self._datastore_config_path).st_mtime
+
+        if lock:
+            with FileLock(self._lock_file):
+                write()
+        else:
+            write()
+
+    # ------------------------------------------------------------------ checks
+    def _check_size(self, path: str, what: str) -> None:
+        size = os.path.getsize(path)
+        if size > self.max_upload_bytes:
+            raise UploadRejected(
+                413, f"{what} refused: {size} bytes, more than this server's limit of {self.max_upload_bytes} bytes (conf max_upload_mb)"
+            )
+
+    def _known_image(self, image_id: Any) -> str:
+        image_id = plain_name(image_id, "image id")
+        if image_id not in self._datastore.objects:
+            self.reload()
+        if image_id not in self._datastore.objects:
+            raise UploadRejected(404, f"image {image_id!r} is not in the datastore")
+        return image_id
+
+    def image_shape(self, image_id: str) -> tuple[int, int]:
+        """(H, W) of a datastore image."""
+        return tuple(read_image(self.get_image_uri(image_id)).shape[-2:])
+
+    # ------------------------------------------------------------------ writes
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
+        """Check ``label_filename`` against its image, then store it as ``labels/<tag>/<image_id>.tif``.
+
+        Raises:
+            UploadRejected: 400 (bad id/tag, undecodable file, not an instance image, wrong size),
+                404 (no such image), 413 (too large).
+        """
+        image_id = self._known_image(image_id)
+        tag = plain_name(label_tag, "label tag")
+        self._check_size(label_filename, f"label for image {image_id!r}")
+        try:
+            labels = read_labels(label_filename, self.image_shape(image_id))
+        except InputError as err:
+            raise UploadRejected(400, f"label for image {image_id!r} refused: {err.problem}") from err
+
+        label_dir = Path(self._datastore.label_path(tag))
+        name = image_id + LABEL_SUFFIX
+        with self._change():
+            obj = self._datastore.objects[image_id]
+            write_labels(label_dir / name, labels)
+            previous = obj.labels.get(tag)
+            if previous is not None and previous.ext != LABEL_SUFFIX:  # e.g. a PNG label added by hand
+                (label_dir / (image_id + previous.ext)).unlink(missing_ok=True)
+            cells = int(np.count_nonzero(np.unique(labels)))
+            info = {**(label_info or {}), "ts": int(time.time()), "name": name, "cells": cells}
+            obj.labels[tag] = DataModel(info=info, ext=LABEL_SUFFIX)
+        logger.info("label saved: %s (%s, %d cells)", image_id, tag, info["cells"])
+        return image_id
+
+    def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
+        """Check ``image_filename`` (size, decodes as a 2D image), then copy it into the studies folder.
+
+        Raises:
+            UploadRejected: 400 (bad id, unsupported type, undecodable), 409 (the id exists), 413 (too large).
+        """
+        derived, ext = self._to_id(os.path.basename(image_filename))
+        image_id = plain_name(image_id or derived, "image id")
+        ext = ext.lower()  # the folder is listed with lower-case patterns
+        if f"*{ext}" not in self._extensions:
+            raise UploadRejected(400, f"image {image_id!r} refused: unsupported file type {ext!r}; use {', '.join(self._extensions)}")
+        self._check_size(image_filename, f"image {image_id!r}")
+        try:
+            read_image(image_filename)
+        except InputError as err:
+            raise UploadRejected(400, f"image {image_id!r} refused: {err.problem}") from err
+        self.reload()
+        if image_id in self._datastore.objects:
+            raise UploadRejected(409, f"image {image_id!r} already exists; remove it first to replace it")
+        name = image_id + ext
+        with self._change():
+            with atomic_path(Path(self._datastore.image_path()) / name) as tmp:
+                shutil.copyfile(image_filename, tmp)
+            info = {**(image_info or {}), "ts": int(time.time()), "name": name}
+            self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=ext))
+        return image_id
+
+    def update_image_info(self, image_id: str, info: dict[str, Any]) -> None:
+        self.update_image_infos({image_id: info})
+
+    def update_image_infos(self, infos: Mapping[str, Mapping[str, Any]]) -> None:
+        """Merge ``infos[id]`` into each image's info in one locked write (unknown ids are skipped)."""
+        with self._change():
+            for image_id, info in infos.items():
+                obj = self._datastore.objects.get(image_id)
+                if obj is None:
+                    logger.warning("image %s vanished before its info was written", image_id)
+                    continue
+                obj.image.info.update(info)
+
+    def update_label_info(self, label_id: str, label_tag: str, info: dict[str, Any]) -> None:
+        with self._change():
+            label = self._datastore.label(label_id, label_tag)
+            if label is None:
+                raise UploadRejected(404, f"no {label_tag!r} label for image {label_id!r}")
+            label.info.update(info)
+
+    # reads that other processes' writes (scores, trained-on labels) must show up in
+    def get_image_info(self, image_id: str) -> dict[str, Any]:
+        self.reload()
+        return super().get_image_info(image_id)
+
+    def json(self):
+        self.reload()
+        return super().json()
+
+    def status(self) -> dict[str, Any]:
+        self.reload()
+        return super().status()
+
+    def list_images(self) -> list[str]:
+        self.reload()
+        return super().list_images()
+
+    def get_unlabeled_images(self, label_tag=None, labels=None) -> list[str]:
+        self.reload()
+        return super().get_unlabeled_images(label_tag, labels)
+
+    # ------------------------------------------------------------------ training views
+    def labelled_items(self, tag: str = "final") -> list[dict[str, str]]:
+        """``[{"id", "image", "label"}, ...]`` for images with a ``tag`` label, absolute paths, by id."""
+        self.reload()
+        items = []
+        for image_id in sorted(self._datastore.filter_by_tag(tag)):
+            obj = self._datastore.objects[image_id]
+            items.append(
+                {
+                    "id": image_id,
+                    "image": self.get_image_uri(image_id),
+                    "label": os.path.realpath(os.path.join(self._datastore.label_path(tag), image_id + obj.labels[tag].ext)),
+                }
+            )
+        return items
+
+    def unlabelled_items(self, tag: str = "final") -> list[dict[str, str]]:
+        """``[{"id", "image"}, ...]`` for images without a ``tag`` label, by id."""
+        return [{"id": i, "image": self.get_image_uri(i)} for i in sorted(self.get_unlabeled_images(tag))]

@@ -1,0 +1,26 @@
+"""Networks: the model (:mod:`.cpnet`), its TorchScript shim (:mod:`.torchscript`) and model files (:mod:`.model_files`).
+
+Imports go one way: ``padding`` <- ``torchscript`` <- ``cpnet`` <- ``model_files``.
+"""
+
+from .cpnet import CPnet
+from .model_files import (
+    ModelFileError,
+    export_torchscript,
+    extract_state_dict,
+    infer_cpnet_args,
+    load_cellpose_checkpoint,
+    load_model,
+    load_torchscript,
+)
+
+__all__ = [
+    "CPnet",
+    "ModelFileError",
+    "export_torchscript",
+    "extract_state_dict",
+    "infer_cpnet_args",
+    "load_cellpose_checkpoint",
+    "load_model",
+    "load_torchscript",
+]

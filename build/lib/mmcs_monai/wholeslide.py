@@ -1,0 +1,360 @@
+"""Whole-slide inference: images of any size, segmented block by block with bounded memory.
+
+The slide is cut into blocks (``block_size`` pixels at network scale). Each block is read from disk
+with a halo around it; :class:`~mmcs_monai.inference.CellInferer` predicts its flows (its sliding
+window blends 224-px tiles with Gaussian weights) and :func:`~mmcs_monai.flows.flows_to_masks`
+builds masks over the whole window. A cell belongs to the block whose core holds its centroid, so
+a cell crossing a block border is segmented once, by a block that saw it whole with context on
+both sides, and gets one id; the core is grown by half a diameter for this test so a cell on a
+border is never lost between two blocks, and a cell already labelled by an earlier block is not
+pasted twice. Owned cells go into a label file on disk: inside its own core a block's cells win,
+in its halo they only fill background, so the result depends on nothing but the block grid. A last
+streaming pass makes the ids consecutive, measures each cell and writes a tiled, compressed label
+TIFF and, optionally, a CSV table of cells. Under ``torchrun`` the ranks share out the blocks and
+rank 0 pastes them in block order, so the output is the single-process one.
+
+Memory is bounded by the block size: the network never sees more than one window at a time, the
+intensity range is measured once on a sample of windows, and labels live in a file that is mapped
+a band of rows at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmcs_monai.cells import finalize_labels, write_cell_table
+from mmcs_monai.diameters import DEFAULT_TARGET_DIAMETER, scale_to_target
+from mmcs_monai.distributed import barrier, broadcast_object, get_rank, is_distributed, is_main_process, shard
+from mmcs_monai.flows import MaskSettings
+from mmcs_monai.inference import CellInferer, model_diameters, resolve_diameter
+from mmcs_monai.io import ImageRegions, atomic_path, open_regions
+from mmcs_monai.segmentation import CellSegmenter
+from mmcs_monai.transforms.array import StackNucleusChannel, percentile_bounds, scale_to_bounds
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Block:
+    """One block of a slide: ``core`` is what it owns, ``window`` the core plus halo it reads.
+
+    Both are ``(y0, y1, x0, x1)`` in slide pixels, end exclusive.
+    """
+
+    index: int
+    core: tuple[int, int, int, int]
+    window: tuple[int, int, int, int]
+
+
+def plan_blocks(shape: tuple[int, int], block_size: int, halo: int) -> list[Block]:
+    """Cover an image of ``shape`` (H, W) with blocks of at most ``block_size`` px plus ``halo`` px, row-major."""
+    h, w = shape
+    block_size = max(int(block_size), 1)
+    blocks = []
+    for y0 in range(0, h, block_size):
+        for x0 in range(0, w, block_size):
+            y1, x1 = min(y0 + block_size, h), min(x0 + block_size, w)
+            window = (max(y0 - halo, 0), min(y1 + halo, h), max(x0 - halo, 0), min(x1 + halo, w))
+            blocks.append(Block(len(blocks), (y0, y1, x0, x1), window))
+    return blocks
+
+
+class LabelCanvas:
+    """An uint32 label image [H, W] in a file, mapped a band of rows at a time (bounded memory)."""
+
+    def __init__(self, path: Path, shape: tuple[int, int]):
+        self.path = Path(path)
+        self.shape = shape
+        with open(self.path, "wb") as f:
+            f.truncate(shape[0] * shape[1] * 4)  # sparse zeros
+
+    def rows(self, y0: int, y1: int, mode: str = "r+") -> np.memmap:
+        """Rows ``y0:y1`` as a writable memory map; drop the reference to release it."""
+        return np.memmap(self.path, np.uint32, mode, offset=y0 * self.shape[1] * 4, shape=(y1 - y0, self.shape[1]))
+
+    def bands(self, height: int = 1024) -> Iterator[tuple[int, np.ndarray]]:
+        """``(y0, rows)`` read-only bands of ``height`` rows, top to bottom."""
+        for y0 in range(0, self.shape[0], height):
+            yield y0, self.rows(y0, min(y0 + height, self.shape[0]), mode="r")
+
+
+@dataclass
+class SlideResult:
+    """What :meth:`SlideSegmenter.__call__` did: the outputs, the cell count and the timing."""
+
+    labels_path: Path
+    table_path: Path | None
+    shape: tuple[int, int]
+    cells: int
+    blocks: int
+    diameter: float
+    seconds: float
+    block_px: int  # block core side, image pixels
+    halo: int  # context around each block, image pixels
+    border_copies: int = 0  # cells on a block border kept by both blocks; the second copy was dropped
+
+
+class SlideSegmenter:
+    """Segment a whole-slide (or any large) image block by block; see the module docstring.
+
+    Args:
+        network: a CPnet in eval mode (on its device).
+        inferer: the per-window inferer (default: 224 px tiles, 10% overlap, auto precision).
+        block_size: block side in pixels at network scale (input pixels = this / zoom); bounds memory.
+        halo: context around each block in input pixels; default ``max(64, 4 * diameter)``. Cells larger
+            than the halo can be cut at block borders.
+        diameter: cell diameter in the slide (pixels), a stored subset name, None (the model's mean) or
+            ``"auto"`` (measured on a central crop of ``auto_crop`` pixels, then used for every block).
+        cyto_channel, nucleus_channel: channel choice as in :class:`StackNucleusChannel`.
+        mask_settings: flows -> masks thresholds (default :class:`~mmcs_monai.flows.MaskSettings`()).
+        intensity_samples: number of windows (spread over the slide) whose pixels set the 1-99
+            percentile intensity range used for every block.
+
+    Call: ``segmenter(image_path, labels_path, table_path=None) -> SlideResult``; writes a tiled
+    zlib-compressed label TIFF (uint16, or uint32 past 65,535 cells; ids 1..N) and, when
+    ``table_path`` is given, a CSV with :data:`CELL_TABLE_COLUMNS` (slide pixels, bbox end exclusive).
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        inferer: CellInferer | None = None,
+        block_size: int = 2048,
+        halo: int | None = None,
+        diameter: float | str | None = None,
+        cyto_channel: int | None = None,
+        nucleus_channel: int | None = None,
+        mask_settings: MaskSettings | None = None,
+        intensity_samples: int = 64,
+        auto_crop: int = 1024,
+    ):
+        self.network = network
+        self.inferer = inferer or CellInferer()
+        self.block_size = block_size
+        self.halo = halo
+        self.diameter = diameter
+        self.stack = StackNucleusChannel(cyto_channel, nucleus_channel)
+        self.segmenter = CellSegmenter(network, self.inferer, mask_settings)
+        self.intensity_samples = intensity_samples
+        self.auto_crop = auto_crop
+
+    # ------------------------------------------------------------------ steps
+    def read_window(self, regions: ImageRegions, window, bounds) -> np.ndarray:
+        """Network input for a window: float32 [2, h, w], scaled with the slide's intensity bounds."""
+        y0, y1, x0, x1 = window
+        return scale_to_bounds(self.stack(regions.read(y0, y1, x0, x1)), *bounds)
+
+    def intensity_bounds(self, regions: ImageRegions, size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        """1st and 99th percentile per input channel, from up to ``intensity_samples`` windows on a grid."""
+        h, w = regions.shape
+        per_side = max(1, int(math.sqrt(self.intensity_samples)))
+        ys = np.unique(np.linspace(0, max(h - size, 0), per_side).astype(int))
+        xs = np.unique(np.linspace(0, max(w - size, 0), per_side).astype(int))
+        samples = [self.stack(regions.read(y, min(y + size, h), x, min(x + size, w))) for y in ys for x in xs]
+        return percentile_bounds(np.concatenate([s.reshape(2, -1) for s in samples], axis=1))
+
+    def slide_diameter(self, regions: ImageRegions, bounds) -> float:
+        """The diameter (pixels) every block is segmented at; ``auto`` is measured on a central crop."""
+        if self.diameter != "auto":
+            return resolve_diameter(self.network, self.diameter)
+        h, w = regions.shape
+        cy, cx, half = h // 2, w // 2, self.auto_crop // 2
+        window = (max(cy - half, 0), min(cy + half, h), max(cx - half, 0), min(cx + half, w))
+        return self.segmenter(self.read_window(regions, window, bounds), diameter="auto").diameter
+
+    def segment_block(self, regions: ImageRegions, block: Block, bounds, diameter: float) -> np.ndarray:
+        """Cells owned by ``block``: int32 [window h, window w], ids 1..n (consecutive), 0 elsewhere."""
+        masks = self.segmenter(self.read_window(regions, block.window, bounds), diameter=diameter).masks
+        return owned_cells(masks, block, margin=0.5 * diameter)
+
+    @property
+    def _device(self) -> torch.device:
+        return next(self.network.parameters()).device
+
+    # ------------------------------------------------------------------ whole slide
+    def __call__(self, image_path, labels_path, table_path=None) -> SlideResult:
+        start = time.perf_counter()
+        labels_path = Path(labels_path)
+        with open_regions(image_path) as regions:
+            # under torchrun rank 0 measures the intensity range and the diameter, and every rank uses them
+            bounds, diameter = self.intensity_bounds(regions), None
+            if is_main_process():
+                diameter = self.slide_diameter(regions, bounds)
+            diameter = broadcast_object(diameter)
+            zoom = scale_to_target(diameter, model_diameters(self.network)[0] or DEFAULT_TARGET_DIAMETER)
+            halo = self.halo if self.halo is not None else max(64, int(math.ceil(4 * diameter)))
+            block_px = max(int(self.block_size / zoom), 2 * halo)
+            blocks = plan_blocks(regions.shape, block_px, halo)
+            logger.info(
+                "%s: %d x %d px, diameter %.1f px, %d blocks of %d px + %d px halo",
+                image_path,
+                *regions.shape,
+                diameter,
+                len(blocks),
+                block_px,
+                halo,
+            )
+            labels_path.parent.mkdir(parents=True, exist_ok=True)
+            block_files = None
+            if is_distributed():
+                block_files = self._segment_shard(regions, blocks, bounds, diameter, labels_path)
+                owned_blocks = (np.load(block_files / f"block_{block.index}.npy").astype(np.int32) for block in blocks)
+            else:
+                owned_blocks = (self.segment_block(regions, block, bounds, diameter) for block in blocks)
+            try:
+                cells, copies = 0, 0
+                if is_main_process():
+                    cells, copies = self._assemble(regions.shape, blocks, owned_blocks, labels_path, table_path)
+                cells, copies = broadcast_object((cells, copies))
+            finally:
+                if block_files is not None and is_main_process():
+                    shutil.rmtree(block_files, ignore_errors=True)
+        return SlideResult(
+            labels_path,
+            Path(table_path) if table_path else None,
+            regions.shape,
+            cells,
+            len(blocks),
+            diameter,
+            time.perf_counter() - start,
+            block_px,
+            halo,
+            copies,
+        )
+
+    def _assemble(self, shape, blocks, owned_blocks, labels_path: Path, table_path) -> tuple[int, int]:
+        """Paste the blocks' owned cells in block order, renumber, write labels (and table); (cells, copies dropped)."""
+        fd, scratch = tempfile.mkstemp(prefix=f".{labels_path.name}.", suffix=".u32", dir=labels_path.parent)
+        os.close(fd)
+        try:
+            canvas = LabelCanvas(Path(scratch), shape)
+            next_id, copies = 1, 0
+            for block, owned in zip(blocks, owned_blocks):
+                next_id, dropped = paste_block(canvas, block, owned, next_id)
+                copies += dropped
+                logger.info("block %d/%d done, %d cells so far", block.index + 1, len(blocks), next_id - 1)
+            lut, table = finalize_labels(canvas)
+            write_label_tiff(labels_path, canvas, lut)
+            if table_path is not None:
+                write_cell_table(table_path, table)
+        finally:
+            Path(scratch).unlink(missing_ok=True)
+        return len(table["id"]), copies
+
+    def _segment_shard(self, regions, blocks, bounds, diameter, labels_path: Path) -> Path:
+        """Distributed: each rank segments every world-size-th block into ``block_<index>.npy`` in a scratch
+        folder beside the output (returned once every rank is done); rank 0 pastes them in block order.
+
+        The result is the single-process one: the same blocks, pasted by rank 0 in the same order.
+        The output folder must be visible to every rank (one node, or a shared file system).
+        """
+        folder = Path(broadcast_object(str(labels_path.parent / f".{labels_path.name}.blocks.{os.getpid()}")))
+        folder.mkdir(parents=True, exist_ok=True)
+        for block in shard(blocks):
+            owned = self.segment_block(regions, block, bounds, diameter)
+            dtype = np.uint16 if owned.max(initial=0) <= np.iinfo(np.uint16).max else np.int32
+            with atomic_path(folder / f"block_{block.index}.npy") as tmp, open(tmp, "wb") as f:
+                np.save(f, owned.astype(dtype))
+            logger.info("rank %d: block %d/%d segmented", get_rank(), block.index + 1, len(blocks))
+        barrier()
+        return folder
+
+
+def owned_cells(masks: np.ndarray, block: Block, margin: float = 0.0) -> np.ndarray:
+    """Keep the cells of ``masks`` (window [h, w]) whose centroid lies in the block's core grown by ``margin`` px.
+
+    The margin makes sure a cell on a border is kept by at least one of the two blocks even when
+    their versions of it have centroids a pixel apart; :func:`paste_block` drops the second copy.
+
+    Returns:
+        int32 [h, w] with the kept cells numbered 1..n, 0 elsewhere.
+    """
+    masks = np.asarray(masks)
+    n = int(masks.max())
+    if n == 0:
+        return np.zeros(masks.shape, np.int32)
+    wy0, _, wx0, _ = block.window
+    cy0, cy1, cx0, cx1 = block.core
+    yy, xx = np.nonzero(masks)
+    ids = masks[yy, xx]
+    area = np.bincount(ids, minlength=n + 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        centre_y = np.bincount(ids, yy, minlength=n + 1) / area + wy0
+        centre_x = np.bincount(ids, xx, minlength=n + 1) / area + wx0
+    keep = (area > 0) & (centre_y >= cy0 - margin) & (centre_y < cy1 + margin)
+    keep &= (centre_x >= cx0 - margin) & (centre_x < cx1 + margin)
+    keep[0] = False
+    new_ids = np.zeros(n + 1, np.int32)
+    new_ids[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    return new_ids[masks]
+
+
+def paste_block(canvas: LabelCanvas, block: Block, owned: np.ndarray, next_id: int, duplicate_fraction: float = 0.5) -> tuple[int, int]:
+    """Write a block's owned cells into the canvas with ids from ``next_id`` on.
+
+    A cell more than ``duplicate_fraction`` of which is already labelled is a copy of a cell an
+    earlier block kept (a cell on a border, seen by both): it is dropped. Inside the block's core
+    its cells overwrite what a neighbour's halo put there; in the halo they only fill background.
+    The result depends on the block grid only (blocks are pasted in index order).
+
+    Returns:
+        ``(next free id, number of copies dropped)``.
+    """
+    n = int(owned.max())
+    if n == 0:
+        return next_id, 0
+    wy0, wy1, wx0, wx1 = block.window
+    cy0, cy1, cx0, cx1 = block.core
+    view = canvas.rows(wy0, wy1)
+    region = view[:, wx0:wx1]
+    cells = owned > 0
+    ids = owned[cells]
+    area = np.bincount(ids, minlength=n + 1)
+    already = np.bincount(ids[region[cells] > 0], minlength=n + 1)
+    keep = (area > 0) & (already <= duplicate_fraction * area)
+    keep[0] = False
+    new_ids = np.zeros(n + 1, np.uint32)
+    new_ids[keep] = np.arange(next_id, next_id + int(keep.sum()), dtype=np.uint32)
+    local = new_ids[owned]
+    in_core = np.zeros(cells.shape, bool)
+    in_core[cy0 - wy0 : cy1 - wy0, cx0 - wx0 : cx1 - wx0] = True
+    write = (local > 0) & (in_core | (region == 0))
+    region[write] = local[write]
+    view.flush()
+    del view
+    return next_id + int(keep.sum()), int((area[1:] > 0).sum() - keep.sum())
+
+
+def write_label_tiff(path, canvas: LabelCanvas, lut: np.ndarray, tile: int = 512) -> Path:
+    """Write the canvas through ``lut`` as a tiled, zlib-compressed TIFF (uint16 or uint32), atomically."""
+    import tifffile
+
+    dtype = np.uint16 if lut.max(initial=0) <= np.iinfo(np.uint16).max else np.uint32
+    h, w = canvas.shape
+
+    def tiles() -> Iterator[np.ndarray]:
+        for y0 in range(0, h, tile):
+            rows = canvas.rows(y0, min(y0 + tile, h), mode="r")
+            for x0 in range(0, w, tile):
+                out = np.zeros((tile, tile), dtype)
+                part = lut[np.asarray(rows[:, x0 : x0 + tile])]
+                out[: part.shape[0], : part.shape[1]] = part
+                yield out
+            del rows
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        big = h * w * np.dtype(dtype).itemsize > 2**31
+        tifffile.imwrite(tmp, tiles(), shape=(h, w), dtype=dtype, tile=(tile, tile), compression="zlib", bigtiff=big)
+    return path
