@@ -1,5 +1,6 @@
 """A wheel install works away from the checkout: the bundle travels as package data, ``mmcs infer`` finds it."""
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -12,9 +13,16 @@ pytestmark = pytest.mark.slow
 
 
 def test_wheel_install_segments_the_sample_images_from_another_folder(tmp_path, tiny_model):
+    # built from a copy of the tracked files (what a clone holds), so the build leaves nothing in the checkout
+    source = tmp_path / "source"
+    tracked = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z"], capture_output=True, text=True, check=True).stdout
+    for name in filter(None, tracked.split("\0")):
+        if (REPO / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, source / name)
     wheels = tmp_path / "wheels"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(REPO), "-w", str(wheels)],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(source), "-w", str(wheels)],
         check=True, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     wheel = next(wheels.glob("mmcs_monai-*.whl"))
