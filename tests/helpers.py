@@ -21,7 +21,7 @@ BUNDLE = REPO / "bundle"
 SAMPLE_IMAGES = BUNDLE / "sample_data" / "images"
 DEV_DATA = Path(os.environ.get("MMCS_DEV_DATA", REPO.parent / "shared" / "data" / "dev"))
 
-# A small CPnet (nbase [2, 8, 16, 32]) trained on the sample data, so tests that need real cells have them;
+# A small CPnet (nbase [2, 16, 32, 64]) trained on the sample data, so tests that need real cells have them;
 # tests/data/README.md says how it was made.
 TINY_MODEL = REPO / "tests" / "data" / "tiny_cpnet.pt"
 
