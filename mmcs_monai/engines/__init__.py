@@ -6,6 +6,7 @@ from mmcs_monai.engines.handlers import (
     CheckpointHandler,
     F1ReportHandler,
     LearningRateLogger,
+    ModelFileLoader,
     SyncBuffersHandler,
     TimeBudgetHandler,
     TrainingDiameterHandler,

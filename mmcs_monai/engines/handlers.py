@@ -21,6 +21,7 @@ from mmcs_monai.diameters import datalist_diameters
 from mmcs_monai.distributed import broadcast_buffers, is_main_process
 from mmcs_monai.io import atomic_path
 from mmcs_monai.metrics import f1_score
+from mmcs_monai.networks import load_model
 
 logger = logging.getLogger(__name__)
 
@@ -209,6 +210,27 @@ class CheckpointHandler:
         if "rng" in state:
             set_rng_state(state["rng"])
         logger.info("resumed from %s at epoch %d", self.checkpoint_path, engine.state.epoch)
+
+
+class ModelFileLoader:
+    """Attach to an evaluator: when it starts, replace its network with the model in ``model_path``.
+
+    The bundle's ``network_def`` stays the architecture (what model-zoo's tools build, export and check
+    without a weights file); the file, a checkpoint of any CPnet size, a Cellpose 3 file or an exported
+    ``.ts``, is read only when the run starts, with :func:`~mmcs_monai.networks.load_model` (a bad file
+    raises its ``ModelFileError``). Like MONAI's ``CheckpointLoader``, but the file decides the architecture.
+    """
+
+    def __init__(self, model_path: str | Path, device: torch.device | str = "cpu") -> None:
+        self.model_path = Path(model_path)
+        self.device = torch.device(device)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        engine.network = load_model(self.model_path, map_location=self.device).eval()
+        logger.info("model: %s", self.model_path)
 
 
 class SyncBuffersHandler:

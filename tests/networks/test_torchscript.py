@@ -199,8 +199,8 @@ def test_bundle_ckpt_export_and_mmcs_export_write_equal_models(network, tmp_path
         str(out),
         "--ckpt_file",
         str(ckpt),
-        "--model_path",
-        str(ckpt),
+        "--nbase",
+        "[2,8,16,32]",  # network_def is the architecture; a checkpoint of another size says its own
         "--meta_file",
         "configs/metadata.json",
         "--config_file",
