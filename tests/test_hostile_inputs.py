@@ -4,7 +4,7 @@ correctly or raise InputError naming the file. Property-based (hypothesis) plus 
 import numpy as np
 import pytest
 import tifffile
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -159,6 +159,7 @@ def test_channel_stacking_and_normalisation_stay_finite(image):
 
 @FAST
 @given(labels=arrays(np.int32, st.tuples(st.integers(2, 24), st.integers(2, 24)), elements=st.integers(0, 5)))
+@example(labels=np.array([[1, 1, 1, 1, 1, 1, 0, 1, 1, 1]] * 3, np.int32))  # one id in two pieces (found by CI)
 def test_flows_of_any_labels_are_unit_vectors_inside_cells_and_zero_outside(labels):
     flows = np.asarray(labels_to_flows(labels))
     assert flows.shape == (2, *labels.shape) and np.isfinite(flows).all()
@@ -171,10 +172,10 @@ def test_flows_of_any_labels_are_unit_vectors_inside_cells_and_zero_outside(labe
 
     for i in np.unique(labels[labels > 0]):
         pieces = connected(labels == i, connectivity=1)
-        for piece in range(1, pieces.max() + 1):
-            where = pieces == piece
-            if where.sum() >= 9:  # a piece this size has a gradient almost everywhere
-                assert (norms[where] > 0.5).mean() > 0.5
+        # a cell in one piece of 9 px or more has a gradient almost everywhere (an id split into several
+        # pieces is diffused from one source, as in Cellpose, so its other pieces may stay at zero)
+        if pieces.max() == 1 and (pieces == 1).sum() >= 9:
+            assert (norms[pieces == 1] > 0.5).mean() > 0.5
 
 
 @FAST
