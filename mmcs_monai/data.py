@@ -93,12 +93,16 @@ def _from_folder(folder: Path) -> list[dict[str, Any]]:
 
 
 def load_datalist(
-    source: str | os.PathLike, split: str | None = None, exclude_partial: bool = False, limit: int | None = None
+    source: str | os.PathLike | list | tuple,
+    split: str | None = None,
+    exclude_partial: bool = False,
+    limit: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Read a data list from a manifest, a Decathlon JSON, a JSON list or a folder.
+    """Read a data list from a manifest, a Decathlon JSON, a JSON list or a folder, or several of them.
 
     Args:
-        source: path of the manifest/JSON/folder.
+        source: path of the manifest/JSON/folder, or a list of such paths: their rows are joined in
+            order (ids must be unique across them).
         split: keep rows of this split (``train``, ``val``, ...); for Decathlon JSON, the section.
         exclude_partial: drop rows whose ``gt_complete`` is ``partial...`` (masks miss many cells),
             as the dev data's README asks for F1 figures.
@@ -107,6 +111,17 @@ def load_datalist(
     Returns:
         list of dicts with absolute ``image`` (and ``label``) paths, ``id``, ``subset``, ``nucleus_channel``.
     """
+    if isinstance(source, (list, tuple)):
+        if not source:
+            raise InputError("data_source", "empty list of data sources")
+        items, seen = [], {}
+        for one in source:
+            for item in load_datalist(one, split=split, exclude_partial=exclude_partial):
+                if item["id"] in seen:
+                    raise InputError(one, f"image id {item['id']!r} is also in {seen[item['id']]}")
+                seen[item["id"]] = one
+                items.append(item)
+        return items[:limit] if limit else items
     source = Path(source)
     if source.is_dir():
         items = _from_folder(source)
@@ -140,6 +155,32 @@ def load_datalist(
 def unlabelled(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The same rows with their labels removed: images to use as unlabelled data."""
     return [{k: v for k, v in i.items() if k != "label"} for i in items]
+
+
+def subset_weights(items: list[dict[str, Any]], power: float = 0.5) -> list[float]:
+    """Sampling weight per item so that a subset of ``n`` images gets a share proportional to ``n ** (1 - power)``.
+
+    ``power=0`` samples every image equally (large subsets dominate), ``power=1`` gives every subset
+    the same share (a 3-image subset is drawn as often as a 300-image one), ``0.5`` is in between:
+    shares follow the square root of the subset sizes. The weights sum to ``len(items)``.
+
+    Args:
+        items: data list rows with a ``subset`` key (missing: ``"default"``).
+        power: exponent of the per-subset down-weighting, in [0, 1].
+
+    Returns:
+        one positive float per item, in the order of ``items``.
+    """
+    if not 0.0 <= power <= 1.0:
+        raise ValueError(f"power must be in [0, 1], got {power}")
+    if not items:
+        return []
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item.get("subset", "default")] = counts.get(item.get("subset", "default"), 0) + 1
+    raw = [counts[item.get("subset", "default")] ** -power for item in items]
+    scale = len(items) / sum(raw)
+    return [w * scale for w in raw]
 
 
 def pending_outputs(items: list[dict[str, Any]], output_dir: str | os.PathLike) -> list[dict[str, Any]]:

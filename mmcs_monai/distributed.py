@@ -167,6 +167,28 @@ def distributed_sampler(dataset, shuffle: bool = True, even_divisible: bool = Tr
     return DistributedSampler(dataset, shuffle=shuffle, even_divisible=even_divisible)
 
 
+def weighted_sampler(weights: Sequence[float], num_samples: int | None = None):
+    """Draw items with replacement in proportion to ``weights``, ``num_samples`` per epoch (default: one pass).
+
+    Not distributed: torch's ``WeightedRandomSampler`` over the whole list. Distributed: MONAI's
+    ``DistributedWeightedRandomSampler``, each rank drawing ``num_samples / world_size`` from its own
+    shard (``set_epoch`` gives a new draw every epoch, as :func:`set_sampler_epoch` does).
+    """
+    weights = [float(w) for w in weights]
+    num_samples = len(weights) if num_samples is None else int(num_samples)
+    if not is_distributed():
+        return torch.utils.data.WeightedRandomSampler(weights, num_samples=num_samples, replacement=True)
+    from monai.data import DistributedWeightedRandomSampler
+
+    return DistributedWeightedRandomSampler(
+        list(range(len(weights))),
+        weights=weights,
+        num_samples_per_rank=max(1, num_samples // get_world_size()),
+        shuffle=True,
+        even_divisible=True,
+    )
+
+
 def set_sampler_epoch(loader, epoch: int) -> None:
     """``loader.sampler.set_epoch(epoch)`` when the loader shards with a distributed sampler (new shuffle per epoch)."""
     sampler = getattr(loader, "sampler", None)

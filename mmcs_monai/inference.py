@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from monai.inferers import Inferer, SlidingWindowInferer
 
 from mmcs_monai.diameters import median_diameter, scale_to_target
+from mmcs_monai import size_estimate
 from mmcs_monai.flows import MaskSettings
+from mmcs_monai.size_estimate import DiameterSearch
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -24,6 +26,9 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ROI_SIZE = 224
 OVERLAP = 0.1
 SW_BATCH_SIZE = 8
+
+# Diameters estimated per image from the image itself (see CellInferer.estimate_diameter).
+ESTIMATED_DIAMETERS = ("auto", "refine")
 
 
 def native_bf16(device: torch.device | str) -> bool:
@@ -81,7 +86,7 @@ def resolve_diameter(network: torch.nn.Module, diameter: float | str | None) -> 
     Raises:
         ValueError: a name the model has no stored diameter for (the message lists the stored ones).
     """
-    if diameter is None or diameter == "auto":
+    if diameter is None or diameter in ESTIMATED_DIAMETERS:
         return model_diameters(network)[1]
     if isinstance(diameter, str):
         try:
@@ -111,13 +116,17 @@ class CellInferer(Inferer):
         sw_batch_size: tiles per network call.
         diameter: cell diameter in the input images: a number (pixels); None for the model's stored
             training-set mean (``diam_labels``); the name of a training subset whose diameter the
-            model stored (``network.subset_diameters``); or ``"auto"``: segment once at the stored
-            mean, measure the median diameter of the cells found, and segment again at that size.
+            model stored (``network.subset_diameters``); ``"auto"``: estimated per image by a
+            multi-scale search (:mod:`mmcs_monai.size_estimate`, cells 0.25x-4x the stored mean),
+            then segmented at that size; ``"refine"``: segment once at the stored mean, measure the
+            cells found and segment again at their median diameter (only for cells near the
+            training size).
         precision: ``auto`` (bf16 where the device has native bf16, else fp32), ``fp32``, ``bf16``
             (CPU/GPU autocast) or ``fp16`` (GPU).
         channels_last: run the network in channels-last memory layout (faster with bf16 on CPU);
             None: on when the resolved precision is bf16.
         mask_settings: thresholds of the masks that ``auto`` measures (default :class:`MaskSettings`()).
+        search: settings of the ``auto`` search (default :class:`~mmcs_monai.size_estimate.DiameterSearch`()).
 
     Call: ``inferer(images [B, 2, H, W] float32, network, diameter=None) -> flows [B, 3, H, W] float32``
     (dY, dX as the network scales them, cell probability logit), at the input's H, W; ``diameter``
@@ -133,8 +142,10 @@ class CellInferer(Inferer):
         precision: str = "auto",
         channels_last: bool | None = None,
         mask_settings: MaskSettings | None = None,
+        search: DiameterSearch | None = None,
     ):
         super().__init__()
+        self.search = search or DiameterSearch()
         resolve_precision(precision, "cpu")  # validates the name early
         self.diameter = diameter
         self.precision = precision
@@ -166,40 +177,62 @@ class CellInferer(Inferer):
     ) -> tuple[torch.Tensor, list[float]]:
         """Flows ``[B, 3, H, W]`` float32 and the cell diameter (pixels) each image was segmented at.
 
-        With ``auto``, an image whose first pass finds no cell keeps the stored diameter.
+        With ``auto`` or ``refine``, an image where the estimate finds no cell keeps the stored diameter.
         """
         diameter = diameter if diameter is not None else self.diameter
-        if diameter != "auto":
+        if diameter not in ESTIMATED_DIAMETERS:
             used = resolve_diameter(network, diameter)
-            return self._predict(inputs, network, diameter, *args, **kwargs), [used] * len(inputs)
-        # Cellpose's size model in spirit: segment at the stored diameter, measure the cells found,
-        # then segment again at that size. Images whose cells are 2-4x off the training size are
-        # otherwise segmented at a scale where the network finds few or no cells.
+            return self._predict(inputs, network, used, *args, **kwargs), [used] * len(inputs)
         outputs, used = [], []
         for image in inputs.split(1):
-            first = self._predict(image, network, None, *args, **kwargs)
-            measured = median_diameter(self.mask_settings.masks(first[0].cpu().numpy()))
-            used.append(measured if measured > 0 else resolve_diameter(network, None))
-            outputs.append(self._predict(image, network, measured, *args, **kwargs) if measured > 0 else first)
+            estimate = self.estimate_diameter(image[0], network, method=diameter)
+            used.append(estimate)
+            outputs.append(self._predict(image, network, estimate, *args, **kwargs))
         return torch.cat(outputs), used
 
-    def _predict(self, inputs: torch.Tensor, network: torch.nn.Module, diameter, *args: Any, **kwargs) -> torch.Tensor:
+    def estimate_diameter(self, image: torch.Tensor, network: torch.nn.Module, method: str = "auto") -> float:
+        """Cell diameter (pixels) of one image ``[2, H, W]`` float32, estimated with ``network``.
+
+        ``auto``: the multi-scale search of :func:`~mmcs_monai.size_estimate.estimate_diameter` (works from
+        any starting size, 0.25x-4x the stored mean). ``refine``: segment the whole image at the stored
+        mean, measure the cells found (the stored mean when none), which works only for cells near the
+        training size.
+        """
+        stored = resolve_diameter(network, None)
+        if method == "refine":
+            first = self._predict(image[None], network, stored)
+            measured = median_diameter(self.mask_settings.masks(first[0].cpu().numpy()))
+            return measured if measured > 0 else stored
+        if method != "auto":
+            raise ValueError(f"unknown diameter estimate {method!r}; use one of {', '.join(ESTIMATED_DIAMETERS)}")
+        diam_mean, _ = model_diameters(network)
+        estimate, _ = size_estimate.estimate_diameter(
+            image, lambda x: self._run(x, network), self.mask_settings.masks, stored, diam_mean, self.search
+        )
+        return estimate
+
+    def _predict(self, inputs: torch.Tensor, network: torch.nn.Module, diameter: float, *args: Any, **kwargs) -> torch.Tensor:
+        """Flows at the inputs' size for cells of ``diameter`` pixels: resize, run tile by tile, resize back."""
         height, width = inputs.shape[-2:]
-        zoom = self.zoom_for(network, diameter)
+        zoom = scale_to_target(diameter, model_diameters(network)[0])
         x = torch.as_tensor(inputs, dtype=torch.float32)
         if abs(zoom - 1.0) > 1e-3:
             size = (max(int(round(height * zoom)), 1), max(int(round(width * zoom)), 1))
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        flows = self._run(x, network, *args, **kwargs)
+        if flows.shape[-2:] != (height, width):
+            flows = F.interpolate(flows, size=(height, width), mode="bilinear", align_corners=False)
+        return flows.contiguous()
+
+    def _run(self, x: torch.Tensor, network: torch.nn.Module, *args: Any, **kwargs) -> torch.Tensor:
+        """The network on ``x`` [B, 2, h, w] at network scale, tile by tile, in the inferer's precision -> float32 flows."""
         precision = resolve_precision(self.precision, x.device)
         if self.channels_last or (self.channels_last is None and precision == "bf16"):
             network.to(memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad(), autocast_context(x.device, precision):
             flows = self._window(*x.shape[-2:])(x, network, *args, **kwargs)
-        flows = torch.as_tensor(flows).float()
-        if flows.shape[-2:] != (height, width):
-            flows = F.interpolate(flows, size=(height, width), mode="bilinear", align_corners=False)
-        return flows.contiguous()
+        return torch.as_tensor(flows).float()
 
 
 class PrecisionInferer(Inferer):

@@ -1,0 +1,141 @@
+"""Diameter estimates at any cell size: F1 and time of each way of choosing the inference diameter.
+
+Dev val and ``extra`` val images (``gt_complete`` yes/mostly) and their labels are resampled by 0.25x,
+0.5x, 1x, 2x, 3x and 4x (images bilinear, labels nearest). Per scale, each image is segmented at
+
+- ``stored``: the model's stored mean diameter (``diam_labels``);
+- ``refine``: the old ``auto`` (segment at the stored mean, measure, segment again);
+- ``auto``: the multi-scale search (:mod:`mmcs_monai.size_estimate`), the new default;
+- ``true``: the image's own median label diameter (the best a diameter estimate can do).
+
+The table gives the mean F1 per scale and method (IoU 0.5), the median ``|log2(estimate / true)|`` of
+``refine`` and ``auto``, and their time relative to the ``stored`` run of the same images (image in
+memory -> masks, estimate included). To keep 4x affordable on a CPU each image is first centre-cropped
+to at most ``--crop`` pixels a side (1024 px at 4x for the default 256), and ``--per_subset`` images of
+each modality are used (all with 0).
+
+    python benchmarks/bench_diameter.py --model bundle/models/model.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mmcs_monai.data import load_datalist
+from mmcs_monai.diameters import median_diameter
+from mmcs_monai.io import read_labels
+from mmcs_monai.metrics import f1_score
+from mmcs_monai.networks import load_model
+from mmcs_monai.segmentation import CellSegmenter
+from mmcs_monai.inference import CellInferer
+from mmcs_monai.transforms import inference_preprocessing
+
+REPO = Path(__file__).resolve().parents[1]
+SCALES = (0.25, 0.5, 1.0, 2.0, 3.0, 4.0)
+METHODS = ("stored", "refine", "auto", "true")
+
+
+def _images(manifests, per_subset: int, crop: int):
+    items = [i for i in load_datalist([str(m) for m in manifests], split="val", exclude_partial=True) if i.get("label")]
+    chosen, counts = [], defaultdict(int)
+    for item in items:
+        if per_subset and counts[item["subset"]] >= per_subset:
+            continue
+        counts[item["subset"]] += 1
+        chosen.append(item)
+    load = inference_preprocessing("image")
+    out = []
+    for item in chosen:
+        image = torch.as_tensor(np.asarray(load(dict(item))["image"]), dtype=torch.float32)
+        labels = torch.as_tensor(read_labels(item["label"]).astype(np.int64))
+        h, w = labels.shape
+        y, x = max(0, (h - crop) // 2), max(0, (w - crop) // 2)
+        out.append((item, image[:, y : y + crop, x : x + crop], labels[y : y + crop, x : x + crop]))
+    return out
+
+
+def _resample(image: torch.Tensor, labels: torch.Tensor, scale: float):
+    if scale == 1.0:
+        return image, labels
+    size = tuple(max(8, int(round(s * scale))) for s in labels.shape)
+    image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+    labels = F.interpolate(labels[None, None].float(), size=size, mode="nearest")[0, 0].long()
+    return image, labels
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(REPO / "bundle" / "models" / "model.pt"))
+    parser.add_argument("--data", nargs="+", default=[str(REPO.parent / "shared" / "data" / n / "manifest.csv") for n in ("dev", "extra")])
+    parser.add_argument("--scales", default=",".join(str(s) for s in SCALES))
+    parser.add_argument("--per_subset", type=int, default=3, help="images per modality (0: all)")
+    parser.add_argument("--crop", type=int, default=256, help="centre crop (pixels) before resampling")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    network = load_model(args.model).eval()
+    segmenter = CellSegmenter(network, CellInferer(precision="auto"))
+    data = _images(args.data, args.per_subset, args.crop)
+    scales = [float(s) for s in args.scales.split(",")]
+    print(f"model {args.model}: diam_mean {float(network.diam_mean):.1f}, stored diameter {float(network.diam_labels):.1f} px")
+    print(f"{len(data)} images ({', '.join(sorted({i['subset'] for i, _, _ in data}))}), crop {args.crop} px")
+    rows = []
+    for scale in scales:
+        f1 = defaultdict(list)
+        seconds = defaultdict(float)
+        errors = defaultdict(list)
+        for item, image, labels in data:
+            image_s, labels_s = _resample(image, labels, scale)
+            true = median_diameter(labels_s)
+            if true <= 0:
+                continue
+            for method in METHODS:
+                diameter = {"stored": None, "true": true}.get(method, method)
+                start = time.perf_counter()
+                result = segmenter(image_s, diameter=diameter)
+                seconds[method] += time.perf_counter() - start
+                f1[method].append(f1_score(labels_s.numpy(), result.masks)["f1"])
+                if method in ("refine", "auto"):
+                    errors[method].append(abs(math.log2(result.diameter / true)))
+        row = {"scale": scale, "images": len(f1["stored"])}
+        for method in METHODS:
+            row[f"f1_{method}"] = float(np.mean(f1[method]))
+        for method in ("refine", "auto"):
+            row[f"log2_err_{method}"] = float(np.median(errors[method]))
+            row[f"time_{method}"] = seconds[method] / seconds["stored"]
+        rows.append(row)
+        print(_format([row], header=len(rows) == 1), flush=True)
+    gap = [(r["f1_true"] - r["f1_stored"], r["f1_auto"] - r["f1_stored"]) for r in rows]
+    closed = sum(g[1] for g in gap) / max(sum(g[0] for g in gap), 1e-9)
+    print()
+    print(_format(rows, header=True))
+    print(f"\nmean over scales: stored {np.mean([r['f1_stored'] for r in rows]):.3f}, refine {np.mean([r['f1_refine'] for r in rows]):.3f}, "
+          f"auto {np.mean([r['f1_auto'] for r in rows]):.3f}, true {np.mean([r['f1_true'] for r in rows]):.3f}; "
+          f"auto closes {100 * closed:.0f}% of the stored -> true gap; worst auto - true {min(r['f1_auto'] - r['f1_true'] for r in rows):+.3f}")
+    return 0
+
+
+def _format(rows, header: bool) -> str:
+    lines = []
+    if header:
+        lines.append("| scale | images | F1 stored | F1 refine (old auto) | F1 auto | F1 true | auto - true | |log2 err| refine | |log2 err| auto | time refine | time auto |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        lines.append(
+            f"| {r['scale']:g}x | {r['images']} | {r['f1_stored']:.3f} | {r['f1_refine']:.3f} | {r['f1_auto']:.3f} | {r['f1_true']:.3f} | "
+            f"{r['f1_auto'] - r['f1_true']:+.3f} | {r['log2_err_refine']:.2f} | {r['log2_err_auto']:.2f} | {r['time_refine']:.2f}x | {r['time_auto']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

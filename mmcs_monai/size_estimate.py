@@ -1,0 +1,175 @@
+"""Estimate the cell diameter of an image with the segmentation network itself: no first guess needed.
+
+A CPnet finds cells well only when they are near its training size (``diam_mean`` pixels, 30 by
+default, give or take its scale augmentation). Segmenting once at the stored diameter and measuring
+what was found (the old ``auto``, now ``refine``) therefore fails when cells are 3-4x off: there is
+nothing to measure, or only fragments. :func:`estimate_diameter` instead
+
+1. segments a crop of the image as if its cells had each of a few candidate diameters, spread over
+   0.25x-4x the model's stored mean (:attr:`DiameterSearch.factors`), largest first; each crop is
+   resized so the network sees at most ``crop x crop`` pixels (160: five candidates cost about as
+   much as segmenting a 360 x 360 image once, whatever the image's size);
+2. measures the cells found and stops at the first candidate whose measured median diameter agrees
+   with it (``|log2(measured / candidate)| <= tolerance``: the network saw the cells near its
+   training size). Largest first, because a too-fine zoom cuts big cells into pieces that can also
+   agree with a small candidate, while a too-coarse one finds nothing or cells that disagree. When
+   no candidate agrees, the one closest to agreeing is kept;
+3. refines once, unless the candidate already agreed closely (``refine_above``): segments the crop at
+   the measured diameter and measures again.
+
+It works for any CPnet, including a Cellpose 3 checkpoint file, and needs no fitting. The crop is the
+square window of the image with the most intensity variation (at the candidate's scale), so sparse
+images are measured where their cells are.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mmcs_monai.diameters import cell_areas, equivalent_diameters
+
+
+@dataclass(frozen=True)
+class DiameterSearch:
+    """Settings of the multi-scale diameter search.
+
+    Attributes:
+        factors: candidate diameters as multiples of the model's stored mean diameter (``diam_labels``).
+        crop: side (network pixels) of the square the network sees per candidate.
+        min_cells: a candidate must find at least this many cells to count.
+        tolerance: largest ``|log2(measured / candidate)|`` that counts as agreement.
+        refine_above: refine when the chosen candidate's ``|log2(measured / candidate)|`` exceeds this.
+    """
+
+    factors: tuple[float, ...] = (4.0, 2.0, 1.0, 0.5, 0.25)
+    crop: int = 160
+    min_cells: int = 3
+    tolerance: float = 0.5
+    refine_above: float = 0.25
+
+    def __post_init__(self):
+        if not self.factors or any(not f > 0 for f in self.factors):
+            raise ValueError(f"factors must be positive, got {self.factors}")
+        if self.crop < 32:
+            raise ValueError(f"crop must be at least 32 network pixels, got {self.crop}")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What one candidate diameter found on the crop: ``cells`` count and their median ``measured`` diameter (image px)."""
+
+    diameter: float
+    measured: float
+    cells: int
+
+    @property
+    def disagreement(self) -> float:
+        return abs(math.log2(self.measured / self.diameter)) if self.measured > 0 else math.inf
+
+
+def _median_diameter_and_count(masks: np.ndarray) -> tuple[float, int]:
+    """Median equivalent diameter and count of the cells in ``masks``, leaving out cells cut by the crop's
+    edge (they measure small) unless only such cells were found."""
+    edge = np.unique(np.concatenate([masks[0], masks[-1], masks[:, 0], masks[:, -1]]))
+    inner = np.where(np.isin(masks, edge[edge > 0]), 0, masks)
+    areas = cell_areas(inner)
+    if not areas.size:
+        areas = cell_areas(masks)
+    return (float(np.median(equivalent_diameters(areas))), int(areas.size)) if areas.size else (0.0, 0)
+
+
+def busiest_window(image: torch.Tensor, height: int, width: int) -> tuple[int, int]:
+    """Top-left corner (y, x) of the ``height x width`` window of ``image`` [C, H, W] with the largest intensity variance.
+
+    Computed on a coarse grid (window / 4 steps) from box means of ``x`` and ``x**2``, summed over channels.
+    """
+    _, full_h, full_w = image.shape
+    if height >= full_h and width >= full_w:
+        return 0, 0
+    height, width = min(height, full_h), min(width, full_w)
+    step = max(1, min(height, width) // 4)
+    x = image.float()[None]
+    # coarse box statistics: pool by `step`, then sum over the window in cells of `step`
+    mean = F.avg_pool2d(x, step, step, ceil_mode=True)
+    square = F.avg_pool2d(x * x, step, step, ceil_mode=True)
+    kh, kw = max(1, height // step), max(1, width // step)
+    kh, kw = min(kh, mean.shape[-2]), min(kw, mean.shape[-1])
+    window_mean = F.avg_pool2d(mean, (kh, kw), 1)
+    window_square = F.avg_pool2d(square, (kh, kw), 1)
+    variance = (window_square - window_mean**2).sum(dim=1)[0]
+    flat = int(torch.argmax(variance))
+    gy, gx = divmod(flat, variance.shape[-1])
+    return min(gy * step, full_h - height), min(gx * step, full_w - width)
+
+
+def estimate_diameter(
+    image: torch.Tensor,
+    run_network: Callable[[torch.Tensor], torch.Tensor],
+    masks: Callable[[np.ndarray], np.ndarray],
+    stored_diameter: float,
+    diam_mean: float,
+    search: DiameterSearch | None = None,
+) -> tuple[float, list[Candidate]]:
+    """Cell diameter (pixels of ``image``) found by the multi-scale search.
+
+    Args:
+        image: [2, H, W] float32, normalised as for the network.
+        run_network: ``[1, 2, h, w] -> [1, 3, h, w]`` flows at the size given (tiling and precision are the caller's).
+        masks: flows ``[3, h, w]`` numpy -> int instance labels [h, w] (the caller's mask thresholds).
+        stored_diameter: the model's stored mean cell diameter (``diam_labels``, pixels).
+        diam_mean: the diameter the network is trained to see (pixels at network scale).
+        search: the search settings (default :class:`DiameterSearch`()).
+
+    Returns:
+        ``(diameter, candidates)``: the estimate, and what each candidate (then the refinement) found.
+        When no candidate finds ``min_cells`` cells, those that found any are compared; when none found
+        a cell, the estimate is ``stored_diameter``.
+    """
+    search = search or DiameterSearch()
+    side = search.crop
+    candidates: list[Candidate] = []
+    chosen = None
+    for factor in sorted(search.factors, reverse=True):
+        candidate = _try(image, stored_diameter * factor, run_network, masks, diam_mean, side)
+        candidates.append(candidate)
+        if candidate.cells >= search.min_cells and candidate.disagreement <= search.tolerance:
+            chosen = candidate
+            break
+    if chosen is None:
+        # too few cells everywhere (a small or sparse image): take what was found, if anything
+        usable = [c for c in candidates if c.cells >= search.min_cells] or [c for c in candidates if c.cells]
+        if not usable:
+            return float(stored_diameter), candidates
+        chosen = min(usable, key=lambda c: c.disagreement)
+    if chosen.disagreement > search.refine_above:
+        refined = _try(image, chosen.measured, run_network, masks, diam_mean, side)
+        candidates.append(refined)
+        if refined.cells >= search.min_cells:
+            chosen = refined
+    return float(chosen.measured), candidates
+
+
+def _try(image, diameter, run_network, masks, diam_mean, side: int) -> Candidate:
+    """Segment the busiest crop of ``image`` (``side`` network px) as if its cells were ``diameter`` px; measure what is found."""
+    zoom = diam_mean / diameter
+    _, height, width = image.shape
+    side = max(1, int(side / zoom))  # rounded down: the network sees at most ``side`` px
+    crop_h, crop_w = min(side, height), min(side, width)
+    y, x = busiest_window(image, crop_h, crop_w)
+    crop = image[None, :, y : y + crop_h, x : x + crop_w]
+    size = (max(int(round(crop_h * zoom)), 16), max(int(round(crop_w * zoom)), 16))
+    crop = F.interpolate(crop.float(), size=size, mode="bilinear", align_corners=False)
+    flows = run_network(crop)[0].float().cpu().numpy()
+    measured, cells = _median_diameter_and_count(masks(flows))
+    # measured at network scale; back to image pixels (the crop was resized by zoom on both axes)
+    scale = math.sqrt((crop_h / size[0]) * (crop_w / size[1]))
+    return Candidate(float(diameter), measured * scale, cells)
+
+
+__all__ = ["Candidate", "DiameterSearch", "busiest_window", "estimate_diameter"]

@@ -1,0 +1,170 @@
+"""The multi-scale diameter search: finds the cell size from far off the stored one, on stand-ins and a trained model."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from skimage.measure import label
+
+from helpers import SAMPLE_IMAGES, disk_labels
+from mmcs_monai.diameters import median_diameter
+from mmcs_monai.flows import MaskSettings, labels_to_flows
+from mmcs_monai.inference import CellInferer
+from mmcs_monai.io import read_labels
+from mmcs_monai.metrics import f1_score
+from mmcs_monai.networks import load_model
+from mmcs_monai.segmentation import CellSegmenter
+from mmcs_monai.size_estimate import DiameterSearch, busiest_window, estimate_diameter
+from mmcs_monai.transforms import inference_preprocessing
+
+
+def _disc_grid(diameter: float, side: int) -> np.ndarray:
+    """Labels [side, side] of discs of ``diameter`` px on a grid (1.6 diameters apart)."""
+    step = int(diameter * 1.6)
+    centers = [(y, x) for y in range(step // 2, side - step // 2, step) for x in range(step // 2, side - step // 2, step)]
+    return disk_labels((side, side), centers, [diameter / 2] * len(centers))
+
+
+class SizeLimitedNetwork:
+    """A stand-in CPnet that, like a trained one, sees cells only near its training size.
+
+    Discs of 15-60 network px are found exactly; larger ones come back cut into four quarters
+    (fragments that measure about half their size); smaller ones are missed.
+    """
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(tuple(x.shape[-2:]))
+        found = np.zeros(x.shape[-2:], np.int32)
+        components = label(x[0, 0].numpy() > 0.5)
+        for cell in range(1, components.max() + 1):
+            mask = components == cell
+            size = 2 * math.sqrt(mask.sum() / math.pi)
+            if size < 15:
+                continue
+            if size <= 60:
+                found[mask] = found.max() + 1
+                continue
+            ys, xs = np.nonzero(mask)
+            cy, cx = ys.mean(), xs.mean()
+            for qy in (ys < cy, ys >= cy):
+                for qx in (xs < cx, xs >= cx):
+                    part = qy & qx
+                    found[ys[part], xs[part]] = found.max() + 1
+        flows = torch.as_tensor(labels_to_flows(found)) * 5
+        return torch.cat([flows, torch.where(torch.as_tensor(found > 0), 10.0, -10.0)[None]])[None]
+
+
+def _masks(flows: np.ndarray) -> np.ndarray:
+    return MaskSettings(min_size=0).masks(flows)
+
+
+@pytest.mark.parametrize(("stored", "true"), [(20.0, 6.0), (20.0, 20.0), (20.0, 45.0), (20.0, 75.0), (40.0, 12.0), (40.0, 150.0)])
+def test_search_finds_cells_far_from_the_stored_size(stored, true):
+    """From 0.3x to 3.75x the stored size, the estimate lands within 10 % of the true diameter."""
+    labels = _disc_grid(true, side=int(true * 10))
+    image = torch.stack([torch.as_tensor(labels > 0, dtype=torch.float32), torch.zeros(labels.shape)])
+    network = SizeLimitedNetwork()
+    estimate, candidates = estimate_diameter(image, network, _masks, stored_diameter=stored, diam_mean=30.0)
+    assert estimate == pytest.approx(median_diameter(labels), rel=0.1), candidates
+    # largest first: the first candidate tried is 4x the stored diameter
+    assert candidates[0].diameter == pytest.approx(4 * stored)
+
+
+def test_fragments_at_a_fine_zoom_do_not_win():
+    """Cells 100 px, stored 25: the 1x candidate sees 120 px discs and measures quarters of about half the size
+    (agreeing better than nothing), but the 4x candidate, tried first, sees them whole and agrees."""
+    labels = _disc_grid(100.0, side=800)
+    image = torch.stack([torch.as_tensor(labels > 0, dtype=torch.float32), torch.zeros(labels.shape)])
+    estimate, candidates = estimate_diameter(image, SizeLimitedNetwork(), _masks, 25.0, 30.0)
+    assert estimate == pytest.approx(median_diameter(labels), rel=0.1)
+    assert [c.diameter for c in candidates[:1]] == [100.0]
+
+
+def test_no_cells_anywhere_keeps_the_stored_diameter():
+    image = torch.zeros(2, 200, 200)
+    network = SizeLimitedNetwork()
+    estimate, candidates = estimate_diameter(image, network, _masks, 20.0, 30.0)
+    assert estimate == 20.0 and len(candidates) == len(DiameterSearch().factors)
+
+
+def test_search_cost_is_bounded():
+    """Each candidate's network input is at most crop x crop, and no larger than the whole image at its zoom."""
+    labels = _disc_grid(10.0, side=400)
+    image = torch.stack([torch.as_tensor(labels > 0, dtype=torch.float32), torch.zeros(labels.shape)])
+    network = SizeLimitedNetwork()
+    estimate_diameter(image, network, _masks, 10.0, 30.0, DiameterSearch(crop=128))
+    assert network.calls and all(h <= 128 and w <= 128 for h, w in network.calls)
+    network = SizeLimitedNetwork()
+    _, candidates = estimate_diameter(torch.zeros(2, 40, 40), network, _masks, 30.0, 30.0)
+    for (h, w), candidate in zip(network.calls, candidates):
+        side = min(160, 40 * 30.0 / candidate.diameter)
+        assert max(h, w) <= max(16, round(side)), (h, w, candidate)
+
+
+def test_busiest_window_finds_the_cells():
+    image = torch.zeros(2, 300, 400)
+    image[0, 200:260, 300:380] = torch.rand(60, 80)
+    y, x = busiest_window(image, 64, 64)
+    assert 200 - 64 < y <= 260 and 300 - 64 < x <= 380
+    assert busiest_window(image, 500, 500) == (0, 0)
+
+
+def test_bad_settings():
+    with pytest.raises(ValueError, match="positive"):
+        DiameterSearch(factors=(1.0, 0.0))
+    with pytest.raises(ValueError, match="crop"):
+        DiameterSearch(crop=8)
+    with pytest.raises(ValueError, match="unknown diameter estimate"):
+        CellInferer().estimate_diameter(torch.zeros(2, 32, 32), load_model_or_skip(), method="guess")
+
+
+def load_model_or_skip():
+    from helpers import TINY_MODEL
+
+    return load_model(TINY_MODEL)
+
+
+def _sample(name_index: int = 3, side: int = 160):
+    """A sample image [2, side, side] and its labels (the top-left corner: 160 px hold about 40 cells)."""
+    path = sorted(SAMPLE_IMAGES.glob("*.tif"))[name_index]
+    image = torch.as_tensor(np.asarray(inference_preprocessing("image")({"image": str(path)})["image"]))
+    labels = read_labels(str(path).replace("/images/", "/labels/"))
+    return image[:, :side, :side], labels[:side, :side]
+
+
+def _resampled(image, labels, scale):
+    size = tuple(int(round(s * scale)) for s in labels.shape)
+    image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+    labels = F.interpolate(torch.as_tensor(labels.astype(np.int64))[None, None].float(), size=size, mode="nearest")[0, 0]
+    return image, labels.long().numpy()
+
+
+@pytest.mark.parametrize("scale", [1 / 3, 3.0])
+def test_trained_model_finds_cells_at_the_right_size(tiny_model, scale):
+    """The small trained model on a sample image scaled 1/3x and 3x (cells 8 and 70 px, stored 19): ``auto``
+    finds the size within 25 % and scores within 0.1 F1 of segmenting at the true diameter (F1 above 0.4 there)."""
+    network = load_model(tiny_model).eval()
+    image, labels = _resampled(*_sample(), scale)
+    true = median_diameter(labels)
+    segmenter = CellSegmenter(network, CellInferer(precision="fp32"))
+    auto = segmenter(image, diameter="auto")
+    assert abs(math.log2(auto.diameter / true)) < math.log2(1.25), (auto.diameter, true)
+    at_true = f1_score(labels, segmenter(image, diameter=true).masks)["f1"]
+    assert at_true > 0.4 and f1_score(labels, auto.masks)["f1"] > at_true - 0.1
+
+
+def test_cellpose_file_without_extra_state_gets_an_estimate(tiny_model, tmp_path):
+    """A Cellpose 3 checkpoint (only Cellpose's keys: no subset table) estimates the same way."""
+    state = torch.load(tiny_model, map_location="cpu", weights_only=True)
+    state = {k: v.float() for k, v in state.items() if k not in ("subset_diameters", "_extra_state")}
+    path = tmp_path / "cellpose_style"
+    torch.save(state, path)
+    network = load_model(path).eval()
+    image, labels = _resampled(*_sample(), 3.0)
+    used = CellSegmenter(network, CellInferer(precision="fp32"))(image, diameter="auto").diameter
+    assert abs(math.log2(used / median_diameter(labels))) < math.log2(1.25)
