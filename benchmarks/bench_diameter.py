@@ -32,11 +32,11 @@ import torch.nn.functional as F
 
 from mmcs_monai.data import load_datalist
 from mmcs_monai.diameters import median_diameter
+from mmcs_monai.inference import CellInferer
 from mmcs_monai.io import read_labels
 from mmcs_monai.metrics import f1_score
 from mmcs_monai.networks import load_model
 from mmcs_monai.segmentation import CellSegmenter
-from mmcs_monai.inference import CellInferer
 from mmcs_monai.transforms import inference_preprocessing
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
         f1 = defaultdict(list)
         seconds = defaultdict(float)
         errors = defaultdict(list)
-        for item, image, labels in data:
+        for _item, image, labels in data:
             image_s, labels_s = _resample(image, labels, scale)
             true = median_diameter(labels_s)
             if true <= 0:
@@ -118,16 +118,20 @@ def main(argv=None) -> int:
     closed = sum(g[1] for g in gap) / max(sum(g[0] for g in gap), 1e-9)
     print()
     print(_format(rows, header=True))
-    print(f"\nmean over scales: stored {np.mean([r['f1_stored'] for r in rows]):.3f}, refine {np.mean([r['f1_refine'] for r in rows]):.3f}, "
-          f"auto {np.mean([r['f1_auto'] for r in rows]):.3f}, true {np.mean([r['f1_true'] for r in rows]):.3f}; "
-          f"auto closes {100 * closed:.0f}% of the stored -> true gap; worst auto - true {min(r['f1_auto'] - r['f1_true'] for r in rows):+.3f}")
+    print(
+        f"\nmean over scales: stored {np.mean([r['f1_stored'] for r in rows]):.3f}, refine {np.mean([r['f1_refine'] for r in rows]):.3f}, "
+        f"auto {np.mean([r['f1_auto'] for r in rows]):.3f}, true {np.mean([r['f1_true'] for r in rows]):.3f}; "
+        f"auto closes {100 * closed:.0f}% of the stored -> true gap; worst auto - true {min(r['f1_auto'] - r['f1_true'] for r in rows):+.3f}"
+    )
     return 0
 
 
 def _format(rows, header: bool) -> str:
     lines = []
     if header:
-        lines.append("| scale | images | F1 stored | F1 refine (old auto) | F1 auto | F1 true | auto - true | |log2 err| refine | |log2 err| auto | time refine | time auto |")
+        lines.append(
+            "| scale | images | F1 stored | F1 refine (old auto) | F1 auto | F1 true | auto - true | |log2 err| refine | |log2 err| auto | time refine | time auto |"
+        )
         lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         lines.append(

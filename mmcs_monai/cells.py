@@ -112,3 +112,30 @@ def write_cell_table(path, table: dict[str, np.ndarray]) -> Path:
         for row in zip(*columns):
             writer.writerow([f"{v:.2f}" if isinstance(v, float) else int(v) for v in row])
     return path
+
+
+# One row per segmented image: what the command line, the bundle and the Deploy app report.
+SEGMENTATION_SUMMARY = "segmentation_summary.csv"
+SEGMENTATION_SUMMARY_COLUMNS = ("id", "image", "cells", "diameter_px")
+
+
+def read_segmentation_summary(path) -> dict[str, dict[str, str]]:
+    """Rows of an existing ``segmentation_summary.csv`` by image id (empty when there is none)."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as f:
+        return {r["id"]: r for r in csv.DictReader(f)}
+
+
+def write_segmentation_summary(path, rows) -> Path:
+    """Write ``rows`` (dicts with :data:`SEGMENTATION_SUMMARY_COLUMNS`: image id, image file, number of cells,
+    the cell diameter in pixels it was segmented at) as CSV, sorted by id, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(SEGMENTATION_SUMMARY_COLUMNS), extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(sorted(rows, key=lambda r: str(r["id"])))
+    return path

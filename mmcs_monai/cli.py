@@ -47,7 +47,8 @@ def train(recipe: str | list[str] | None = None, bundle_root: str | None = None,
         recipe: extra config(s) merged over train.json (e.g. ``configs/cpu.json``).
         bundle_root: bundle folder (default: the repository's ``bundle/``).
         overrides: config values, e.g. ``--data_source manifest.csv --epochs 50 --resume True``.
-            Models are written to ``<bundle_root>/models`` unless ``--ckpt_dir`` is given.
+            Models are written to ``<bundle_root>/trained`` unless ``--ckpt_dir`` is given (the shipped
+            ``<bundle_root>/models/model.pt`` is never overwritten).
     """
     # under torchrun (torchrun --nproc_per_node=N -m mmcs_monai.cli train ...) multi_gpu_train.json is added
     run_workflow("training", bundle_root, recipe, overrides)
@@ -57,7 +58,7 @@ def infer(
     input_dir: str,
     output_dir: str,
     model: str | None = None,
-    diameter: float | None = None,
+    diameter: float | str | None = None,
     bundle_root: str | None = None,
     **overrides,
 ) -> None:
@@ -67,10 +68,14 @@ def infer(
         input_dir: folder of images (TIFF, PNG, JPEG, NIfTI), or a data list.
         output_dir: destination; images that already have masks there are skipped.
         model: model file (ours or a Cellpose 3 checkpoint); default ``<bundle_root>/models/model.pt``.
-        diameter: cell diameter in pixels in these images; default: the model's training mean.
+        diameter: cell diameter in pixels in these images, a stored subset name, ``stored`` (the model's
+            training mean) or ``auto`` (the default: estimated per image, and reported per image in the log
+            and in ``segmentation_summary.csv``).
         overrides: e.g. ``--nucleus_channel 1 --flow_threshold 0.4 --precision bf16``.
     """
-    overrides.update(input_dir=str(input_dir), output_dir=str(output_dir), diameter=diameter)
+    overrides.update(input_dir=str(input_dir), output_dir=str(output_dir))
+    if diameter is not None:
+        overrides["diameter"] = diameter
     if model:
         overrides["model_path"] = str(model)
     run_workflow("inference", bundle_root, None, overrides)
@@ -106,7 +111,7 @@ def infer_slide(
     output: str,
     model: str | None = None,
     table: bool | str = True,
-    diameter: float | str | None = None,
+    diameter: float | str | None = "auto",
     block_size: int = 2048,
     halo: int | None = None,
     precision: str = "auto",
@@ -125,7 +130,8 @@ def infer_slide(
         model: model file; default ``<bundle_root>/models/model.pt``.
         table: write the per-cell CSV (id, centroid, area, bbox) beside the labels (``True``), to this
             path, or not (``False``).
-        diameter: cell diameter in pixels, a stored subset name, ``auto``, or None (the model's mean).
+        diameter: cell diameter in pixels, a stored subset name, ``auto`` (the default: estimated once,
+            on a central crop, and used for every block) or ``stored`` (the model's mean).
         block_size: block side in network pixels; memory grows with its square.
         halo: context around each block in image pixels (default ``max(64, 4 * diameter)``).
         flow_threshold, cellprob_threshold, min_size: mask thresholds (default: the library's, as in Cellpose 3).

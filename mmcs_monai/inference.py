@@ -13,10 +13,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from monai.data import MetaTensor
 from monai.inferers import Inferer, SlidingWindowInferer
 
-from mmcs_monai.diameters import median_diameter, scale_to_target
 from mmcs_monai import size_estimate
+from mmcs_monai.diameters import median_diameter, scale_to_target
 from mmcs_monai.flows import MaskSettings
 from mmcs_monai.size_estimate import DiameterSearch
 
@@ -26,6 +27,9 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ROI_SIZE = 224
 OVERLAP = 0.1
 SW_BATCH_SIZE = 8
+
+# Where CellInferer's output carries the diameter each image was segmented at (MetaTensor meta).
+CELL_DIAMETER_KEY = "cell_diameter"
 
 # Diameters estimated per image from the image itself (see CellInferer.estimate_diameter).
 ESTIMATED_DIAMETERS = ("auto", "refine")
@@ -81,12 +85,13 @@ def model_diameters(network: torch.nn.Module) -> tuple[float, float]:
 
 
 def resolve_diameter(network: torch.nn.Module, diameter: float | str | None) -> float:
-    """Cell diameter (pixels) meant by ``diameter``: a number, None/``"auto"`` (the stored mean) or a subset name.
+    """Cell diameter (pixels) meant by ``diameter``: a number, None/``"stored"`` (the stored mean; also the
+    starting point of ``"auto"``/``"refine"``) or a subset name.
 
     Raises:
         ValueError: a name the model has no stored diameter for (the message lists the stored ones).
     """
-    if diameter is None or diameter in ESTIMATED_DIAMETERS:
+    if diameter is None or diameter == "stored" or diameter in ESTIMATED_DIAMETERS:
         return model_diameters(network)[1]
     if isinstance(diameter, str):
         try:
@@ -169,8 +174,13 @@ class CellInferer(Inferer):
 
     def __call__(
         self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, diameter: float | str | None = None, **kwargs
-    ) -> torch.Tensor:
-        return self.predict(inputs, network, *args, diameter=diameter, **kwargs)[0]
+    ) -> MetaTensor:
+        """Flows as :meth:`predict` gives them, as a batch ``MetaTensor`` whose ``meta["cell_diameter"]`` holds the
+        diameter (pixels) each image was segmented at, so engines' decollated outputs carry it per image."""
+        flows, used = self.predict(inputs, network, *args, diameter=diameter, **kwargs)
+        out = MetaTensor(flows, meta={CELL_DIAMETER_KEY: torch.tensor(used, dtype=torch.float32)})
+        out.is_batch = True
+        return out
 
     def predict(
         self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, diameter: float | str | None = None, **kwargs

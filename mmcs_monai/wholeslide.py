@@ -37,7 +37,7 @@ from mmcs_monai.cells import finalize_labels, write_cell_table
 from mmcs_monai.diameters import DEFAULT_TARGET_DIAMETER, scale_to_target
 from mmcs_monai.distributed import barrier, broadcast_object, get_rank, is_distributed, is_main_process, shard
 from mmcs_monai.flows import MaskSettings
-from mmcs_monai.inference import CellInferer, model_diameters, resolve_diameter
+from mmcs_monai.inference import ESTIMATED_DIAMETERS, CellInferer, model_diameters, resolve_diameter
 from mmcs_monai.io import ImageRegions, atomic_path, open_regions
 from mmcs_monai.segmentation import CellSegmenter
 from mmcs_monai.transforms.array import StackNucleusChannel, percentile_bounds, scale_to_bounds
@@ -166,12 +166,13 @@ class SlideSegmenter:
 
     def slide_diameter(self, regions: ImageRegions, bounds) -> float:
         """The diameter (pixels) every block is segmented at; ``auto`` is measured on a central crop."""
-        if self.diameter != "auto":
+        if self.diameter not in ESTIMATED_DIAMETERS:
             return resolve_diameter(self.network, self.diameter)
         h, w = regions.shape
         cy, cx, half = h // 2, w // 2, self.auto_crop // 2
         window = (max(cy - half, 0), min(cy + half, h), max(cx - half, 0), min(cx + half, w))
-        return self.segmenter(self.read_window(regions, window, bounds), diameter="auto").diameter
+        crop = torch.as_tensor(np.asarray(self.read_window(regions, window, bounds)), dtype=torch.float32)
+        return self.segmenter.inferer.estimate_diameter(crop.to(self.segmenter.device), self.network, method=self.diameter)
 
     def segment_block(self, regions: ImageRegions, block: Block, bounds, diameter: float) -> np.ndarray:
         """Cells owned by ``block``: int32 [window h, window w], ids 1..n (consecutive), 0 elsewhere."""

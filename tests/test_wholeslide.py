@@ -105,10 +105,15 @@ class RecordingInferer(CellInferer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.inputs = []
+        self.estimated = []
 
     def predict(self, inputs, network, *args, **kwargs):
         self.inputs.append(tuple(inputs.shape[-2:]))
         return super().predict(inputs, network, *args, **kwargs)
+
+    def estimate_diameter(self, image, network, method="auto"):
+        self.estimated.append(tuple(image.shape[-2:]))
+        return super().estimate_diameter(image, network, method)
 
 
 def test_network_never_sees_more_than_one_window(tmp_path):
@@ -134,6 +139,7 @@ def test_slide_auto_diameter_measures_a_central_crop(tmp_path):
     inferer = RecordingInferer(roi_size=512, precision="fp32")
     segmenter = SlideSegmenter(net, inferer, block_size=400, halo=32, diameter="auto", auto_crop=120)
     result = segmenter(path, tmp_path / "m.tif", None)
-    assert inferer.inputs[0] == (120, 120)  # the crop, not the slide
+    assert inferer.estimated == [(120, 120)]  # estimated once, on the crop, not the slide
+    assert all(shape != (120, 120) for shape in inferer.inputs)  # and the crop is not segmented for nothing
     assert result.diameter == pytest.approx(2 * np.sqrt((labels == 1).sum() / np.pi), rel=0.1)
     assert result.table_path is None and tifffile.imread(tmp_path / "m.tif").max() > 0

@@ -10,10 +10,10 @@ TorchScript model from ``mmcs export`` / ``ckpt_export`` (or a folder holding it
 
 Settings (environment variables, as a packaged app takes them):
 
-=========================  ==================================================================  =========
+=========================  ==================================================================  ==============================
 variable                   meaning                                                             default
-=========================  ==================================================================  =========
-MMCS_DIAMETER              cell diameter in pixels, a stored subset name, or ``auto``          stored mean
+=========================  ==================================================================  ==============================
+MMCS_DIAMETER              pixels, a stored subset name, ``stored`` (the mean) or ``auto``      ``auto`` (estimated per image)
 MMCS_PRECISION             ``fp32``, ``bf16``, ``fp16`` (GPU), ``auto``                         ``fp32``
 MMCS_NUCLEUS_CHANNEL       channel index of the nucleus stain in multi-channel images          none
 MMCS_CYTO_CHANNEL          channel index of the cytoplasm stain                                mean
@@ -23,7 +23,7 @@ MMCS_MIN_SIZE              smallest mask kept (pixels)                          
 MMCS_ROI_SIZE              tile size at network scale                                          224
 MMCS_OVERLAY               ``1`` also writes ``<name>_overlay.png``                            0
 MMCS_DEVICE                torch device                                                        GPU if any
-=========================  ==================================================================  =========
+=========================  ==================================================================  ==============================
 
 ``fp32`` is the default because it gives exactly ``mmcs infer --precision fp32``'s masks: TorchScript
 applies bf16 autocast to a different set of ops than eager PyTorch does.
@@ -39,6 +39,7 @@ from pathlib import Path
 from monai.deploy.conditions import CountCondition
 from monai.deploy.core import Application
 
+from mmcs_monai.cells import SEGMENTATION_SUMMARY, write_segmentation_summary
 from mmcs_monai.data import BadSampleLog, load_datalist, readable_images
 from mmcs_monai.deploy.operators import CellOutputWriterOperator, CellSegmentationOperator, MicroscopyLoaderOperator
 from mmcs_monai.io import InputError, is_image_file
@@ -58,7 +59,7 @@ def _setting(name: str, default=None, kind=str):
 
 def _diameter(value: str | None):
     if value is None:
-        return None
+        return "auto"
     try:
         return float(value)
     except ValueError:
@@ -123,6 +124,8 @@ class CellSegmentationApp(Application):
         """Log what was written and the bad samples (also as ``bad_samples.csv``); returns the exit status."""
         written = len(self.writer.written) if self.writer else 0
         logger.info("wrote masks and cell tables for %d image(s) to %s", written, self.output_path)
+        if written:
+            write_segmentation_summary(self.output_path / SEGMENTATION_SUMMARY, self.writer.summary)
         if self.bad_samples.entries:
             logger.warning(self.bad_samples.summary())
             self.bad_samples.write_csv(self.output_path / "bad_samples.csv")

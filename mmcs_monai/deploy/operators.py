@@ -130,6 +130,7 @@ class CellOutputWriterOperator(Operator):
         self.bad_samples = bad_samples
         self.save = SaveCellOutputsd(keys="masks", output_dir=str(self.output_path), image_key="image", overlay=overlay, table=True)
         self.written: list[str] = []
+        self.summary: list[dict] = []  # one row per image written (segmentation_summary.csv)
         super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec):
@@ -144,7 +145,16 @@ class CellOutputWriterOperator(Operator):
         sample = self.save(sample)
         self.written.append(sample["masks_file"])
         cells = int(np.count_nonzero(np.unique(np.asarray(sample["masks"]))))
-        logger.info("%s: %d cells -> %s", sample["image_file"], cells, sample["masks_file"])
+        diameter = round(float(sample["diameter"]), 1)
+        self.summary.append(
+            {
+                "id": sample.get("id", Path(str(sample["image_file"])).stem),
+                "image": sample["image_file"],
+                "cells": cells,
+                "diameter_px": diameter,
+            }
+        )
+        logger.info("%s: %d cells at diameter %.1f px -> %s", sample["image_file"], cells, diameter, sample["masks_file"])
 
 
 def model_file(path: str | Path) -> Path:

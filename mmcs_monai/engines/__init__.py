@@ -7,6 +7,7 @@ from mmcs_monai.engines.handlers import (
     F1ReportHandler,
     LearningRateLogger,
     ModelFileLoader,
+    SegmentationReport,
     SyncBuffersHandler,
     TimeBudgetHandler,
     TrainingDiameterHandler,

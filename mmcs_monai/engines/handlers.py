@@ -17,8 +17,10 @@ from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents
 from monai.transforms import Randomizable, Transform
 
+from mmcs_monai.cells import SEGMENTATION_SUMMARY, read_segmentation_summary, write_segmentation_summary
 from mmcs_monai.diameters import datalist_diameters
-from mmcs_monai.distributed import broadcast_buffers, is_main_process
+from mmcs_monai.distributed import all_gather_objects, broadcast_buffers, is_main_process
+from mmcs_monai.inference import CELL_DIAMETER_KEY
 from mmcs_monai.io import atomic_path
 from mmcs_monai.metrics import f1_score
 from mmcs_monai.networks import load_model
@@ -334,10 +336,62 @@ class LearningRateLogger:
         self.writer.add_scalar(self.tag, self.optimizer.param_groups[0]["lr"], engine.state.epoch)
 
 
+def used_diameter(pred: Any) -> float | str:
+    """The diameter (pixels, rounded to 0.1) an engine output ``pred`` was segmented at, or ``""`` when it carries none."""
+    value = getattr(pred, "meta", {}).get(CELL_DIAMETER_KEY) if pred is not None else None
+    return "" if value is None else round(float(value), 1)
+
+
+class SegmentationReport:
+    """Attach to an inference evaluator: one log line per image (cells found, diameter used) and a summary CSV.
+
+    Writes ``segmentation_summary.csv`` (id, image, cells, diameter_px) into ``output_dir`` when the run
+    ends, atomically (rows of images done earlier and skipped now are kept; under ``torchrun`` rank 0
+    writes the rows of every rank).
+
+    Args:
+        output_dir: destination folder.
+        masks_key / pred_key: keys of the instance masks and of the inferer's output in the engine output.
+    """
+
+    def __init__(self, output_dir: str, masks_key: str = "masks", pred_key: str = "pred"):
+        self.output_dir = Path(output_dir)
+        self.masks_key, self.pred_key = masks_key, pred_key
+        self.rows: dict[str, dict[str, Any]] = {}
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.start)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.record)
+        engine.add_event_handler(Events.COMPLETED, self.write)
+
+    def start(self, engine: Engine) -> None:
+        self.rows = read_segmentation_summary(self.output_dir / SEGMENTATION_SUMMARY)
+
+    def record(self, engine: Engine) -> None:
+        for out, item in zip(engine.state.output, engine.state.batch):
+            masks = torch.as_tensor(out[self.masks_key])
+            row = {
+                "id": str(item.get("id", len(self.rows))),
+                "image": item.get("image_file") if isinstance(item.get("image_file"), str) else "",
+                "cells": int(masks.max()) if masks.numel() else 0,
+                "diameter_px": used_diameter(out.get(self.pred_key)),
+            }
+            self.rows[row["id"]] = row
+            logger.info("%s: %d cells at diameter %s px", row["id"], row["cells"], row["diameter_px"])
+
+    def write(self, engine: Engine) -> None:
+        # each rank segmented its share: rank 0 writes them all
+        for rows in all_gather_objects(self.rows):
+            self.rows.update(rows)
+        if is_main_process():
+            write_segmentation_summary(self.output_dir / SEGMENTATION_SUMMARY, self.rows.values())
+
+
 class F1ReportHandler:
     """Attach to an evaluator: per-image F1 with its subset, written as CSV and summarised per subset.
 
-    Writes ``f1_per_image.csv`` (id, subset, f1, precision, recall, tp, fp, fn) and
+    Writes ``f1_per_image.csv`` (id, subset, f1, precision, recall, tp, fp, fn, diameter_px: the cell diameter
+    the image was segmented at, empty when the inferer does not report it) and
     ``f1_summary.json`` (overall and per subset: mean per-image F1, number of images) into
     ``output_dir`` at the end of the run, atomically, and logs the summary table.
 
@@ -345,13 +399,14 @@ class F1ReportHandler:
         output_dir: destination folder.
         border: drop cells touching a frame this wide (CellSeg protocol: 2).
         masks_key / label_key: keys of predicted and true instance masks in the engine output.
+        pred_key: key of the inferer's output (its ``cell_diameter`` meta is the diameter used).
     """
 
-    def __init__(self, output_dir: str, border: int = 2, iou_threshold: float = 0.5, masks_key="masks", label_key="label"):
+    def __init__(self, output_dir: str, border: int = 2, iou_threshold: float = 0.5, masks_key="masks", label_key="label", pred_key="pred"):
         self.output_dir = Path(output_dir)
         self.border = border
         self.iou_threshold = iou_threshold
-        self.masks_key, self.label_key = masks_key, label_key
+        self.masks_key, self.label_key, self.pred_key = masks_key, label_key, pred_key
         self.rows: list[dict[str, Any]] = []
 
     def attach(self, engine: Engine) -> None:
@@ -367,6 +422,7 @@ class F1ReportHandler:
             score = f1_score(gt.squeeze(), pred.squeeze(), self.iou_threshold, self.border)
             row = {"id": item.get("id", len(self.rows)), "subset": item.get("subset", "default")}
             row.update({k: score[k] for k in ("f1", "precision", "recall", "tp", "fp", "fn")})
+            row["diameter_px"] = used_diameter(out.get(self.pred_key))
             self.rows.append(row)
 
     def summary(self) -> dict[str, dict[str, float]]:
@@ -380,7 +436,7 @@ class F1ReportHandler:
         summary = self.summary()
         with atomic_path(self.output_dir / "f1_per_image.csv") as tmp:
             with open(tmp, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=["id", "subset", "f1", "precision", "recall", "tp", "fp", "fn"])
+                writer = csv.DictWriter(f, fieldnames=["id", "subset", "f1", "precision", "recall", "tp", "fp", "fn", "diameter_px"])
                 writer.writeheader()
                 writer.writerows(self.rows)
         with atomic_path(self.output_dir / "f1_summary.json") as tmp:

@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 # request parameters a client may set per call (``params`` of POST /infer/mmcs), with their defaults
 INFER_PARAMETERS: dict[str, Any] = {
-    "diameter": None,  # pixels, a stored subset name, "auto" (measure per image), or None (the model's mean)
+    "diameter": "auto",  # pixels, a stored subset name, "auto" (estimated per image) or "stored" (the model's mean)
     "cyto_channel": None,  # channel of a multi-channel image to use as cytoplasm (None: mean of channels)
     "nucleus_channel": None,  # channel holding nuclei (None: no nucleus channel)
     # the library's defaults (MaskSettings); listed so /info/ shows every setting with its value
@@ -101,7 +101,7 @@ class CellInferTask(InferTask):
         network = self.model.network()
         try:
             diameter = values["diameter"]
-            resolve_diameter(network, None if diameter == "auto" else diameter)
+            resolve_diameter(network, diameter)
             settings = MaskSettings.from_options(
                 flow_threshold=values["flow_threshold"], cellprob_threshold=values["cellprob_threshold"], min_size=values["min_size"]
             )
