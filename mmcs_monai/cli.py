@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mmcs_monai.workflows import resolve_bundle_root, run_workflow
+from mmcs_monai.workflows import resolve_bundle_root, run_workflow, shipped_model
 
 
 def _bundle_root(bundle_root: str | os.PathLike | None) -> Path:
@@ -35,7 +35,7 @@ def _load_network(model: str | None, bundle_root: str | None, device: str | None
 
     from mmcs_monai.networks import load_model
 
-    path = Path(model) if model else _bundle_root(bundle_root) / "models" / "model.pt"
+    path = Path(model) if model else shipped_model(bundle_root)
     device = torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
     return load_model(path, map_location=device)
 
@@ -180,7 +180,7 @@ def infer_slide(
 def diameter_sweep(
     data_source: str,
     model: str | None = None,
-    diameters="10,15,20,25,30,40,stored,subset,auto",
+    diameters="10,15,20,25,30,40,stored,subset,refine,auto",
     split: str = "val",
     limit: int | None = None,
     precision: str = "auto",
@@ -195,7 +195,8 @@ def diameter_sweep(
         data_source: labelled data (manifest CSV/JSON, Decathlon JSON or folder).
         model: model file; default ``<bundle_root>/models/model.pt``.
         diameters: comma-separated numbers (pixels) and names: ``stored`` (the model's mean),
-            ``subset`` (each image at its own subset's stored diameter), ``auto``, or a stored subset name.
+            ``subset`` (each image at its own subset's stored diameter), ``auto`` (the multi-scale estimate),
+            ``refine`` (segment at the stored mean, measure, segment again), or a stored subset name.
         split: data split to score (manifests with a split column; ignored otherwise).
         limit: score only the first N images.
         output: optional CSV with one row per (diameter, image).

@@ -50,6 +50,11 @@ def resolve_bundle_root(bundle_root: str | os.PathLike | None = None) -> Path:
     return root.resolve()
 
 
+def shipped_model(bundle_root: str | os.PathLike | None = None) -> Path:
+    """The generalist model the bundle ships, ``<bundle_root>/models/model.pt``: every command's default model."""
+    return resolve_bundle_root(bundle_root) / "models" / "model.pt"
+
+
 def under_torchrun() -> bool:
     """Whether this process is one of several ``torchrun`` ranks."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1

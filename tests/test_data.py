@@ -146,3 +146,46 @@ def test_a_sample_failing_in_random_transforms_is_replaced(tmp_path):
     data = SkippingCacheDataset(good, transform, bad_samples=log, cache_rate=1.0, num_workers=1)
     assert data[1]["image_file"].endswith("img2.tif")  # the next good sample stands in
     assert log.entries[0]["stage"] == "augmentation" and "blew up" in log.entries[0]["problem"]
+
+
+def test_several_sources_are_joined_in_order_and_ids_stay_unique(tmp_path):
+    for name, ids in (("a", ["x", "y"]), ("b", ["z"])):
+        (tmp_path / name).mkdir()
+        rows = [{"image": f"{i}.tif", "id": i, "modality": name, "split": "train"} for i in ids]
+        rows.append({"image": "v.tif", "id": f"val_{name}", "split": "val"})
+        (tmp_path / name / "list.json").write_text(json.dumps(rows))
+    sources = [str(tmp_path / "a" / "list.json"), str(tmp_path / "b" / "list.json")]
+    items = load_datalist(sources, split="train")
+    assert [i["id"] for i in items] == ["x", "y", "z"] and [i["subset"] for i in items] == ["a", "a", "b"]
+    assert items[2]["image"] == str((tmp_path / "b" / "z.tif").resolve())  # relative to its own list
+    assert [i["id"] for i in load_datalist(sources, split="train", limit=2)] == ["x", "y"]
+    with pytest.raises(InputError, match="'x' is also in"):
+        load_datalist([sources[0], sources[0]], split="train")
+    with pytest.raises(InputError, match="empty list"):
+        load_datalist([])
+
+
+def test_subset_weights_give_each_subset_a_share_by_the_power_of_its_size():
+    from mmcs_monai.data import subset_weights
+
+    items = [{"subset": "big"}] * 100 + [{"subset": "small"}] * 4 + [{}] * 1
+    for power, shares in ((0.0, (100, 4, 1)), (1.0, (1, 1, 1)), (0.5, (10, 2, 1))):
+        weights = subset_weights(items, power)
+        assert sum(weights) == pytest.approx(len(items)) and min(weights) > 0
+        got = (sum(weights[:100]), sum(weights[100:104]), weights[104])
+        total = sum(shares)
+        assert [g / len(items) for g in got] == pytest.approx([s / total for s in shares])
+    with pytest.raises(ValueError, match="power"):
+        subset_weights(items, 1.5)
+
+
+def test_weighted_sampler_draws_in_proportion():
+    import torch
+
+    from mmcs_monai.distributed import weighted_sampler
+
+    torch.manual_seed(0)
+    sampler = weighted_sampler([1.0, 3.0], num_samples=4000)
+    draws = list(sampler)
+    assert len(draws) == 4000 and sum(d == 1 for d in draws) / 4000 == pytest.approx(0.75, abs=0.03)
+    assert len(list(weighted_sampler([1.0] * 7))) == 7

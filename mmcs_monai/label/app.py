@@ -5,16 +5,16 @@ Start it (the app folder ``apps/mmcs`` holds only a ``main.py`` importing :class
     monailabel start_server --app apps/mmcs --studies path/to/images --host 127.0.0.1 --port 8000 \\
         --conf models mmcs --conf model bundle/models/model.pt
 
-``--conf`` keys (all optional but ``model`` on first start):
+``--conf`` keys (all optional):
 
 - ``models``: ``mmcs`` (the one model here) or ``all``;
-- ``model``: checkpoint (mmcs or Cellpose 3) or exported ``.ts`` to serve; copied to ``<model_dir>/mmcs.pt`` on
-  first start, which training then replaces;
+- ``model``: checkpoint (mmcs or Cellpose 3) or exported ``.ts`` to serve (default: the bundle's shipped
+  ``models/model.pt``); copied to ``<model_dir>/mmcs.pt`` on first start, which training then replaces;
 - ``model_dir``: where the served model and training runs live (default ``<app>/model``);
 - ``device``: ``cpu``, ``cuda:0`` ... (default: the first GPU, else CPU);
 - ``precision``: ``auto`` (bf16 where native), ``fp32``, ``bf16``, ``fp16``;
 - ``diameter``, ``nucleus_channel``, ``cyto_channel``, ``flow_threshold``, ``cellprob_threshold``, ``min_size``:
-  server-wide inference defaults (``diameter``: pixels, a stored subset name, ``auto``);
+  server-wide inference defaults (``diameter``: pixels, a stored subset name, ``stored``, ``auto``: the default);
 - ``max_upload_mb``: largest image/label upload accepted (default 256);
 - ``train_<key>``: default of a training parameter, e.g. ``train_epochs 20`` (see ``TRAIN_PARAMETERS``);
 - ``bundle_root``: bundle whose configs training runs (default: the repository's ``bundle/``);
@@ -41,6 +41,7 @@ from mmcs_monai.label.datastore import DEFAULT_MAX_UPLOAD_BYTES, CellDatastore, 
 from mmcs_monai.label.infer import INFER_PARAMETERS, CellInferTask
 from mmcs_monai.label.model import ServedModel
 from mmcs_monai.label.train import TRAIN_PARAMETERS, CellTrainTask
+from mmcs_monai.workflows import shipped_model
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,8 @@ class MMCSLabelApp(MONAILabelApp):
         if models not in (MODEL_NAME, "all"):
             raise ValueError(f"--conf models {models!r}: this app serves one model, {MODEL_NAME!r} (or 'all')")
         self.model_dir = Path(conf.get("model_dir") or Path(app_dir) / "model")
-        self.served = ServedModel.install(conf.get("model"), self.model_dir, conf.get("device") or None)
+        source = conf.get("model") or shipped_model(conf.get("bundle_root"))
+        self.served = ServedModel.install(source, self.model_dir, conf.get("device") or None)
         self.precision = conf.get("precision", "auto")
         self.infer_defaults = {k: _typed(conf[k], v) for k, v in INFER_PARAMETERS.items() if k in conf}
         self.train_defaults = {k: _typed(conf[f"train_{k}"], v) for k, v in TRAIN_PARAMETERS.items() if f"train_{k}" in conf}

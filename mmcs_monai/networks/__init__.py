@@ -12,6 +12,7 @@ from .model_files import (
     load_cellpose_checkpoint,
     load_model,
     load_torchscript,
+    save_release_file,
 )
 
 __all__ = [
@@ -23,4 +24,5 @@ __all__ = [
     "load_cellpose_checkpoint",
     "load_model",
     "load_torchscript",
+    "save_release_file",
 ]

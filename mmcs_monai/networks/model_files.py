@@ -32,6 +32,7 @@ __all__ = [
     "load_torchscript",
     "is_torchscript_file",
     "max_output_difference",
+    "save_release_file",
 ]
 
 # extra files stored beside the weights (the names MONAI's ``ckpt_export`` uses for the metadata)
@@ -183,6 +184,27 @@ def load_cellpose_checkpoint(path: str | Path, net: CPnet | None = None, strict:
         )
     net.load_state_dict(state, strict=strict)
     return net
+
+
+def save_release_file(source: str | os.PathLike, destination: str | os.PathLike) -> Path:
+    """Write the weights of model file ``source`` as a compact release file at ``destination``, atomically.
+
+    The state dict keeps Cellpose 3's keys and the subset table; floating-point weights are stored in
+    float16 (half the size), ``diam_mean``/``diam_labels`` in float32. :func:`load_cellpose_checkpoint`
+    casts everything back to the network's float32 when it loads the file.
+
+    Raises:
+        ModelFileError: ``source`` is not a readable model file.
+    """
+    network = load_cellpose_checkpoint(source)
+    state = {
+        k: v.half() if torch.is_tensor(v) and v.is_floating_point() and k not in _DIAM_KEYS else v for k, v in network.state_dict().items()
+    }
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(destination) as tmp:
+        torch.save(state, tmp)
+    return destination
 
 
 def _metadata_dict(metadata: Mapping[str, Any] | str | os.PathLike | None) -> dict:

@@ -1,5 +1,6 @@
 """The bundle runs for real through ``python -m monai.bundle`` on the built-in sample data (tiny network)."""
 
+import csv
 import json
 import shutil
 import subprocess
@@ -99,11 +100,15 @@ def test_evaluate_writes_per_image_f1(trained, tiny_model):
     expected = {}
     for item in items:
         data = load(dict(item))
-        flows = CellInferer(roi_size=224, precision="fp32")(torch.as_tensor(np.asarray(data["image"]))[None], net)[0].numpy()
+        # evaluate's default diameter is auto: estimated per image, reported in the diameter_px column
+        image = torch.as_tensor(np.asarray(data["image"]))[None]
+        flows, used = CellInferer(roi_size=224, precision="fp32").predict(image, net, diameter="auto")
+        flows = flows[0].numpy()
         score = f1_score(np.asarray(data["label"])[0], flows_to_masks(flows[:2], flows[2]), border=2)
         expected[item["id"]] = score["f1"]
         row = rows[item["id"]]
         assert float(row["f1"]) == pytest.approx(score["f1"], abs=1e-6) and int(row["tp"]) == score["tp"]
+        assert float(row["diameter_px"]) == pytest.approx(used[0], abs=0.05)
         assert row["subset"] == item["subset"]
     assert max(expected.values()) > 0  # the model finds cells: the comparison is not 0 == 0
     summary = json.loads((out / "f1_summary.json").read_text())
@@ -160,10 +165,16 @@ def test_inference_writes_masks_and_overlays_then_skips_done(trained, tmp_path):
     bundle(*args)
     names = {p.name for p in tmp_path.iterdir()}
     stems = [p.stem for p in images.iterdir()]
-    assert names == {f"{s}_masks.tif" for s in stems} | {f"{s}_overlay.png" for s in stems}
+    assert names == {f"{s}_masks.tif" for s in stems} | {f"{s}_overlay.png" for s in stems} | {"segmentation_summary.csv"}
     first = tmp_path / f"{stems[0]}_masks.tif"
     masks = tifffile.imread(first)
     assert masks.dtype == np.uint16 and masks.shape == tifffile.imread(images / f"{stems[0]}.tif").shape[:2]
+    # one summary row per image: its cells and the diameter it was segmented at (auto, the default)
+    with open(tmp_path / "segmentation_summary.csv") as f:
+        summary = {r["id"]: r for r in csv.DictReader(f)}
+    assert sorted(summary) == sorted(stems)
+    for stem, row in summary.items():
+        assert int(row["cells"]) == tifffile.imread(tmp_path / f"{stem}_masks.tif").max() and float(row["diameter_px"]) > 0
     before = first.stat().st_mtime_ns
     assert "nothing to segment" in bundle(*args)
     assert first.stat().st_mtime_ns == before

@@ -187,3 +187,25 @@ def test_old_checkpoint_without_diameters(tmp_path):
     with pytest.warns(UserWarning, match="diam_mean"):
         net = load_cellpose_checkpoint(path, diam_mean=17.0)
     assert net.diam_mean.item() == 17.0
+
+
+def test_release_file_is_half_the_size_and_loads_as_float32(tmp_path):
+    from mmcs_monai.networks import save_release_file
+
+    torch.manual_seed(0)
+    net = CPnet(nbase=SMALL, diam_mean=30.0)
+    _randomise_bn(net)
+    net.set_diam_labels(23.37)
+    net.set_subset_diameters({"nuclei": 17.5})
+    full = tmp_path / "full.pt"
+    torch.save(net.state_dict(), full)
+    release = save_release_file(full, tmp_path / "out" / "release.pt")
+    assert release.stat().st_size < 0.6 * full.stat().st_size
+    state = torch.load(release, weights_only=True)
+    assert state["diam_labels"].dtype == torch.float32 and state["output.2.weight"].dtype == torch.float16
+    loaded = load_model(release)
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    assert loaded.diam_labels.item() == pytest.approx(23.37) and loaded.diameter_for("nuclei") == pytest.approx(17.5)
+    x = torch.rand(1, 2, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), net.eval()(x), atol=2e-2, rtol=1e-2)
