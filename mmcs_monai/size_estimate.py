@@ -7,15 +7,16 @@ nothing to measure, or only fragments. :func:`estimate_diameter` instead
 
 1. segments a crop of the image as if its cells had each of a few candidate diameters, spread over
    0.25x-4x the model's stored mean (:attr:`DiameterSearch.factors`), largest first; each crop is
-   resized so the network sees at most ``crop x crop`` pixels (160: five candidates cost about as
-   much as segmenting a 360 x 360 image once, whatever the image's size);
+   resized so the network sees at most ``crop x crop`` pixels (256: five candidates cost about as
+   much as segmenting a 570 x 570 image once, whatever the image's size);
 2. measures the cells found and stops at the first candidate whose measured median diameter agrees
    with it (``|log2(measured / candidate)| <= tolerance``: the network saw the cells near its
-   training size). Largest first, because a too-fine zoom cuts big cells into pieces that can also
+   training size; the tolerance is wide because a network measures cells it sees off its
+   training size as closer to that size than they are). Largest first, because a too-fine zoom cuts big cells into pieces that can also
    agree with a small candidate, while a too-coarse one finds nothing or cells that disagree. When
    no candidate agrees, the one closest to agreeing is kept;
-3. refines once, unless the candidate already agreed closely (``refine_above``): segments the crop at
-   the measured diameter and measures again.
+3. refines (at most twice), unless the candidate already agreed closely (``refine_above``): segments
+   the crop at the measured diameter and measures again.
 
 It works for any CPnet, including a Cellpose 3 checkpoint file, and needs no fitting. The crop is the
 square window of the image with the most intensity variation (at the candidate's scale), so sparse
@@ -45,13 +46,15 @@ class DiameterSearch:
         min_cells: a candidate must find at least this many cells to count.
         tolerance: largest ``|log2(measured / candidate)|`` that counts as agreement.
         refine_above: refine when the chosen candidate's ``|log2(measured / candidate)|`` exceeds this.
+        refinements: at most this many refinements (each segments the crop at the last measured diameter).
     """
 
     factors: tuple[float, ...] = (4.0, 2.0, 1.0, 0.5, 0.25)
-    crop: int = 160
-    min_cells: int = 3
-    tolerance: float = 0.5
+    crop: int = 256
+    min_cells: int = 5
+    tolerance: float = 0.75
     refine_above: float = 0.25
+    refinements: int = 2
 
     def __post_init__(self):
         if not self.factors or any(not f > 0 for f in self.factors):
@@ -147,11 +150,14 @@ def estimate_diameter(
         if not usable:
             return float(stored_diameter), candidates
         chosen = min(usable, key=lambda c: c.disagreement)
-    if chosen.disagreement > search.refine_above:
+    for _ in range(search.refinements):
+        if chosen.disagreement <= search.refine_above:
+            break
         refined = _try(image, chosen.measured, run_network, masks, diam_mean, side)
         candidates.append(refined)
-        if refined.cells >= search.min_cells:
-            chosen = refined
+        if refined.cells < search.min_cells:
+            break
+        chosen = refined
     return float(chosen.measured), candidates
 
 

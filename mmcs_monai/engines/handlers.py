@@ -6,6 +6,7 @@ import csv
 import json
 import logging
 import random
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -343,29 +344,67 @@ def used_diameter(pred: Any) -> float | str:
 
 
 class SegmentationReport:
-    """Attach to an inference evaluator: one log line per image (cells found, diameter used) and a summary CSV.
+    """Attach to an inference evaluator: progress, one line per image, a summary CSV and a summary line.
 
-    Writes ``segmentation_summary.csv`` (id, image, cells, diameter_px) into ``output_dir`` when the run
-    ends, atomically (rows of images done earlier and skipped now are kept; under ``torchrun`` rank 0
-    writes the rows of every rank).
+    - Progress: on a terminal a bar (count, rate, ETA); otherwise the per-image log lines carry the
+      count and the ETA (``[12/48] img_7: 231 cells at diameter 17.4 px, ETA 40 s``), so CI and log
+      files show progress too.
+    - ``segmentation_summary.csv`` (id, image, cells, diameter_px) in ``output_dir`` when the run ends,
+      atomically (rows of images done earlier and skipped now are kept; under ``torchrun`` rank 0 writes
+      the rows of every rank).
+    - A summary line at the end: images done / skipped / bad, cells found, the diameters used, time and
+      s/MPix, where the outputs are, and the model (file and SHA-256 prefix).
 
     Args:
         output_dir: destination folder.
+        model_path: the model file used (named in the summary).
+        images_total: how many images the input held (the difference to this run's and the bad ones is
+            "skipped": their masks were already there).
+        bad_samples: the run's :class:`~mmcs_monai.data.BadSampleLog` (counted in the summary).
+        progress: show progress (bar or counted lines).
         masks_key / pred_key: keys of the instance masks and of the inferer's output in the engine output.
     """
 
-    def __init__(self, output_dir: str, masks_key: str = "masks", pred_key: str = "pred"):
+    def __init__(
+        self,
+        output_dir: str,
+        model_path: str | None = None,
+        images_total: int | None = None,
+        bad_samples: Any = None,
+        progress: bool = True,
+        masks_key: str = "masks",
+        pred_key: str = "pred",
+    ):
         self.output_dir = Path(output_dir)
+        self.model_path = model_path
+        self.images_total = images_total
+        self.bad_samples = bad_samples
+        self.progress = progress
         self.masks_key, self.pred_key = masks_key, pred_key
         self.rows: dict[str, dict[str, Any]] = {}
+        self.done: list[dict[str, Any]] = []
+        self.megapixels = 0.0
+        self._bar = None
+        self._start = 0.0
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.start)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.record)
         engine.add_event_handler(Events.COMPLETED, self.write)
 
+    def _expected(self, engine: Engine) -> int | None:
+        try:
+            return len(engine.state.dataloader.dataset)
+        except (AttributeError, TypeError):
+            return None
+
     def start(self, engine: Engine) -> None:
         self.rows = read_segmentation_summary(self.output_dir / SEGMENTATION_SUMMARY)
+        self.done, self.megapixels, self._start = [], 0.0, time.perf_counter()
+        if self.progress and is_main_process() and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=self._expected(engine), unit="image", desc="segmenting", leave=False)
 
     def record(self, engine: Engine) -> None:
         for out, item in zip(engine.state.output, engine.state.batch):
@@ -377,14 +416,65 @@ class SegmentationReport:
                 "diameter_px": used_diameter(out.get(self.pred_key)),
             }
             self.rows[row["id"]] = row
-            logger.info("%s: %d cells at diameter %s px", row["id"], row["cells"], row["diameter_px"])
+            self.done.append(row)
+            self.megapixels += masks.shape[-1] * masks.shape[-2] / 1e6 if masks.ndim >= 2 else 0.0
+            line = f"{row['id']}: {row['cells']} cells at diameter {row['diameter_px']} px"
+            if self._bar is not None:
+                self._bar.update(1)
+                logger.debug(line)
+                continue
+            expected = self._expected(engine)
+            if self.progress and expected:
+                elapsed = time.perf_counter() - self._start
+                eta = elapsed / len(self.done) * (expected - len(self.done))
+                line = f"[{len(self.done)}/{expected}] {line}, ETA {eta:.0f} s"
+            logger.info(line)
 
     def write(self, engine: Engine) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
         # each rank segmented its share: rank 0 writes them all
+        done = [row for rows in all_gather_objects(self.done) for row in rows]
         for rows in all_gather_objects(self.rows):
             self.rows.update(rows)
+        megapixels = sum(all_gather_objects(self.megapixels))
         if is_main_process():
             write_segmentation_summary(self.output_dir / SEGMENTATION_SUMMARY, self.rows.values())
+            logger.info(self.summary(done, megapixels, time.perf_counter() - self._start))
+
+    def summary(self, done: list[dict[str, Any]], megapixels: float, seconds: float) -> str:
+        """The run's one-line summary (see the class docstring)."""
+        bad = len(getattr(self.bad_samples, "entries", []) or [])
+        skipped = max(0, self.images_total - len(done) - bad) if self.images_total is not None else 0
+        diameters = [float(r["diameter_px"]) for r in done if r["diameter_px"] != ""]
+        parts = [f"{len(done)} image(s) segmented, {skipped} skipped (masks already there), {bad} bad"]
+        if bad:
+            parts[-1] += f" (see {self.output_dir / 'bad_samples.csv'})"
+        parts.append(f"{sum(r['cells'] for r in done)} cells")
+        if diameters:
+            low, high = min(diameters), max(diameters)
+            parts.append(f"diameter {low:.1f} px" if high - low < 0.05 else f"diameter {low:.1f}-{high:.1f} px")
+        rate = f", {seconds / megapixels:.2f} s/MPix" if megapixels > 0 else ""
+        parts.append(f"{seconds:.1f} s{rate}")
+        parts.append(f"outputs in {self.output_dir}")
+        if self.model_path:
+            parts.append(f"model {self.model_path} (sha256 {file_sha256(self.model_path)[:12]})")
+        return "; ".join(parts)
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 (hex) of a file's bytes; ``"missing"`` when it cannot be read."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return "missing"
+    return digest.hexdigest()
 
 
 class F1ReportHandler:
