@@ -52,3 +52,15 @@ def test_model_zoo_ci_on_the_bundle_as_it_is(tmp_path):
     )  # fmt: skip
     failed = [ln for ln in result.stdout.splitlines() if ln.startswith("FAIL")]
     assert [ln.split()[1] for ln in failed] == ["6"] and "models/model.pt" in failed[0], result.stdout[-4000:]
+
+
+def test_large_files_entry_matches_the_shipped_model():
+    """``large_files.yml`` names the tracked weights with their current hash (regenerated when the model changes)."""
+    import hashlib
+
+    import yaml
+
+    entries = yaml.safe_load((BUNDLE / "large_files.yml").read_text())["large_files"]
+    assert [e["path"] for e in entries] == ["models/model.pt"]
+    digest = hashlib.new(entries[0]["hash_type"], (BUNDLE / "models" / "model.pt").read_bytes()).hexdigest()
+    assert digest == entries[0]["hash_val"]
