@@ -235,7 +235,10 @@ def test_torchrun_folder_inference_equals_single_process(tiny_model, tmp_path):
     torchrun("mmcs_monai.cli", "infer", SAMPLE_IMAGES, tmp_path / "two", "--model", tiny_model, "--precision", "fp32", "--overlay", "False")
     one = sorted((tmp_path / "one").glob("*_masks.tif"))
     assert len(one) == len(list(SAMPLE_IMAGES.glob("*.tif")))
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [p.name for p in one]  # each image once
+    # each image once, and one summary with every image's row (rank 0 writes the rows of both ranks)
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [p.name for p in one] + ["segmentation_summary.csv"]
+    one_summary = (tmp_path / "one" / "segmentation_summary.csv").read_text()
+    assert (tmp_path / "two" / "segmentation_summary.csv").read_text() == one_summary and one_summary.count("\n") == len(one) + 1
     cells = 0
     for path in one:
         expected = read_labels(path)
