@@ -124,10 +124,10 @@ def server(tmp_path_factory, tiny_model):
 
 
 def local_masks(model_path: Path, image_path: Path) -> np.ndarray:
-    """What the library, run here, makes of an image: the server must answer the same."""
+    """What the library, run here, makes of an image at the server's defaults (``auto`` diameter): the server must answer the same."""
     network = load_model(model_path)
     image = inference_preprocessing("image")({"image": str(image_path)})["image"]
-    flows = CellInferer(precision="fp32")(torch.as_tensor(image)[None], network)[0].numpy()
+    flows = CellInferer(precision="fp32", diameter="auto")(torch.as_tensor(image)[None], network)[0].numpy()
     return flows_to_masks(flows[:2], flows[2])
 
 
