@@ -121,6 +121,8 @@ def single_process_f1(models, tmp_path, *extra) -> float:
         str(BUNDLE),
         "--model_path",
         str(models / "model.pt"),
+        "--inference_diameter",
+        "stored",  # as the training run's validation segments
         "--output_dir",
         str(out),
         *map(str, extra),
