@@ -77,13 +77,10 @@ class Candidate:
 
 
 def _median_diameter_and_count(masks: np.ndarray) -> tuple[float, int]:
-    """Median equivalent diameter and count of the cells in ``masks``, leaving out cells cut by the crop's
-    edge (they measure small) unless only such cells were found."""
+    """Median equivalent diameter and count of the cells in ``masks`` that the crop's edge does not cut
+    (a cut cell measures small); ``(0.0, 0)`` when every cell is cut."""
     edge = np.unique(np.concatenate([masks[0], masks[-1], masks[:, 0], masks[:, -1]]))
-    inner = np.where(np.isin(masks, edge[edge > 0]), 0, masks)
-    areas = cell_areas(inner)
-    if not areas.size:
-        areas = cell_areas(masks)
+    areas = cell_areas(np.where(np.isin(masks, edge[edge > 0]), 0, masks))
     return (float(np.median(equivalent_diameters(areas))), int(areas.size)) if areas.size else (0.0, 0)
 
 
@@ -131,8 +128,8 @@ def estimate_diameter(
 
     Returns:
         ``(diameter, candidates)``: the estimate, and what each candidate (then the refinement) found.
-        When no candidate finds ``min_cells`` cells, those that found any are compared; when none found
-        a cell, the estimate is ``stored_diameter``.
+        When no candidate with ``min_cells`` cells agrees, the largest agreeing one with any cell is
+        taken, else the one closest to agreeing; when no candidate found a cell, ``stored_diameter``.
     """
     search = search or DiameterSearch()
     side = search.crop
@@ -145,17 +142,22 @@ def estimate_diameter(
             chosen = candidate
             break
     if chosen is None:
-        # too few cells everywhere (a small or sparse image): take what was found, if anything
-        usable = [c for c in candidates if c.cells >= search.min_cells] or [c for c in candidates if c.cells]
-        if not usable:
+        # too few cells everywhere (a small or sparse image): the largest agreeing candidate that found
+        # any, else the one closest to agreeing, else the stored diameter
+        found = [c for c in candidates if c.cells]
+        agreeing = [c for c in found if c.disagreement <= search.tolerance]
+        if agreeing:
+            chosen = max(agreeing, key=lambda c: c.diameter)
+        elif found:
+            chosen = min(found, key=lambda c: c.disagreement)
+        else:
             return float(stored_diameter), candidates
-        chosen = min(usable, key=lambda c: c.disagreement)
     for _ in range(search.refinements):
         if chosen.disagreement <= search.refine_above:
             break
         refined = _try(image, chosen.measured, run_network, masks, diam_mean, side)
         candidates.append(refined)
-        if refined.cells < search.min_cells:
+        if refined.cells < min(search.min_cells, chosen.cells):
             break
         chosen = refined
     return float(chosen.measured), candidates
