@@ -1,26 +1,35 @@
 """Active learning for the label server: score unlabelled images by the model's uncertainty, pick the next.
 
 ``POST /scoring/mmcs_uncertainty`` runs :class:`UncertaintyScoring` (in its own process, started by MONAI
-Label); it stores each unlabelled image's score in the datastore under the image's info key
-``mmcs_uncertainty``. ``POST /activelearning/mmcs_uncertainty`` (:class:`MostUncertain`) answers with the
-unlabelled image whose stored score is highest. The train task calls the scoring again after it publishes a
-new model, so the scores always come from the model being served.
+Label); it stores each unlabelled image's score, and a coarse map of where in the image the model is unsure
+(:mod:`mmcs_monai.label.patches`), in the datastore under the image's info key ``mmcs_uncertainty``.
+
+``POST /activelearning/<strategy>`` answers ``{"id", "bbox": [x, y, w, h], "path", ...}``, what QuPath's "Next
+sample" draws: :class:`MostUncertain` picks the unlabelled image whose stored score is highest, or, when the
+request names an ``image`` (QuPath's "next patch from the current image"), that image; the box is the
+``patch_size`` patch over its most uncertain blocks. With no score yet it scores the named image on the spot,
+or starts scoring in the background and answers with a random image, saying so in ``reason``.
+:class:`RandomSample` picks at random. The train task rescores after it publishes a new model.
 """
 
 from __future__ import annotations
 
 import logging
+import random
+import threading
 import time
+from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
-from fastapi import HTTPException
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 
 from mmcs_monai.inference import CellInferer
-from mmcs_monai.label.datastore import CellDatastore
+from mmcs_monai.label.datastore import CellDatastore, UploadRejected
 from mmcs_monai.label.model import ServedModel
-from mmcs_monai.label.uncertainty import image_uncertainty, rank_by_uncertainty
+from mmcs_monai.label.patches import uncertain_window, uncertainty_grid
+from mmcs_monai.label.uncertainty import rank_by_uncertainty, tta_flows, tta_uncertainty
 from mmcs_monai.transforms import inference_preprocessing
 
 logger = logging.getLogger(__name__)
@@ -31,8 +40,8 @@ SCORE_KEY = "mmcs_uncertainty"
 class UncertaintyScoring(ScoringMethod):
     """Score every unlabelled image by test-time-augmentation disagreement (:mod:`mmcs_monai.label.uncertainty`).
 
-    Writes ``{"mmcs_uncertainty": {"score", "mask_agreement", "prob_std", "cells", "model", "ts"}}`` into each
-    image's info (``error`` instead of ``score`` for an image that cannot be read), ten images per datastore
+    Writes ``{"mmcs_uncertainty": {"score", "mask_agreement", "prob_std", "cells", "grid", "grid_px", "shape",
+    "model", "ts"}}`` into each image's info (``error`` instead of ``score`` for an image that cannot be read), ten images per datastore
     write so progress is visible while it runs.
 
     Args:
@@ -51,8 +60,20 @@ class UncertaintyScoring(ScoringMethod):
         self.preprocess = inference_preprocessing("image")
 
     def score_image(self, path: str) -> dict[str, Any]:
-        image = self.preprocess({"image": path})["image"]
-        return image_uncertainty(image, self.model.network(), self.inferer, self.diameter)
+        """Uncertainty of one image file: score, agreement, probability spread, cells and the block map."""
+        import torch
+
+        image = torch.as_tensor(self.preprocess({"image": path})["image"], dtype=torch.float32)[None]
+        network = self.model.network()
+        device = next(iter(network.parameters()), torch.empty(0)).device
+        flows = tta_flows(image.to(device), network, self.inferer, self.diameter).cpu()
+        return {**tta_uncertainty(flows), **uncertainty_grid(flows)}
+
+    def score_one(self, datastore: CellDatastore, image_id: str) -> dict[str, Any]:
+        """Score one datastore image now and store it (what "next sample" does for an unscored image)."""
+        entry = {**self.score_image(datastore.get_image_uri(image_id)), "model": self.model.modified(), "ts": int(time.time())}
+        datastore.update_image_infos({image_id: {SCORE_KEY: entry}})
+        return entry
 
     def __call__(self, request: dict[str, Any], datastore: CellDatastore) -> dict[str, Any]:
         items = datastore.unlabelled_items()
@@ -76,28 +97,113 @@ class UncertaintyScoring(ScoringMethod):
         return {"scored": len(items) - len(failed), "failed": failed, "model": stamp, "seconds": round(seconds, 1)}
 
 
-class MostUncertain(Strategy):
-    """Next image to label: the unlabelled image with the highest stored uncertainty score.
+def _sizes(request: dict[str, Any]) -> tuple[list[int], list[int] | None]:
+    """``patch_size`` [w, h] (default: the whole image) and ``image_size`` [w, h] (None) of a request."""
 
-    Returns ``{"id", "score", "scored", "unscored"}``; an HTTP 409 when no unlabelled image has a score yet.
+    def pair(key: str, default):
+        value = request.get(key, default)
+        if value is None:
+            return None
+        try:
+            w, h = (int(v) for v in value)
+        except (TypeError, ValueError) as err:
+            raise UploadRejected(400, f"{key} {value!r}: give [width, height] in pixels") from err
+        return [w, h]
+
+    return pair("patch_size", [0, 0]), pair("image_size", None)
+
+
+def _image_size(datastore: CellDatastore, image_id: str) -> list[int]:
+    height, width = datastore.image_shape(image_id)
+    return [int(width), int(height)]
+
+
+def _answer(datastore: CellDatastore, image_id: str, entry: dict | None, patch: list[int], **extra: Any) -> dict[str, Any]:
+    bbox = uncertain_window(entry, patch, _image_size(datastore, image_id))
+    return {"id": image_id, "bbox": bbox, **({"score": entry["score"]} if entry and "score" in entry else {}), **extra}
+
+
+class MostUncertain(Strategy):
+    """Next image (and patch) to label: the most uncertain unlabelled image, or the patch of the named image.
+
+    Request (JSON; every key optional): ``image`` (a datastore id: the patch of that image; "" or absent:
+    the most uncertain unlabelled image), ``patch_size`` [w, h] (default: the whole image), ``image_size``
+    (ignored: the server reads the size). Returns ``{"id", "bbox" [x, y, w, h], "score"?, "scored",
+    "unscored", "reason"?}``.
+
+    Args:
+        scoring: scores an image on the spot when the named one has no score yet.
+        start_scoring: starts scoring every unlabelled image in the background (the app's
+            ``async_scoring``); None: not available.
+        lock: held while scoring on the spot (the app's one-inference-at-a-time lock).
     """
 
-    def __init__(self):
-        super().__init__("Most uncertain unlabelled image (run scoring mmcs_uncertainty first; training refreshes it)")
+    def __init__(
+        self,
+        scoring: UncertaintyScoring | None = None,
+        start_scoring: Callable[[], Any] | None = None,
+        lock: threading.Lock | None = None,
+    ):
+        super().__init__("Most uncertain unlabelled image, and its most uncertain patch (scores itself when nothing is scored)")
+        self.scoring = scoring
+        self.start_scoring = start_scoring
+        self.lock = lock
+
+    def _scores(self, datastore: CellDatastore, ids: list[str]) -> dict[str, dict]:
+        entries = {i: datastore.get_image_info(i).get(SCORE_KEY, {}) for i in ids}
+        return {i: e for i, e in entries.items() if "score" in e}
 
     def __call__(self, request: dict[str, Any], datastore: CellDatastore) -> dict[str, Any] | None:
+        patch, _ = _sizes(request)
+        named = request.get("image") or ""
+        if named:
+            if named not in datastore.list_images():
+                raise UploadRejected(
+                    404, f"image {named!r} is not in the datastore: upload it first, or ask without an image for the next one"
+                )
+            entry = datastore.get_image_info(named).get(SCORE_KEY)
+            if (not entry or "grid" not in entry) and self.scoring is not None:
+                with self.lock or nullcontext():
+                    entry = self.scoring.score_one(datastore, named)
+            return _answer(datastore, named, entry, patch)
+
         unlabelled = datastore.get_unlabeled_images()
         if not unlabelled:
-            return None
-        scores = {}
-        for image_id in unlabelled:
-            entry = datastore.get_image_info(image_id).get(SCORE_KEY, {})
-            if "score" in entry:
-                scores[image_id] = entry
+            raise UploadRejected(404, "every image in the datastore has a label: add images, or train on the labels")
+        scores = self._scores(datastore, unlabelled)
+        counts = {"scored": len(scores), "unscored": len(unlabelled) - len(scores)}
         if not scores:
-            raise HTTPException(
-                409, f"none of the {len(unlabelled)} unlabelled images has an uncertainty score yet: POST /scoring/{SCORE_KEY} first"
+            started = self.start_scoring() if self.start_scoring is not None else None
+            reason = (
+                f"none of the {len(unlabelled)} unlabelled images has an uncertainty score yet: "
+                + ("scoring started in the background; " if started else f"run POST /scoring/{SCORE_KEY}; ")
+                + "this image was picked at random"
             )
+            choice = random.choice(sorted(unlabelled))
+            logger.info("next sample: %s (%s)", choice, reason)
+            return _answer(datastore, choice, None, patch, reason=reason, **counts)
         best = rank_by_uncertainty(scores)[0]
         logger.info("most uncertain of %d scored images: %s (%.3f)", len(scores), best, scores[best]["score"])
-        return {"id": best, "score": scores[best]["score"], "scored": len(scores), "unscored": len(unlabelled) - len(scores)}
+        return _answer(datastore, best, scores[best], patch, **counts)
+
+
+class RandomSample(Strategy):
+    """Next image to label at random among the unlabelled ones, with a random ``patch_size`` box in it."""
+
+    def __init__(self):
+        super().__init__("Random unlabelled image, random patch")
+
+    def __call__(self, request: dict[str, Any], datastore: CellDatastore) -> dict[str, Any] | None:
+        patch, _ = _sizes(request)
+        named = request.get("image") or ""
+        if named and named not in datastore.list_images():
+            raise UploadRejected(404, f"image {named!r} is not in the datastore: upload it first, or ask without an image")
+        unlabelled = datastore.get_unlabeled_images()
+        if not named and not unlabelled:
+            raise UploadRejected(404, "every image in the datastore has a label: add images, or train on the labels")
+        choice = named or random.choice(sorted(unlabelled))
+        width, height = _image_size(datastore, choice)
+        w = min(patch[0], width) if patch[0] > 0 else width
+        h = min(patch[1], height) if patch[1] > 0 else height
+        bbox = [random.randint(0, width - w), random.randint(0, height - h), w, h]
+        return {"id": choice, "bbox": bbox}

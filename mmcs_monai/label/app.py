@@ -18,25 +18,31 @@ Start it (the app folder ``apps/mmcs`` holds only a ``main.py`` importing :class
 - ``max_upload_mb``: largest image/label upload accepted (default 256);
 - ``train_<key>``: default of a training parameter, e.g. ``train_epochs 20`` (see ``TRAIN_PARAMETERS``);
 - ``bundle_root``: bundle whose configs training runs (default: the repository's ``bundle/``);
-- ``auto_update_scoring``: ``true`` rescores at start and after every next-image request (default ``false``).
+- ``auto_update_scoring``: ``true`` rescores at start and after every next-image request (default ``false``);
+- ``child_threads``: torch threads of the training and scoring processes the server starts (default: all
+  cores but one, at least 1); they also run at a lower priority (``nice`` 10), so the server keeps answering.
 
-Tasks: infer ``mmcs``; train ``mmcs``; scoring ``mmcs_uncertainty``; strategies ``mmcs_uncertainty`` and
-``random``.
+Tasks: infer ``mmcs`` (also through the WSI endpoints QuPath uses: ASAP XML or DSA JSON polygons of a
+region); train ``mmcs``; scoring ``mmcs_uncertainty``; strategies ``mmcs_uncertainty`` and ``random``.
+Requests are checked before they run and the work runs off the event loop (:mod:`mmcs_monai.label.routes`);
+one inference runs at a time.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
-from monailabel.tasks.activelearning.random import Random
 
-from mmcs_monai.label.activelearning import SCORE_KEY, MostUncertain, UncertaintyScoring
+from mmcs_monai.label import routes
+from mmcs_monai.label.activelearning import SCORE_KEY, MostUncertain, RandomSample, UncertaintyScoring
 from mmcs_monai.label.datastore import DEFAULT_MAX_UPLOAD_BYTES, CellDatastore, UploadRejected
 from mmcs_monai.label.infer import INFER_PARAMETERS, CellInferTask
 from mmcs_monai.label.model import ServedModel
@@ -78,6 +84,9 @@ class MMCSLabelApp(MONAILabelApp):
         self.infer_defaults = {k: _typed(conf[k], v) for k, v in INFER_PARAMETERS.items() if k in conf}
         self.train_defaults = {k: _typed(conf[f"train_{k}"], v) for k, v in TRAIN_PARAMETERS.items() if f"train_{k}" in conf}
         self.max_upload_bytes = int(float(conf.get("max_upload_mb", DEFAULT_MAX_UPLOAD_BYTES / 2**20)) * 2**20)
+        self.child_threads = int(conf.get("child_threads") or max(1, (os.cpu_count() or 2) - 1))
+        # one inference at a time: requests queue here instead of sharing the cores (server-wide, by design)
+        self.inference_lock = threading.Lock()
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -116,21 +125,78 @@ class MMCSLabelApp(MONAILabelApp):
         return {SCORE_KEY: self._scoring()}
 
     def init_strategies(self) -> dict[str, Any]:
-        return {SCORE_KEY: MostUncertain(), "random": Random()}
+        def start_scoring():
+            return self.async_scoring(SCORE_KEY)
+
+        return {SCORE_KEY: MostUncertain(self._scoring(), start_scoring, self.inference_lock), "random": RandomSample()}
+
+    def on_init_complete(self) -> None:
+        """In the server: rewire MONAI Label's endpoints (:func:`mmcs_monai.label.routes.install`)."""
+        super().on_init_complete()
+        server = sys.modules.get("monailabel.app")
+        if self._server_mode and server is not None:
+            routes.install(server.app, routes.RequestChecks(self))
+
+    # ------------------------------------------------------------------ inference
+    def _image_request(self, request: dict[str, Any]) -> dict[str, Any]:
+        """``request`` with ``image`` a path the server may read: a datastore image, this request's upload or
+        its session's image; anything else is 404, whether or not such a file exists."""
+        image = request.get("image")
+        if not isinstance(image, str) or not image:
+            raise UploadRejected(400, "give an image: a datastore image id, an uploaded file, or a session_id")
+        if image in self.datastore().list_images():
+            return {**request, "image_id": image, "image": self.datastore().get_image_uri(image)}
+        path = Path(image).resolve() if os.path.isabs(image) else None
+        sessions = Path(self.sessions().store_path).resolve() if self.sessions() else None
+        if path is not None and path.is_file():
+            uploaded = routes.UPLOADED.get() and path.is_relative_to(Path(tempfile.gettempdir()).resolve())
+            in_session = "session" in request and sessions is not None and path.is_relative_to(sessions)
+            if uploaded or in_session:
+                return request
+        raise UploadRejected(404, f"image {image!r} is not in the datastore: give a datastore image id or upload the file")
 
     def infer(self, request: dict[str, Any], datastore=None) -> dict[str, Any]:
-        """MONAI Label's infer, limited to datastore images and uploaded files.
+        """MONAI Label's infer, limited to datastore images, files uploaded with the request and sessions."""
+        request = self._image_request(request)
+        with self.inference_lock:
+            return super().infer(request, datastore)
 
-        MONAI Label reads ``image`` as a server path when such a file exists; here only an id in the
-        datastore or a file the request itself uploaded (in the temp folder) is segmented.
+    def infer_wsi(self, request: dict[str, Any], datastore=None) -> dict[str, Any]:
+        """QuPath's "Annotate": the cells of a region as ASAP XML (``output=asap``), DSA JSON or a summary.
+
+        See :meth:`~mmcs_monai.label.infer.CellInferTask.infer_region` for the request and the answer.
         """
-        image = request.get("image")
-        if isinstance(image, str) and os.path.exists(image):
-            inside_temp = Path(image).resolve().is_relative_to(Path(tempfile.gettempdir()).resolve())
-            if not inside_temp:
-                raise UploadRejected(403, f"image {image!r}: give a datastore image id or upload the file")
-        elif isinstance(image, str):
-            request = {**request, "image_id": image}
-            if image not in self.datastore().list_images():
-                raise UploadRejected(404, f"image {image!r} is not in the datastore")
-        return super().infer(request, datastore)
+        task = self._infers.get(request.get("model"))
+        if task is None:
+            raise UploadRejected(404, f"unknown model {request.get('model')!r}; this server has: {', '.join(self._infers)}")
+        request = self._image_request({**task.config(), **request})
+        with self.inference_lock:
+            return task.infer_region(request)
+
+    def on_save_label(self, image_id: str, label_id: str) -> dict[str, Any]:
+        """The reply to a label upload: what was stored (cells, format, and any conversion made)."""
+        info = self.datastore().get_label_info(label_id, "final") or {}
+        return {k: info[k] for k in ("cells", "format", "converted", "polygons", "outside") if k in info}
+
+    # ------------------------------------------------------------------ child processes
+    def _as_child_process(self) -> None:
+        """Training and scoring run in processes the server starts: fewer threads, lower priority."""
+        if self._server_mode or getattr(self, "_child_limited", False):
+            return
+        self._child_limited = True
+        import torch
+
+        torch.set_num_threads(self.child_threads)
+        try:
+            os.nice(10)
+        except OSError:  # not permitted: run at the same priority
+            pass
+        logger.info("child process: %d torch threads, nice 10", self.child_threads)
+
+    def train(self, request: dict[str, Any]) -> dict[str, Any]:
+        self._as_child_process()
+        return super().train(request)
+
+    def scoring(self, request: dict[str, Any], datastore=None) -> dict[str, Any]:
+        self._as_child_process()
+        return super().scoring(request, datastore)

@@ -7,7 +7,8 @@ What it adds to :class:`monailabel.datastore.local.LocalDatastore`:
   size; an image must decode as a 2D microscopy image; anything over ``max_upload_bytes`` is refused.
   Refusals are :class:`UploadRejected`, an HTTP error whose text names the image and the problem, so the
   client sees 400 / 404 / 409 / 413 instead of a server error.
-- **Labels are stored as TIFF** (uint16/uint32 ids) whatever format was uploaded.
+- **Labels are stored as TIFF** (uint16/uint32 ids) whatever format was uploaded: an instance image, a
+  binary mask (split into cells by connected components) or QuPath's ASAP XML polygons (rasterised).
 - **Nothing is half written.** Images, labels and ``datastore_v2.json`` are written to a temporary file
   and renamed.
 - **Several processes share it.** Training and scoring run in their own processes (MONAI Label starts
@@ -32,8 +33,10 @@ import numpy as np
 from fastapi import HTTPException
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
+from scipy import ndimage
 
 from mmcs_monai.io import InputError, atomic_path, read_image, read_labels, write_labels
+from mmcs_monai.label.asap import AsapError, asap_to_labels
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +140,38 @@ class CellDatastore(LocalDatastore):
         """(H, W) of a datastore image."""
         return tuple(read_image(self.get_image_uri(image_id)).shape[-2:])
 
+    def read_label_upload(self, label_filename: str, image_id: str) -> tuple[np.ndarray, dict[str, Any]]:
+        """An uploaded label file as ``[H, W]`` int32 instance ids at its image's size, and how it was read.
+
+        - ``.xml``: ASAP XML polygons (QuPath's "Submit label"), each rasterised as one cell
+          (:func:`~mmcs_monai.label.asap.asap_to_labels`); ``{"format": "asap", "polygons", "cells", "outside"}``.
+        - an image with one non-zero value (a binary 0/1 or 0/255 mask, Slicer's habit): split into cells by
+          connected components (4-connected); ``{"format": "binary", "converted": "..."}``.
+        - any other image: instance ids as they are; ``{"format": "instances"}``.
+
+        Raises:
+            UploadRejected: 400 with the problem (undecodable, wrong size, bad XML, no polygon).
+        """
+        shape = self.image_shape(image_id)
+        if label_filename.lower().endswith(".xml"):
+            try:
+                return asap_to_labels(Path(label_filename).read_bytes(), shape)
+            except AsapError as err:
+                raise UploadRejected(400, f"ASAP XML label for image {image_id!r} refused: {err}") from err
+        try:
+            labels = read_labels(label_filename, shape)
+        except InputError as err:
+            raise UploadRejected(400, f"label for image {image_id!r} refused: {err.problem}") from err
+        values = np.unique(labels)
+        values = values[values > 0]
+        if len(values) == 1:
+            split, count = ndimage.label(labels > 0)
+            if count > 1:
+                note = f"binary mask (value {int(values[0])}) split into {count} cells by connected components"
+                logger.info("label for %s: %s", image_id, note)
+                return split.astype(np.int32), {"format": "binary", "converted": note}
+        return labels, {"format": "instances"}
+
     # ------------------------------------------------------------------ writes
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         """Check ``label_filename`` against its image, then store it as ``labels/<tag>/<image_id>.tif``.
@@ -148,10 +183,7 @@ class CellDatastore(LocalDatastore):
         image_id = self._known_image(image_id)
         tag = plain_name(label_tag, "label tag")
         self._check_size(label_filename, f"label for image {image_id!r}")
-        try:
-            labels = read_labels(label_filename, self.image_shape(image_id))
-        except InputError as err:
-            raise UploadRejected(400, f"label for image {image_id!r} refused: {err.problem}") from err
+        labels, conversion = self.read_label_upload(label_filename, image_id)
 
         label_dir = Path(self._datastore.label_path(tag))
         name = image_id + LABEL_SUFFIX
@@ -162,7 +194,7 @@ class CellDatastore(LocalDatastore):
             if previous is not None and previous.ext != LABEL_SUFFIX:  # e.g. a PNG label added by hand
                 (label_dir / (image_id + previous.ext)).unlink(missing_ok=True)
             cells = int(np.count_nonzero(np.unique(labels)))
-            info = {**(label_info or {}), "ts": int(time.time()), "name": name, "cells": cells}
+            info = {**(label_info or {}), "ts": int(time.time()), "name": name, "cells": cells, **conversion}
             obj.labels[tag] = DataModel(info=info, ext=LABEL_SUFFIX)
         logger.info("label saved: %s (%s, %d cells)", image_id, tag, info["cells"])
         return image_id

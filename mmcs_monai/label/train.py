@@ -49,12 +49,74 @@ TRAIN_PARAMETERS: dict[str, Any] = {
     "pseudo_interval": 10,  # epochs between pseudo-label refreshes from the teacher
     "val_fraction": 0.2,
     "min_val_images": 5,
-    "time_budget_minutes": None,
+    "time_budget_minutes": 0,  # stop after this many minutes (0: no limit)
     "precision": "auto",
     "seed": 0,
     "score_after": True,  # refresh the uncertainty scores with the new model
     "publish": "if_better",  # or "always": replace the served model even if it scores lower on validation
 }
+
+
+# what other MONAI Label clients call these (QuPath's training dialog sends max_epochs and the batch sizes)
+TRAIN_ALIASES = {"max_epochs": "epochs", "train_batch_size": "batch_size"}
+# keys clients send that this task has no use for (validation runs one whole image at a time)
+TRAIN_IGNORED = {"val_batch_size", "model", "client_id", "bundle_path", "name"}
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def _number(key: str, value: Any, kind: type, low: float | None = None, high: float | None = None) -> int | float:
+    if isinstance(value, bool) or value is None:
+        raise ValueError(f"{key} {value!r}: expected a number")
+    try:
+        number = kind(value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{key} {value!r}: expected {'an integer' if kind is int else 'a number'}") from err
+    if kind is int and float(value) != number:
+        raise ValueError(f"{key} {value!r}: expected an integer")
+    if (low is not None and number < low) or (high is not None and number > high):
+        bounds = f"{low if low is not None else '-inf'} .. {high if high is not None else 'inf'}"
+        raise ValueError(f"{key} {value!r}: must be in {bounds}")
+    return number
+
+
+def check_train_parameters(values: dict[str, Any]) -> dict[str, Any]:
+    """Training parameters (``TRAIN_PARAMETERS`` keys, or their aliases) checked and typed.
+
+    Returns:
+        the values under their own names, typed (ints, floats, bools, choices); aliases renamed, ignored
+        keys dropped.
+
+    Raises:
+        ValueError: an unknown key or a bad value, naming it.
+    """
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        key = TRAIN_ALIASES.get(key, key)
+        if key in TRAIN_IGNORED:
+            continue
+        if key not in TRAIN_PARAMETERS:
+            known = sorted(TRAIN_PARAMETERS) + sorted(TRAIN_ALIASES)
+            raise ValueError(f"unknown training parameter {key!r}; known: {', '.join(known)}")
+        if key in ("epochs", "batch_size", "unlabelled_batch_size", "patch_size", "pseudo_interval", "min_val_images"):
+            value = _number(key, value, int, low=1)
+        elif key in ("warmup_epochs", "seed"):
+            value = _number(key, value, int, low=0)
+        elif key == "learning_rate":
+            value = _number(key, value, float, low=1e-8)
+        elif key == "val_fraction":
+            value = _number(key, value, float, low=0.0, high=0.9)
+        elif key == "time_budget_minutes":
+            value = _number(key, value if value is not None else 0, float, low=0.0)
+        elif key in ("semi", "score_after"):
+            if str(value).lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(f"{key} {value!r}: expected true or false")
+            value = as_bool(value)
+        elif key == "publish" and value not in ("if_better", "always"):
+            raise ValueError(f"publish {value!r}: use 'if_better' or 'always'")
+        elif key == "precision" and value not in PRECISIONS:
+            raise ValueError(f"precision {value!r}: use one of {', '.join(PRECISIONS)}")
+        out[key] = value
+    return out
 
 
 def best_metric(checkpoint: Path) -> float | None:
@@ -100,13 +162,21 @@ class CellTrainTask(TrainTask):
         path = self.model_dir / "last_train.json"
         return json.loads(path.read_text()) if path.is_file() else {}
 
+    def validate(self, params: dict[str, Any]) -> dict[str, Any]:
+        """A client's parameters checked (:func:`check_train_parameters`), before anything runs; raises ValueError."""
+        if not isinstance(params, dict):
+            raise ValueError(f"training parameters must be a JSON object, got {type(params).__name__}")
+        return check_train_parameters({k: v for k, v in params.items() if not isinstance(v, dict)})
+
     def settings(self, request: dict[str, Any]) -> dict[str, Any]:
         """Run parameters: the request's (top level, or under the model's name), else the server's."""
         nested = request.get("mmcs") if isinstance(request.get("mmcs"), dict) else {}
-        values = {k: nested.get(k, request.get(k, v)) for k, v in self.defaults.items()}
-        if values["publish"] not in ("if_better", "always"):
-            raise MONAILabelException(MONAILabelError.INVALID_INPUT, f"publish {values['publish']!r}: use 'if_better' or 'always'")
-        return values
+        known = {k: v for k, v in request.items() if TRAIN_ALIASES.get(k, k) in TRAIN_PARAMETERS}
+        try:
+            given = {**self.validate(known), **self.validate(nested)}
+        except ValueError as err:
+            raise MONAILabelException(MONAILabelError.INVALID_INPUT, str(err)) from err
+        return {**self.defaults, **given}
 
     def served_f1(self, items: list[dict], precision: str) -> float:
         """Mean F1 at IoU 0.5 (CellSeg border) of the served model on ``items``, at its stored diameter."""
@@ -152,7 +222,7 @@ class CellTrainTask(TrainTask):
             "patch_size": int(values["patch_size"]),
             "learning_rate": float(values["learning_rate"]),
             "warmup_epochs": min(int(values["warmup_epochs"]), max(epochs - 1, 0)),
-            "time_budget_minutes": values["time_budget_minutes"],
+            "time_budget_minutes": values["time_budget_minutes"] or None,
             "precision": values["precision"],
             "seed": int(values["seed"]),
             "device": str(self.model.device),

@@ -189,9 +189,14 @@ def test_infer_on_an_uploaded_rgb_png_and_refusals(server, tmp_path):
         assert response.status_code == status, response.text
     assert "nucleus_channel=5 but the image has 3 channel(s)" in response.json()["detail"]
 
-    for image, status in [("/etc/passwd", 403), ("no_such_image", 404)]:
+    # a server path is answered exactly as a missing image: nothing tells which files exist there
+    (tmp_path / "on_the_server.png").write_bytes(png.read_bytes())
+    answers = set()
+    for image in ["/etc/passwd", str(tmp_path / "on_the_server.png"), "/no/such/file.png", "no_such_image"]:
         response = server.post("/infer/mmcs", params={"image": image, "output": "json"})
-        assert response.status_code == status, response.text
+        assert response.status_code == 404, response.text
+        answers.add(response.json()["detail"].replace(repr(image), "IMAGE"))
+    assert len(answers) == 1, answers
     (tmp_path / "broken.tif").write_bytes(b"not an image")
     with open(tmp_path / "broken.tif", "rb") as f:
         response = server.post("/infer/mmcs", params={"output": "json"}, files={"file": ("broken.tif", f)})
@@ -256,10 +261,12 @@ def test_bad_uploads_are_refused_and_change_nothing(server, tmp_path):
 
 
 def test_scoring_then_most_uncertain_image(server, tiny_model):
-    response = server.post("/activelearning/mmcs_uncertainty")
-    assert response.status_code == 409 and "scoring" in response.json()["detail"]
-
-    assert server.post("/scoring/mmcs_uncertainty").status_code == 200
+    # nothing scored yet: a random unlabelled image, the reason, and scoring starts by itself
+    response = server.post("/activelearning/mmcs_uncertainty", json={"patch_size": [128, 128]})
+    assert response.status_code == 200, response.text
+    first = response.json()
+    assert first["id"] != LABELLED and "scoring started in the background" in first["reason"]
+    assert first["bbox"][2:] == [128, 128] and first["unscored"] == len(IMAGES) - 1
     assert server.wait_done("scoring")["status"] == "DONE"
     infos = server.infos()
     unlabelled = [i for i in infos if i != LABELLED]
