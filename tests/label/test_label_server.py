@@ -12,21 +12,15 @@ strategy, then training, whose new model must answer the next infer.
 import hashlib
 import io
 import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
 import tifffile
 import torch
 
-from helpers import environment_python, subprocess_env
+from label_server import Server, label_server
 from mmcs_monai.flows import flows_to_masks
 from mmcs_monai.inference import CellInferer
 from mmcs_monai.io import read_labels, write_labels
@@ -43,84 +37,11 @@ LABELLED, SECOND = IMAGES[0].stem, IMAGES[1].stem
 MAX_UPLOAD_MB = 1
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, url: str, studies: Path, app: Path, process: subprocess.Popen, log: Path):
-        self.url, self.studies, self.app, self.process, self.log = url, studies, app, process, log
-
-    def get(self, path, **kwargs):
-        return requests.get(self.url + path, timeout=120, **kwargs)
-
-    def post(self, path, **kwargs):
-        return requests.post(self.url + path, timeout=300, **kwargs)
-
-    def put(self, path, **kwargs):
-        return requests.put(self.url + path, timeout=120, **kwargs)
-
-    def wait_done(self, task: str, limit: float = 600.0) -> dict:
-        """Poll GET /<task>/ until the last task is no longer running; returns it."""
-        deadline = time.time() + limit
-        while time.time() < deadline:
-            status = self.get(f"/{task}/").json()
-            if status["status"] not in ("SUBMITTED", "RUNNING"):
-                return status
-            time.sleep(1)
-        raise AssertionError(f"{task} still running after {limit} s")
-
-    def infos(self) -> dict:
-        objects = self.get("/datastore/", params={"output": "all"}).json()["objects"]
-        return {k: v["image"]["info"] for k, v in objects.items()}
-
-    def served_model(self) -> Path:
-        return self.app / "model" / "mmcs.pt"
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_model):
-    python = environment_python("label")
-    root = tmp_path_factory.mktemp("label")
-    app, studies = root / "app", root / "studies"
-    app.mkdir()
-    shutil.copy(REPO / "apps" / "mmcs" / "main.py", app / "main.py")
-    studies.mkdir()
-    for image in IMAGES:
-        shutil.copy(image, studies)
-    port = free_port()
-    log = root / "server.log"
-    command = [
-        str(python.parent / "monailabel"), "start_server", "--app", str(app), "--studies", str(studies),
-        "--host", "127.0.0.1", "--port", str(port),
-        "--conf", "models", "mmcs", "--conf", "model", str(tiny_model), "--conf", "precision", "fp32",
-        "--conf", "max_upload_mb", str(MAX_UPLOAD_MB), "--conf", "device", "cpu",
-    ]  # fmt: skip
-    env = subprocess_env(PATH=f"{python.parent}{os.pathsep}{os.environ['PATH']}")
-    env.pop("PYTHONPATH", None)
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while True:
-        try:
-            if requests.get(url + "/info/", timeout=5).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        if process.poll() is not None or time.time() > deadline:
-            process.kill()
-            pytest.fail(f"label server did not start:\n{log.read_text()[-4000:]}")
-        time.sleep(1)
-    yield Server(url, studies, app, process, log)
-    os.killpg(process.pid, signal.SIGTERM)  # the server and any training/scoring process it started
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-    assert process.poll() is not None
+    conf = {"max_upload_mb": str(MAX_UPLOAD_MB)}
+    with label_server(tmp_path_factory.mktemp("label"), IMAGES, tiny_model, conf) as running:
+        yield running
 
 
 def local_masks(model_path: Path, image_path: Path) -> np.ndarray:
