@@ -14,6 +14,12 @@ Examples::
     mmcs infer-slide slide.tif outputs/ --model bundle/models/model.pt
     mmcs diameter-sweep ../shared/data/dev/manifest.csv --diameters 10,20,30,stored,auto
     mmcs export --model bundle/models/model.pt --output bundle/models/model.ts
+
+Long commands show progress (a bar on a terminal, counted log lines with an ETA otherwise) and end with a
+summary line (images, cells, diameters, time and s/MPix, outputs, the model and its SHA-256 prefix). A
+mistake (a wrong path, an unreadable model, a bad option value, an unknown option or subset name) exits with
+status 2 and one ``mmcs: error:`` line; ``--verbose`` (or ``MMCS_DEBUG=1``) shows the traceback and every
+library message.
 """
 
 from __future__ import annotations
@@ -21,11 +27,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mmcs_monai.workflows import resolve_bundle_root, run_workflow, shipped_model
+from mmcs_monai.workflows import debug_requested, resolve_bundle_root, run_workflow, shipped_model
 
 
 def _bundle_root(bundle_root: str | os.PathLike | None) -> Path:
     return resolve_bundle_root(bundle_root)
+
+
+def _model_path(model: str | None, bundle_root: str | None) -> Path:
+    """The model file a command uses: ``model``, default ``<bundle_root>/models/model.pt``."""
+    return Path(model) if model else shipped_model(bundle_root)
 
 
 def _load_network(model: str | None, bundle_root: str | None, device: str | None = None):
@@ -35,9 +46,8 @@ def _load_network(model: str | None, bundle_root: str | None, device: str | None
 
     from mmcs_monai.networks import load_model
 
-    path = Path(model) if model else shipped_model(bundle_root)
     device = torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
-    return load_model(path, map_location=device)
+    return load_model(_model_path(model, bundle_root), map_location=device)
 
 
 def train(recipe: str | list[str] | None = None, bundle_root: str | None = None, **overrides) -> None:
@@ -51,7 +61,7 @@ def train(recipe: str | list[str] | None = None, bundle_root: str | None = None,
             ``<bundle_root>/models/model.pt`` is never overwritten).
     """
     # under torchrun (torchrun --nproc_per_node=N -m mmcs_monai.cli train ...) multi_gpu_train.json is added
-    run_workflow("training", bundle_root, recipe, overrides)
+    run_workflow("training", bundle_root, recipe, overrides, strict=True)
 
 
 def infer(
@@ -78,19 +88,32 @@ def infer(
         overrides["diameter"] = diameter
     if model:
         overrides["model_path"] = str(model)
-    run_workflow("inference", bundle_root, None, overrides)
+    run_workflow("inference", bundle_root, None, overrides, strict=True)
 
 
-def evaluate(model: str | None = None, bundle_root: str | None = None, recipe=None, **overrides) -> None:
+def evaluate(
+    model: str | None = None,
+    diameter: float | str | None = None,
+    precision: str | None = None,
+    bundle_root: str | None = None,
+    recipe=None,
+    **overrides,
+) -> None:
     """F1 at IoU 0.5 on the validation split; writes ``f1_per_image.csv`` and ``f1_summary.json``.
 
     Args:
         model: model file; default ``<bundle_root>/models/model.pt``.
+        diameter: inference diameter, as for ``mmcs infer`` (the config's ``inference_diameter``; default ``auto``).
+        precision: inference precision (``inference_precision``: auto, fp32, bf16, fp16).
         overrides: e.g. ``--data_source manifest.csv --val_split val --output_dir eval/``.
     """
     if model:
         overrides["model_path"] = str(model)
-    run_workflow("evaluating", bundle_root, recipe, overrides)
+    if diameter is not None:
+        overrides["inference_diameter"] = diameter
+    if precision is not None:
+        overrides["inference_precision"] = precision
+    run_workflow("evaluating", bundle_root, recipe, overrides, strict=True)
 
 
 def diameter(*paths: str) -> dict[str, float]:
@@ -137,10 +160,8 @@ def infer_slide(
         flow_threshold, cellprob_threshold, min_size: mask thresholds (default: the library's, as in Cellpose 3).
 
     Returns:
-        a one-line summary (cells, blocks, seconds, outputs).
+        a one-line summary (cells, blocks, diameter, time and s/MPix, outputs, model and its SHA-256 prefix).
     """
-    import logging
-
     from mmcs_monai import distributed
     from mmcs_monai.flows import MaskSettings
     from mmcs_monai.inference import CellInferer
@@ -165,16 +186,23 @@ def infer_slide(
         nucleus_channel=nucleus_channel,
         mask_settings=MaskSettings.from_options(flow_threshold=flow_threshold, cellprob_threshold=cellprob_threshold, min_size=min_size),
     )
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # block progress
     result = segmenter(image, labels_path, table_path)
     main_process = distributed.is_main_process()
     distributed.destroy_process_group()
     if not main_process:
         return None  # rank 0 reports
-    return (
-        f"{image}: {result.cells} cells in {result.blocks} blocks, {result.seconds:.1f} s "
-        f"(diameter {result.diameter:.1f} px) -> {labels_path}" + (f", {table_path}" if table_path else "")
-    )
+    return _slide_summary(image, result, _model_path(model, bundle_root))
+
+
+def _slide_summary(image: str, result, model_path: Path) -> str:
+    """``mmcs infer-slide``'s summary line from its :class:`~mmcs_monai.wholeslide.SlideResult`."""
+    from mmcs_monai.reporting import diameter_note, model_note, timing_note
+
+    outputs = ", ".join(str(p) for p in (result.labels_path, result.table_path) if p)
+    megapixels = result.shape[0] * result.shape[1] / 1e6
+    parts = [f"{image}: {result.cells} cells in {result.blocks} blocks", diameter_note([result.diameter])]
+    parts += [timing_note(result.seconds, megapixels), f"outputs {outputs}", model_note(model_path)]
+    return "; ".join(parts)
 
 
 def diameter_sweep(
@@ -204,19 +232,29 @@ def diameter_sweep(
     Returns:
         the table (Markdown; the command line prints it).
     """
+    import logging
+    import time
+
     from mmcs_monai.data import load_datalist
     from mmcs_monai.evaluation import diameter_sweep as sweep
-    from mmcs_monai.evaluation import format_sweep_table, parse_diameters, write_sweep_csv
+    from mmcs_monai.evaluation import format_sweep_table, parse_diameters, sweep_summary, write_sweep_csv
     from mmcs_monai.inference import CellInferer
+    from mmcs_monai.io import InputError
+    from mmcs_monai.reporting import model_note
 
+    start = time.perf_counter()
     items = [i for i in load_datalist(data_source, split=split, exclude_partial=True, limit=limit) if i.get("label")]
     if not items:
-        raise SystemExit(f"{data_source}: no labelled images in split {split!r}")
+        raise InputError(data_source, f"no labelled images in split {split!r}")
+    specs = parse_diameters(diameters)
     network = _load_network(model, bundle_root)
     inferer = CellInferer(precision=precision, **({"roi_size": int(roi_size)} if roi_size else {}))
-    rows = sweep(network, items, parse_diameters(diameters), inferer=inferer, border=border)
+    rows = sweep(network, items, specs, inferer=inferer, border=border)
     if output:
         write_sweep_csv(output, rows)
+    where = f"outputs {output} and the table on stdout" if output else "the table on stdout"
+    summary = [sweep_summary(rows, time.perf_counter() - start), where, model_note(_model_path(model, bundle_root))]
+    logging.getLogger(__name__).info("; ".join(summary))
     return format_sweep_table(rows)
 
 
@@ -237,13 +275,16 @@ def export(model: str | None = None, output: str | None = None, bundle_root: str
         a one-line summary (path, diameters, largest output difference).
     """
     import json
+    import time
 
     import numpy as np
     import torch
 
     from mmcs_monai.networks import export_torchscript, load_torchscript
     from mmcs_monai.networks.model_files import max_output_difference
+    from mmcs_monai.reporting import Progress, model_note
 
+    start = time.perf_counter()
     root = _bundle_root(bundle_root)
     network = _load_network(model, bundle_root, device="cpu")  # exported on CPU: loads anywhere
     path = Path(output) if output else root / "models" / "model.ts"
@@ -258,12 +299,16 @@ def export(model: str | None = None, output: str | None = None, bundle_root: str
 
         load = inference_preprocessing()
         items = load_datalist(root / "sample_data" / "datalist.json", split="validation")[:3]
-        images = [torch.as_tensor(np.asarray(load(item)["image"]))[None] for item in items]
-        difference = max_output_difference(network, exported, images)
-        summary += f"; max |eager - TorchScript| on {len(images)} sample images: {difference:.2e}"
+        difference = 0.0
+        with Progress(len(items), "checking the export", "image") as progress:
+            for item in items:
+                image = torch.as_tensor(np.asarray(load(item)["image"]))[None]
+                difference = max(difference, max_output_difference(network, exported, [image]))
+                progress.step(f"{item.get('id', item['image'])}: max |eager - TorchScript| {difference:.2e}")
+        summary += f"; max |eager - TorchScript| on {len(items)} sample images: {difference:.2e}"
         if difference >= 1e-4:
             raise SystemExit(summary + " (>= 1e-4: the export does not match)")
-    return summary
+    return f"{summary}; {time.perf_counter() - start:.1f} s; from {model_note(_model_path(model, bundle_root))}"
 
 
 def user_error(error: BaseException) -> str | None:
@@ -283,8 +328,18 @@ def user_error(error: BaseException) -> str | None:
     for kind in (InputError, FileNotFoundError, ValueError, KeyError):
         for link in chain:
             if isinstance(link, kind):
-                return str(link.args[0]) if isinstance(link, KeyError) and link.args else str(link)
+                message = str(link.args[0]) if isinstance(link, KeyError) and link.args else str(link)
+                return (message.strip().splitlines() or [type(link).__name__])[0]
     return None
+
+
+def _log_to_stderr() -> None:
+    """Where the commands that run no bundle workflow log (progress, summaries): stderr, so their stdout
+    (a table, a summary) can be redirected alone. A workflow's own ``logging.conf`` replaces this."""
+    import logging
+    import sys
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -295,8 +350,11 @@ def main(argv: list[str] | None = None) -> None:
     import fire
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    verbose = "--verbose" in argv or os.environ.get("MMCS_DEBUG") == "1"
+    if "--verbose" in argv:
+        os.environ["MMCS_DEBUG"] = "1"  # the workflows read it too: MONAI's warnings and ignite's lines come back
+    verbose = debug_requested()
     argv = [a for a in argv if a != "--verbose"]
+    _log_to_stderr()
     commands = {
         "train": train,
         "infer": infer,

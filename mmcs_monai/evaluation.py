@@ -18,6 +18,7 @@ from mmcs_monai.flows import MaskSettings
 from mmcs_monai.inference import CellInferer
 from mmcs_monai.io import atomic_path
 from mmcs_monai.metrics import f1_score
+from mmcs_monai.reporting import Progress, diameter_note, timing_note
 from mmcs_monai.segmentation import CellSegmenter
 from mmcs_monai.transforms import inference_preprocessing
 
@@ -76,31 +77,55 @@ def diameter_sweep(
 
     Returns:
         one row per (diameter, image): ``diameter`` (as asked), ``id``, ``subset``, ``f1``, ``cells``
-        (predicted) and ``diameter_px`` (the diameter the image was segmented at).
+        (predicted), ``diameter_px`` (the diameter the image was segmented at) and ``megapixels`` (the
+        image's size). Progress (:class:`~mmcs_monai.reporting.Progress`) counts the images.
     """
     segmenter = CellSegmenter(network, inferer, mask_settings)
     load = inference_preprocessing(keys=["image", "label"])
     rows = []
-    for item in items:
-        data = load(dict(item))
-        image = torch.as_tensor(np.asarray(data["image"]))
-        gt = np.asarray(data["label"])[0]
-        for spec in diameters:
-            result = segmenter(image, diameter=_inference_diameter(spec, item, network))
-            masks = result.masks
-            score = f1_score(gt, masks, border=border)
-            rows.append(
-                {
-                    "diameter": spec,
-                    "id": item.get("id", ""),
-                    "subset": str(item.get("subset") or "default"),
-                    "f1": score["f1"],
-                    "cells": result.cells,
-                    "diameter_px": round(result.diameter, 2),
-                }
-            )
-        logger.info("%s done", item.get("id", item["image"]))
+    with Progress(len(items), "sweeping diameters", "image", logger) as progress:
+        for item in items:
+            data = load(dict(item))
+            image = torch.as_tensor(np.asarray(data["image"]))
+            gt = np.asarray(data["label"])[0]
+            mine = []
+            for spec in diameters:
+                result = segmenter(image, diameter=_inference_diameter(spec, item, network))
+                score = f1_score(gt, result.masks, border=border)
+                mine.append(
+                    {
+                        "diameter": spec,
+                        "id": item.get("id", ""),
+                        "subset": str(item.get("subset") or "default"),
+                        "f1": score["f1"],
+                        "cells": result.cells,
+                        "diameter_px": round(result.diameter, 2),
+                        "megapixels": gt.shape[-1] * gt.shape[-2] / 1e6,
+                    }
+                )
+            rows += mine
+            progress.step(f"{item.get('id', item['image'])}: F1 " + ", ".join(f"{_label(r['diameter'])} {r['f1']:.3f}" for r in mine))
     return rows
+
+
+def _label(spec: str | float) -> str:
+    """A diameter as asked, as the table writes it (``25``, ``auto``)."""
+    return f"{spec:g}" if isinstance(spec, float) else str(spec)
+
+
+def sweep_summary(rows: Sequence[Mapping[str, Any]], seconds: float) -> str:
+    """The sweep's one-line summary: images and diameters scored, the best diameter overall, the
+    diameters used, time and s/MPix (over every segmentation run)."""
+    _, table = summarise_sweep(rows)
+    best = max(table, key=lambda line: line["overall"])
+    used = diameter_note(r["diameter_px"] for r in rows)
+    parts = [
+        f"{len({r['id'] for r in rows})} image(s) x {len(table)} diameter(s) scored",
+        f"best overall F1 {best['overall']:.3f} at diameter {_label(best['diameter'])}",
+        f"segmented at {used}" if used else "",
+        timing_note(seconds, sum(r.get("megapixels", 0.0) for r in rows)),
+    ]
+    return "; ".join(p for p in parts if p)
 
 
 def summarise_sweep(rows: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
@@ -123,14 +148,13 @@ def format_sweep_table(rows: Sequence[Mapping[str, Any]]) -> str:
     header = ["diameter", "overall", *subsets]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for line in table:
-        label = f"{line['diameter']:g}" if isinstance(line["diameter"], float) else str(line["diameter"])
-        lines.append("| " + " | ".join([label] + [f"{line[k]:.3f}" for k in header[1:]]) + " |")
+        lines.append("| " + " | ".join([_label(line["diameter"])] + [f"{line[k]:.3f}" for k in header[1:]]) + " |")
     return "\n".join(lines)
 
 
 def write_sweep_csv(path, rows: Sequence[Mapping[str, Any]]) -> None:
     """Per-image rows (diameter, id, subset, f1, cells, diameter_px) as CSV, written atomically."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["diameter", "id", "subset", "f1", "cells", "diameter_px"])
+        writer = csv.DictWriter(f, fieldnames=["diameter", "id", "subset", "f1", "cells", "diameter_px"], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)

@@ -39,6 +39,7 @@ from mmcs_monai.distributed import barrier, broadcast_object, get_rank, is_distr
 from mmcs_monai.flows import MaskSettings
 from mmcs_monai.inference import ESTIMATED_DIAMETERS, CellInferer, model_diameters, resolve_diameter
 from mmcs_monai.io import ImageRegions, atomic_path, open_regions
+from mmcs_monai.reporting import Progress
 from mmcs_monai.segmentation import CellSegmenter
 from mmcs_monai.transforms.array import StackNucleusChannel, percentile_bounds, scale_to_bounds
 
@@ -241,10 +242,11 @@ class SlideSegmenter:
         try:
             canvas = LabelCanvas(Path(scratch), shape)
             next_id, copies = 1, 0
-            for block, owned in zip(blocks, owned_blocks):
-                next_id, dropped = paste_block(canvas, block, owned, next_id)
-                copies += dropped
-                logger.info("block %d/%d done, %d cells so far", block.index + 1, len(blocks), next_id - 1)
+            with Progress(len(blocks), "segmenting blocks", "block", logger) as progress:
+                for block, owned in zip(blocks, owned_blocks):
+                    next_id, dropped = paste_block(canvas, block, owned, next_id)
+                    copies += dropped
+                    progress.step(f"block {block.index + 1}: {next_id - 1} cells so far")
             lut, table = finalize_labels(canvas)
             write_label_tiff(labels_path, canvas, lut)
             if table_path is not None:
@@ -262,12 +264,14 @@ class SlideSegmenter:
         """
         folder = Path(broadcast_object(str(labels_path.parent / f".{labels_path.name}.blocks.{os.getpid()}")))
         folder.mkdir(parents=True, exist_ok=True)
-        for block in shard(blocks):
-            owned = self.segment_block(regions, block, bounds, diameter)
-            dtype = np.uint16 if owned.max(initial=0) <= np.iinfo(np.uint16).max else np.int32
-            with atomic_path(folder / f"block_{block.index}.npy") as tmp, open(tmp, "wb") as f:
-                np.save(f, owned.astype(dtype))
-            logger.info("rank %d: block %d/%d segmented", get_rank(), block.index + 1, len(blocks))
+        mine = shard(blocks)
+        with Progress(len(mine), f"rank {get_rank()}: segmenting blocks", "block", logger) as progress:
+            for block in mine:
+                owned = self.segment_block(regions, block, bounds, diameter)
+                dtype = np.uint16 if owned.max(initial=0) <= np.iinfo(np.uint16).max else np.int32
+                with atomic_path(folder / f"block_{block.index}.npy") as tmp, open(tmp, "wb") as f:
+                    np.save(f, owned.astype(dtype))
+                progress.step(f"rank {get_rank()}: block {block.index + 1} of {len(blocks)} segmented")
         barrier()
         return folder
 

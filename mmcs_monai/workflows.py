@@ -4,13 +4,22 @@
 source checkout and in a wheel install alike (the wheel carries it as the ``mmcs_monai.bundle`` package
 data); :func:`run_workflow` runs one of its workflows through ``monai.bundle.run``, so this and
 ``python -m monai.bundle run ...`` are the same code path.
+
+Runs are quiet by default (:func:`quiet_run`): MONAI's warning that a config's ``_target_`` and ``$`` values
+are executed is not shown for the configs this package ships (it still is for a recipe or another bundle),
+and ignite's lines for a fresh start ("Engine run resuming from iteration 0") and an evaluator's epoch
+and end are dropped; ``MMCS_DEBUG=1`` (``mmcs --verbose``) shows everything.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
+import logging
 import os
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from mmcs_monai.io import InputError
@@ -23,6 +32,16 @@ WORKFLOW_CONFIGS: dict[str, list[str]] = {
 }
 DISTRIBUTED_CONFIGS = {"training": "multi_gpu_train.json", "inference": "multi_gpu_inference.json"}
 SOURCE_ROOT = Path(__file__).resolve().parents[1]  # the checkout (or site-packages in a wheel install)
+
+# what a quiet run leaves out: MONAI's trust warning (a message prefix) and ignite's lines, per engine logger
+TRUST_WARNING = "parsing config_file "
+ENGINE_NOISE: dict[str, tuple[str, ...]] = {
+    # an evaluator's every run starts "resuming" and ends its one epoch (inference, evaluation, each validation)
+    "ignite.engine.engine.SupervisedEvaluator": ("Engine run resuming from iteration 0,", "Epoch[", "Engine run finished"),
+    "ignite.engine.engine.SupervisedTrainer": ("Engine run resuming from iteration 0, epoch 0 ",),
+}
+# keywords of monai.bundle.run besides config overrides
+RUN_KEYWORDS = {"tracking", "args_file", "init_id", "final_id"}
 
 
 def default_bundle_root() -> Path:
@@ -86,12 +105,74 @@ def workflow_config_files(
     return files
 
 
+def debug_requested() -> bool:
+    """Whether ``MMCS_DEBUG=1`` asks for everything: tracebacks, MONAI's warnings, ignite's lines."""
+    return os.environ.get("MMCS_DEBUG") == "1"
+
+
+def shipped_configs(config_files: Sequence[str]) -> bool:
+    """Whether every file is one of the configs this package ships (``configs/`` of :func:`default_bundle_root`)."""
+    shipped = default_bundle_root() / "configs"
+    return all(Path(f).resolve().parent == shipped for f in config_files)
+
+
+class DropMessages(logging.Filter):
+    """A logging filter that drops records whose message starts with one of ``prefixes``."""
+
+    def __init__(self, prefixes: Sequence[str]):
+        super().__init__()
+        self.prefixes = tuple(prefixes)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+@contextmanager
+def quiet_run(config_files: Sequence[str]) -> Iterator[None]:
+    """Within: no trust warning for shipped configs (:func:`shipped_configs`), and none of :data:`ENGINE_NOISE`.
+
+    Both are undone on leaving (the filters are removed, the warning filters restored), so code around a
+    run sees logging and warnings as they were.
+    """
+    filters = [(logging.getLogger(name), DropMessages(prefixes)) for name, prefixes in ENGINE_NOISE.items()]
+    for engine_logger, noise in filters:
+        engine_logger.addFilter(noise)
+    try:
+        with warnings.catch_warnings():
+            if shipped_configs(config_files):
+                warnings.filterwarnings("ignore", message=TRUST_WARNING, category=UserWarning)
+            yield
+    finally:
+        for engine_logger, noise in filters:
+            engine_logger.removeFilter(noise)
+
+
+def check_options(config_files: Sequence[str], overrides: Mapping[str, object]) -> None:
+    """Raise for an override that names nothing in ``config_files`` (a typo would be silently ignored).
+
+    Raises:
+        ValueError: ``unknown option --dimeter (did you mean --diameter?)``.
+    """
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(list(config_files))
+    for key in overrides:
+        if key in RUN_KEYWORDS or key in parser:
+            continue
+        close = difflib.get_close_matches(key, [str(k) for k in parser.get()], n=1)
+        hint = f" (did you mean --{close[0]}?)" if close else ""
+        raise ValueError(f"unknown option --{key}{hint}")
+
+
 def run_workflow(
     workflow: str,
     bundle_root: str | os.PathLike | None = None,
     recipe: str | Sequence[str] | None = None,
     overrides: Mapping[str, object] | None = None,
     config_files: Sequence[str] | None = None,
+    quiet: bool | None = None,
+    strict: bool = False,
 ) -> None:
     """Run a bundle workflow (``training``, ``evaluating``, ``inference``) with ``monai.bundle.run``.
 
@@ -101,16 +182,22 @@ def run_workflow(
         recipe: config file(s) merged over the workflow's (e.g. ``configs/cpu.json``).
         overrides: config values (``{"epochs": 10, "data_source": "manifest.csv"}``).
         config_files: use exactly these config files.
+        quiet: run within :func:`quiet_run` (default: unless ``MMCS_DEBUG=1``).
+        strict: refuse overrides that name nothing in the configs (:func:`check_options`); the CLI sets it.
     """
     from monai.bundle import run
 
     root = resolve_bundle_root(bundle_root)
     files = list(config_files) if config_files is not None else workflow_config_files(workflow, root, recipe)
-    run(
-        run_id=workflow,
-        config_file=files,
-        meta_file=str(root / "configs" / "metadata.json"),
-        logging_file=str(root / "configs" / "logging.conf"),
-        bundle_root=str(root),
-        **dict(overrides or {}),
-    )
+    if strict:
+        check_options(files, overrides or {})
+    quiet = not debug_requested() if quiet is None else quiet
+    with quiet_run(files) if quiet else nullcontext():
+        run(
+            run_id=workflow,
+            config_file=files,
+            meta_file=str(root / "configs" / "metadata.json"),
+            logging_file=str(root / "configs" / "logging.conf"),
+            bundle_root=str(root),
+            **dict(overrides or {}),
+        )

@@ -12,7 +12,19 @@ PACKAGE = REPO / "mmcs_monai"
 
 # layers, bottom up: a module may import its own layer and those below, never one above
 LAYERS = [
-    {"io", "distributed", "diameters", "flows", "metrics", "losses", "cells", "size_estimate", "networks.padding", "networks.torchscript"},
+    {
+        "io",
+        "distributed",
+        "diameters",
+        "flows",
+        "metrics",
+        "losses",
+        "cells",
+        "size_estimate",
+        "networks.padding",
+        "networks.torchscript",
+        "reporting",
+    },
     {"networks.cpnet", "networks.model_files", "networks", "data", "transforms", "transforms.array", "transforms.dictionary"},
     {"inference", "segmentation", "engines", "engines.utils", "engines.schedules", "engines.handlers", "engines.semi"},
     {"evaluation", "wholeslide", "workflows"},

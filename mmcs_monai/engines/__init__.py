@@ -11,6 +11,7 @@ from mmcs_monai.engines.handlers import (
     SyncBuffersHandler,
     TimeBudgetHandler,
     TrainingDiameterHandler,
+    TrainingReport,
     TransformRandomState,
     save_atomic,
 )

@@ -6,7 +6,6 @@ import csv
 import json
 import logging
 import random
-import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,6 +24,7 @@ from mmcs_monai.inference import CELL_DIAMETER_KEY
 from mmcs_monai.io import atomic_path
 from mmcs_monai.metrics import f1_score
 from mmcs_monai.networks import load_model
+from mmcs_monai.reporting import Progress, diameter_note, model_note, timing_note
 
 logger = logging.getLogger(__name__)
 
@@ -343,12 +343,26 @@ def used_diameter(pred: Any) -> float | str:
     return "" if value is None else round(float(value), 1)
 
 
+def dataset_size(engine: Engine) -> int | None:
+    """Number of items in the engine's data loader's data set (None when it has no length)."""
+    try:
+        return len(engine.state.dataloader.dataset)
+    except (AttributeError, TypeError):
+        return None
+
+
+def megapixels_of(masks: torch.Tensor) -> float:
+    """Megapixels of an image's masks (its last two dimensions)."""
+    return masks.shape[-1] * masks.shape[-2] / 1e6 if masks.ndim >= 2 else 0.0
+
+
 class SegmentationReport:
     """Attach to an inference evaluator: progress, one line per image, a summary CSV and a summary line.
 
-    - Progress: on a terminal a bar (count, rate, ETA); otherwise the per-image log lines carry the
-      count and the ETA (``[12/48] img_7: 231 cells at diameter 17.4 px, ETA 40 s``), so CI and log
-      files show progress too.
+    - Progress (:class:`~mmcs_monai.reporting.Progress`): on a terminal a bar (count, rate, ETA);
+      otherwise the per-image log lines carry the count, the rate and the ETA
+      (``[12/48] img_7: 231 cells at diameter 17.4 px, 2.1 s/image, ETA 40 s``), so CI and log files
+      show progress too.
     - ``segmentation_summary.csv`` (id, image, cells, diameter_px) in ``output_dir`` when the run ends,
       atomically (rows of images done earlier and skipped now are kept; under ``torchrun`` rank 0 writes
       the rows of every rank).
@@ -384,27 +398,17 @@ class SegmentationReport:
         self.rows: dict[str, dict[str, Any]] = {}
         self.done: list[dict[str, Any]] = []
         self.megapixels = 0.0
-        self._bar = None
-        self._start = 0.0
+        self._progress: Progress | None = None
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.start)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.record)
         engine.add_event_handler(Events.COMPLETED, self.write)
 
-    def _expected(self, engine: Engine) -> int | None:
-        try:
-            return len(engine.state.dataloader.dataset)
-        except (AttributeError, TypeError):
-            return None
-
     def start(self, engine: Engine) -> None:
         self.rows = read_segmentation_summary(self.output_dir / SEGMENTATION_SUMMARY)
-        self.done, self.megapixels, self._start = [], 0.0, time.perf_counter()
-        if self.progress and is_main_process() and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=self._expected(engine), unit="image", desc="segmenting", leave=False)
+        self.done, self.megapixels = [], 0.0
+        self._progress = Progress(dataset_size(engine), "segmenting", "image", logger, enabled=self.progress)
 
     def record(self, engine: Engine) -> None:
         for out, item in zip(engine.state.output, engine.state.batch):
@@ -417,23 +421,11 @@ class SegmentationReport:
             }
             self.rows[row["id"]] = row
             self.done.append(row)
-            self.megapixels += masks.shape[-1] * masks.shape[-2] / 1e6 if masks.ndim >= 2 else 0.0
-            line = f"{row['id']}: {row['cells']} cells at diameter {row['diameter_px']} px"
-            if self._bar is not None:
-                self._bar.update(1)
-                logger.debug(line)
-                continue
-            expected = self._expected(engine)
-            if self.progress and expected:
-                elapsed = time.perf_counter() - self._start
-                eta = elapsed / len(self.done) * (expected - len(self.done))
-                line = f"[{len(self.done)}/{expected}] {line}, ETA {eta:.0f} s"
-            logger.info(line)
+            self.megapixels += megapixels_of(masks)
+            self._progress.step(f"{row['id']}: {row['cells']} cells at diameter {row['diameter_px']} px")
 
     def write(self, engine: Engine) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+        self._progress.close()
         # each rank segmented its share: rank 0 writes them all
         done = [row for rows in all_gather_objects(self.done) for row in rows]
         for rows in all_gather_objects(self.rows):
@@ -441,79 +433,94 @@ class SegmentationReport:
         megapixels = sum(all_gather_objects(self.megapixels))
         if is_main_process():
             write_segmentation_summary(self.output_dir / SEGMENTATION_SUMMARY, self.rows.values())
-            logger.info(self.summary(done, megapixels, time.perf_counter() - self._start))
+            logger.info(self.summary(done, megapixels, self._progress.elapsed))
 
     def summary(self, done: list[dict[str, Any]], megapixels: float, seconds: float) -> str:
         """The run's one-line summary (see the class docstring)."""
         bad = len(getattr(self.bad_samples, "entries", []) or [])
         skipped = max(0, self.images_total - len(done) - bad) if self.images_total is not None else 0
-        diameters = [float(r["diameter_px"]) for r in done if r["diameter_px"] != ""]
         parts = [f"{len(done)} image(s) segmented, {skipped} skipped (masks already there), {bad} bad"]
         if bad:
             parts[-1] += f" (see {self.output_dir / 'bad_samples.csv'})"
         parts.append(f"{sum(r['cells'] for r in done)} cells")
-        if diameters:
-            low, high = min(diameters), max(diameters)
-            parts.append(f"diameter {low:.1f} px" if high - low < 0.05 else f"diameter {low:.1f}-{high:.1f} px")
-        rate = f", {seconds / megapixels:.2f} s/MPix" if megapixels > 0 else ""
-        parts.append(f"{seconds:.1f} s{rate}")
+        parts.append(diameter_note(r["diameter_px"] for r in done))
+        parts.append(timing_note(seconds, megapixels))
         parts.append(f"outputs in {self.output_dir}")
         if self.model_path:
-            parts.append(f"model {self.model_path} (sha256 {file_sha256(self.model_path)[:12]})")
-        return "; ".join(parts)
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 (hex) of a file's bytes; ``"missing"`` when it cannot be read."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    except OSError:
-        return "missing"
-    return digest.hexdigest()
+            parts.append(model_note(self.model_path))
+        return "; ".join(p for p in parts if p)
 
 
 class F1ReportHandler:
     """Attach to an evaluator: per-image F1 with its subset, written as CSV and summarised per subset.
 
     Writes ``f1_per_image.csv`` (id, subset, f1, precision, recall, tp, fp, fn, diameter_px: the cell diameter
-    the image was segmented at, empty when the inferer does not report it) and
+    the image was segmented at, empty when the inferer does not report it, and cells: the cells found) and
     ``f1_summary.json`` (overall and per subset: mean per-image F1, number of images) into
-    ``output_dir`` at the end of the run, atomically, and logs the summary table.
+    ``output_dir`` at the end of the run, atomically, and logs the summary table. While it runs it shows
+    progress (:class:`~mmcs_monai.reporting.Progress`: a bar on a terminal, counted lines otherwise); at the
+    end a summary line: images scored and bad, the overall F1, cells found, the diameters used, time and
+    s/MPix, where the outputs are and the model (file and SHA-256 prefix).
 
     Args:
         output_dir: destination folder.
         border: drop cells touching a frame this wide (CellSeg protocol: 2).
         masks_key / label_key: keys of predicted and true instance masks in the engine output.
         pred_key: key of the inferer's output (its ``cell_diameter`` meta is the diameter used).
+        model_path: the model file scored (named in the summary line).
+        bad_samples: the run's :class:`~mmcs_monai.data.BadSampleLog` (counted in the summary line).
+        progress: show progress.
     """
 
-    def __init__(self, output_dir: str, border: int = 2, iou_threshold: float = 0.5, masks_key="masks", label_key="label", pred_key="pred"):
+    COLUMNS = ["id", "subset", "f1", "precision", "recall", "tp", "fp", "fn", "diameter_px", "cells"]
+
+    def __init__(
+        self,
+        output_dir: str,
+        border: int = 2,
+        iou_threshold: float = 0.5,
+        masks_key="masks",
+        label_key="label",
+        pred_key="pred",
+        model_path: str | None = None,
+        bad_samples: Any = None,
+        progress: bool = True,
+    ):
         self.output_dir = Path(output_dir)
         self.border = border
         self.iou_threshold = iou_threshold
         self.masks_key, self.label_key, self.pred_key = masks_key, label_key, pred_key
+        self.model_path = model_path
+        self.bad_samples = bad_samples
+        self.progress = progress
         self.rows: list[dict[str, Any]] = []
+        self.megapixels = 0.0
+        self._progress: Progress | None = None
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, lambda _: self.rows.clear())
+        engine.add_event_handler(Events.STARTED, self.start)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.record)
         engine.add_event_handler(Events.COMPLETED, self.write)
+
+    def start(self, engine: Engine) -> None:
+        self.rows.clear()
+        self.megapixels = 0.0
+        self._progress = Progress(dataset_size(engine), "scoring", "image", logger, enabled=self.progress)
 
     def record(self, engine: Engine) -> None:
         outputs, batch = engine.state.output, engine.state.batch
         for out, item in zip(outputs, batch):
             gt = np.asarray(torch.as_tensor(out[self.label_key]).cpu())
-            pred = np.asarray(torch.as_tensor(out[self.masks_key]).cpu())
-            score = f1_score(gt.squeeze(), pred.squeeze(), self.iou_threshold, self.border)
+            masks = torch.as_tensor(out[self.masks_key]).cpu()
+            score = f1_score(gt.squeeze(), np.asarray(masks).squeeze(), self.iou_threshold, self.border)
             row = {"id": item.get("id", len(self.rows)), "subset": item.get("subset", "default")}
             row.update({k: score[k] for k in ("f1", "precision", "recall", "tp", "fp", "fn")})
             row["diameter_px"] = used_diameter(out.get(self.pred_key))
+            row["cells"] = int(masks.max()) if masks.numel() else 0
             self.rows.append(row)
+            self.megapixels += megapixels_of(masks)
+            if self._progress is not None:
+                self._progress.step(f"{row['id']}: F1 {row['f1']:.3f}, {row['cells']} cells at diameter {row['diameter_px']} px")
 
     def summary(self) -> dict[str, dict[str, float]]:
         """{"overall": {...}, subset: {...}} with mean per-image F1 and the number of images."""
@@ -522,11 +529,27 @@ class F1ReportHandler:
             groups.setdefault(str(r["subset"]), []).append(r["f1"])
         return {name: {"f1": float(np.mean(v)) if v else float("nan"), "images": len(v)} for name, v in groups.items()}
 
+    def summary_line(self, seconds: float) -> str:
+        """The run's one-line summary (see the class docstring)."""
+        bad = len(getattr(self.bad_samples, "entries", []) or [])
+        overall = self.summary()["overall"]["f1"]
+        parts = [f"{len(self.rows)} image(s) scored, {bad} bad", f"F1@{self.iou_threshold:g} {overall:.3f}"]
+        parts.append(f"{sum(r['cells'] for r in self.rows)} cells")
+        parts.append(diameter_note(r["diameter_px"] for r in self.rows))
+        parts.append(timing_note(seconds, self.megapixels))
+        parts.append(f"outputs {self.output_dir / 'f1_per_image.csv'}, {self.output_dir / 'f1_summary.json'}")
+        if self.model_path:
+            parts.append(model_note(self.model_path))
+        return "; ".join(p for p in parts if p)
+
     def write(self, engine: Engine) -> None:
+        seconds = self._progress.elapsed if self._progress is not None else 0.0
+        if self._progress is not None:
+            self._progress.close()
         summary = self.summary()
         with atomic_path(self.output_dir / "f1_per_image.csv") as tmp:
             with open(tmp, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=["id", "subset", "f1", "precision", "recall", "tp", "fp", "fn", "diameter_px"])
+                writer = csv.DictWriter(f, fieldnames=self.COLUMNS)
                 writer.writeheader()
                 writer.writerows(self.rows)
         with atomic_path(self.output_dir / "f1_summary.json") as tmp:
@@ -534,6 +557,58 @@ class F1ReportHandler:
         lines = [f"{'subset':<48} {'images':>6} {'F1@0.5':>7}"]
         lines += [f"{name:<48} {s['images']:>6} {s['f1']:>7.3f}" for name, s in summary.items()]
         logger.info("F1 at IoU 0.5 (border %d px removed):\n%s", self.border, "\n".join(lines))
+        logger.info(self.summary_line(seconds))
+
+
+class TrainingReport:
+    """Attach to a trainer: the run's summary line when it completes.
+
+    ``training: 2 epoch(s), 6 iterations, 41.0 s (20.5 s/epoch); best validation F1 0.712; models in
+    bundle/trained (model.pt, model_final.pt, checkpoint.pt); TensorBoard logs in bundle/eval; started from
+    model X (sha256 ...) | from scratch; 0 bad sample(s)``. Attach it after the checkpoint handler, so the
+    files it names are written when it reports. Progress while training is the bundle's ``ProgressBar``
+    (a terminal) and ``StatsHandler``'s loss lines.
+
+    Args:
+        ckpt_dir: where the models and the checkpoint go.
+        output_dir: TensorBoard logs.
+        pretrained: the model file training started from (None: from scratch).
+        best_model: the run's :class:`BestModelSaver` (its best validation value is reported).
+        bad_samples: the run's :class:`~mmcs_monai.data.BadSampleLog`.
+    """
+
+    def __init__(self, ckpt_dir: str, output_dir: str | None = None, pretrained: str | None = None, best_model=None, bad_samples=None):
+        self.ckpt_dir = Path(ckpt_dir)
+        self.output_dir = output_dir
+        self.pretrained = pretrained
+        self.best_model = best_model
+        self.bad_samples = bad_samples
+        self._start = 0.0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.start)
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def start(self, engine: Engine) -> None:
+        self._start = time.perf_counter()
+
+    def summary(self, epochs: int, iterations: int, seconds: float) -> str:
+        """The run's one-line summary (see the class docstring)."""
+        per_epoch = f" ({seconds / epochs:.1f} s/epoch)" if epochs else ""
+        parts = [f"training: {epochs} epoch(s), {iterations} iterations, {seconds:.1f} s{per_epoch}"]
+        best = getattr(self.best_model, "best", -float("inf"))
+        parts.append(f"best validation F1 {best:.3f}" if best > -float("inf") else "no validation ran (model.pt is the final model)")
+        written = [name for name in ("model.pt", "model_final.pt", "checkpoint.pt") if (self.ckpt_dir / name).is_file()]
+        parts.append(f"models in {self.ckpt_dir} ({', '.join(written)})")
+        if self.output_dir:
+            parts.append(f"TensorBoard logs in {self.output_dir}")
+        parts.append(f"started from {model_note(self.pretrained)}" if self.pretrained else "started from scratch")
+        parts.append(f"{len(getattr(self.bad_samples, 'entries', []) or [])} bad sample(s)")
+        return "; ".join(parts)
+
+    def __call__(self, engine: Engine) -> None:
+        if is_main_process():
+            logger.info(self.summary(engine.state.epoch, engine.state.iteration, time.perf_counter() - self._start))
 
 
 class TimeBudgetHandler:

@@ -121,7 +121,18 @@ def _read_torch_file(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError/RuntimeError/EOFError... depending on the content
-        raise ModelFileError(path, f"not a readable torch checkpoint ({type(e).__name__}: {e})") from e
+        raise ModelFileError(path, f"not a readable torch checkpoint ({type(e).__name__}: {_load_failure(e)})") from e
+
+
+def _load_failure(error: Exception) -> str:
+    """What ``torch.load`` found wrong, in one line: the weights-only unpickler's own reason when it gave one
+    (its message is a page of advice around it), else the first line of the message."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if "WeightsUnpickler error:" in line:
+            reason = line.split("WeightsUnpickler error:", 1)[1].strip()
+            return reason or (lines[i + 1] if i + 1 < len(lines) else "unsupported content")
+    return lines[0] if lines else "unreadable"
 
 
 def load_cellpose_checkpoint(path: str | Path, net: CPnet | None = None, strict: bool = True, **kwargs) -> CPnet:
