@@ -173,7 +173,9 @@ def main() -> None:
         process.wait(timeout=60)
 
     idle = statistics.median(rows[0][1])
-    print(f"\nlabel server load ({args.model}, {len(images)} sample images of 256 px, precision {args.precision}, {os.cpu_count()} cores)\n")
+    print(
+        f"\nlabel server load ({args.model}, {len(images)} sample images of 256 px, precision {args.precision}, {os.cpu_count()} cores)\n"
+    )
     print("| phase | infers | infer median s | infer max s | errors | median / idle | /info/ median s | /info/ max s | /info/ errors |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, latencies, errors, probe in rows:

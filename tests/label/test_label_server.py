@@ -44,11 +44,11 @@ def server(tmp_path_factory, tiny_model):
         yield running
 
 
-def local_masks(model_path: Path, image_path: Path, diameter: str = "auto") -> np.ndarray:
+def local_masks(model_path: Path, image_path: Path, diameter: str = "auto", precision: str = "fp32") -> np.ndarray:
     """What the library, run here, makes of an image at ``diameter`` (the server's default, ``auto``): the server must answer the same."""
     network = load_model(model_path)
     image = inference_preprocessing("image")({"image": str(image_path)})["image"]
-    flows = CellInferer(precision="fp32", diameter=diameter)(torch.as_tensor(image)[None], network)[0].numpy()
+    flows = CellInferer(precision=precision, diameter=diameter)(torch.as_tensor(image)[None], network)[0].numpy()
     return flows_to_masks(flows[:2], flows[2])
 
 
@@ -261,8 +261,8 @@ def test_a_worse_run_is_not_published_by_default(server):
     stats = server.get("/info/").json()["train_stats"]["mmcs"]
     assert stats["published"] is False and stats["validation_is_training_set"] is True
     # the served model's F1 the run was compared with: the library's, here, on the labelled image, at the
-    # stored diameter (training validation segments at the model's own diameter)
-    masks = local_masks(server.served_model(), IMAGES[0], diameter="stored")
+    # stored diameter and the run's precision (training validation segments at the model's own diameter)
+    masks = local_masks(server.served_model(), IMAGES[0], diameter="stored", precision="auto")
     served = f1_score(read_labels(SAMPLE / "labels" / f"{LABELLED}.tif"), masks, border=2)["f1"]
     assert stats["served_val_f1_before"] == pytest.approx(served, abs=0.02) and served > 0.3
     assert stats["best_val_f1"] is not None and stats["best_val_f1"] < stats["served_val_f1_before"]

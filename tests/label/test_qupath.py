@@ -12,6 +12,7 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import subprocess
 import threading
 import time
 import uuid
@@ -24,6 +25,7 @@ import pytest
 import tifffile
 from PIL import Image
 
+from helpers import environment_python
 from label_server import label_server
 from mmcs_monai.io import read_labels
 from mmcs_monai.metrics import f1_score
@@ -346,3 +348,44 @@ def test_the_server_answers_info_while_it_segments(qupath):
     worker.join()
     assert finished["infer"][1] == 200
     assert finished["info"] < finished["infer"][0]
+
+
+CLIENT_SCRIPT = r"""
+import json, sys, tempfile
+from pathlib import Path
+from monailabel.client import MONAILabelClient
+
+url, image, label_image, xml_file = sys.argv[1:5]
+client = MONAILabelClient(url, tmpdir=tempfile.mkdtemp())
+out = {"info": sorted(client.info()["models"])}
+out["next"] = client.next_sample("mmcs_uncertainty", {"image": image, "patch_size": [64, 64]})["bbox"]
+_, result = client.infer("mmcs", image, {"geojson": False})
+out["cells"] = result["cells"]
+_, xml = client.wsi_infer("mmcs", image, {"level": 0, "location": [0, 0], "size": [0, 0], "min_poly_area": 0}, output="asap")
+out["asap_annotations"] = (xml.decode() if isinstance(xml, bytes) else xml).count("<Annotation ")
+out["label"] = client.save_label(label_image, xml_file, tag="final")
+out["train"] = client.train_start("mmcs", {"epochs": 1, "batch_size": 2, "semi": False})["status"]
+print(json.dumps(out))
+"""
+
+
+def test_monai_label_python_client(server, tmp_path):
+    """MONAI Label's own Python client (``monailabel.client``), run in the label environment."""
+    status, content = QuPathClient(server.port).request("POST", f"/infer/wsi/mmcs?output=asap&image={SECOND}", json.dumps(wsi_request()))
+    xml_file = tmp_path / "cells.xml"
+    xml_file.write_text(qupath_label_xml(asap_polygons(content)))
+    script = tmp_path / "client.py"
+    script.write_text(CLIENT_SCRIPT)
+    run = subprocess.run(
+        [str(environment_python("label")), str(script), server.url, FIRST, SECOND, str(xml_file)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["info"] == ["mmcs"] and len(out["next"]) == 4 and out["cells"] >= 10
+    assert out["asap_annotations"] == out["cells"]  # the whole image as polygons: the same cells
+    assert out["label"]["format"] == "asap" and out["label"]["cells"] == len(asap_polygons(content))
+    assert out["train"] == "SUBMITTED"
+    assert server.wait_done("train")["status"] == "DONE"
