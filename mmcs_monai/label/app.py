@@ -23,7 +23,7 @@ Start it (the app folder ``apps/mmcs`` holds only a ``main.py`` importing :class
   cores but one, at least 1); they also run at a lower priority (``nice`` 10), so the server keeps answering.
 
 Tasks: infer ``mmcs`` (also through the WSI endpoints QuPath uses: ASAP XML or DSA JSON polygons of a
-region); train ``mmcs``; scoring ``mmcs_uncertainty``; strategies ``mmcs_uncertainty`` and ``random``.
+region); train ``mmcs``; scoring ``mmcs_uncertainty``; strategies ``random`` (listed first: it measured best) and ``mmcs_uncertainty``.
 Requests are checked before they run and the work runs off the event loop (:mod:`mmcs_monai.label.routes`);
 one inference runs at a time.
 """
@@ -128,7 +128,9 @@ class MMCSLabelApp(MONAILabelApp):
         def start_scoring():
             return self.async_scoring(SCORE_KEY)
 
-        return {SCORE_KEY: MostUncertain(self._scoring(), start_scoring, self.inference_lock), "random": RandomSample()}
+        # random is listed first, so QuPath's dialog offers it by default: in benchmarks/active_learning.py (5 seeds,
+        # modality-balanced validation) no uncertainty strategy beat random picks
+        return {"random": RandomSample(), SCORE_KEY: MostUncertain(self._scoring(), start_scoring, self.inference_lock)}
 
     def on_init_complete(self) -> None:
         """In the server: rewire MONAI Label's endpoints (:func:`mmcs_monai.label.routes.install`)."""

@@ -142,7 +142,7 @@ def test_info_has_what_the_dialogs_read_and_no_nulls(qupath):
     assert info["models"]["mmcs"]["labels"] == {"cell": 1} and info["models"]["mmcs"]["dimension"] == 2
     for section in (info["trainers"]["mmcs"]["config"], info["models"]["mmcs"]["config"]):
         assert section and all(value is not None for value in section.values()), section
-    assert list(info["strategies"])[0] == "mmcs_uncertainty"  # what the Next-sample dialog offers first
+    assert list(info["strategies"]) == ["random", "mmcs_uncertainty"]  # the dialog offers the first: it measured best
 
 
 def test_annotate_a_region_of_a_datastore_image(qupath):
