@@ -73,27 +73,91 @@ def build_mosaic(size: int, image_path: Path, labels_path: Path) -> dict:
 
 # ------------------------------------------------------------------ child processes
 def _peak_rss_gib() -> float:
+    """This process's peak RSS, GiB: ``VmHWM`` (reset when the process execs, so a child started from a large
+    parent reports its own peak; ``ru_maxrss`` keeps the parent's RSS at the fork), else ``ru_maxrss``."""
     import resource
 
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB -> GiB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB on Linux
 
 
+def _peak_child_rss_gib() -> float:
+    """Largest peak RSS of a finished child of this process (inductor's compile workers), GiB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+
+
+class StepTimes:
+    """Wall time spent in named library functions during a slide run (wrapped in place, this process only)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def wrap(self, owner, name: str, label: str) -> None:
+        original = getattr(owner, name)
+
+        def timed(*a, **k):
+            start = time.perf_counter()
+            try:
+                return original(*a, **k)
+            finally:
+                self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - start
+
+        setattr(owner, name, timed)
+
+
+def profile_steps(compiled: bool) -> StepTimes:
+    """Time the steps of ``SlideSegmenter``: the network's forward calls, the sliding window around them
+    (tiles, blending: ``CellInferer._run`` includes the forward), flows -> masks, stitching, reading, and the
+    last pass (ids, table, TIFF)."""
+    from mmcs_monai import inference, wholeslide
+    from mmcs_monai.flows import MaskSettings
+    from mmcs_monai.networks import CPnet
+    from mmcs_monai.networks.compiled import CompiledNetwork
+
+    steps = StepTimes()
+    steps.wrap(inference.CellInferer, "_run", "sliding window, forward included (CellInferer._run)")
+    # the compiled forward runs no Python CPnet.forward (and a timer inside it would break the graph)
+    steps.wrap(CompiledNetwork, "__call__", "network forward (compiled)") if compiled else steps.wrap(CPnet, "forward", "network forward")
+    steps.wrap(MaskSettings, "masks", "flows -> masks (MaskSettings.masks)")
+    steps.wrap(wholeslide, "owned_cells", "stitching: owned cells")
+    steps.wrap(wholeslide, "paste_block", "stitching: paste into the label file")
+    steps.wrap(wholeslide.SlideSegmenter, "read_window", "reading and scaling windows")
+    steps.wrap(wholeslide, "finalize_labels", "last pass: ids and cell table")
+    steps.wrap(wholeslide, "write_label_tiff", "last pass: label TIFF")
+    steps.wrap(wholeslide, "write_cell_table", "last pass: cell CSV")
+    return steps
+
+
 def child_ours(args) -> dict:
-    from mmcs_monai.inference import CellInferer
+    from mmcs_monai.inference import CellInferer, parse_compile
     from mmcs_monai.networks import load_cellpose_checkpoint
     from mmcs_monai.wholeslide import SlideSegmenter
 
     net = load_cellpose_checkpoint(args.model).eval()
-    segmenter = SlideSegmenter(net, CellInferer(precision=args.precision), block_size=args.block_size)
+    inferer = CellInferer(precision=args.precision, compile=parse_compile(args.compile))
+    steps = profile_steps(compiled=inferer.compile is not False) if args.profile else None
+    segmenter = SlideSegmenter(net, inferer, block_size=args.block_size, diameter=args.diameter)
     result = segmenter(args.image, args.out, Path(args.out).with_suffix(".csv"))
-    return {
+    report = {
         "seconds": result.seconds,
         "cells": result.cells,
         "blocks": result.blocks,
         "diameter": result.diameter,
         "block_px": result.block_px,
+        "compiled": result.compiled,
         "peak_rss_gib": _peak_rss_gib(),
+        "peak_child_rss_gib": _peak_child_rss_gib(),
     }
+    if steps is not None:
+        report["steps"] = steps.seconds
+    return report
 
 
 def child_cellpose(args) -> dict:
@@ -128,7 +192,11 @@ def run_child(kind: str, image: Path, out: Path, args, timeout: float | None = N
         args.precision,
         "--block-size",
         str(args.block_size),
-    ]
+        "--compile",
+        str(args.compile),
+        "--diameter",
+        str(args.diameter),
+    ] + (["--profile"] if args.profile else [])
     start = time.perf_counter()
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -227,6 +295,9 @@ def main() -> None:
     parser.add_argument("--crop", type=int, default=2000)
     parser.add_argument("--block-size", type=int, default=2048)
     parser.add_argument("--precision", default="auto")
+    parser.add_argument("--compile", default="auto", help="ours: True, False or auto (the default: on for a large slide on a CPU)")
+    parser.add_argument("--diameter", default="stored", help="ours: the slide's diameter (stored: the model's mean, as Cellpose gets)")
+    parser.add_argument("--profile", action="store_true", help="ours: time each step of the slide path")
     parser.add_argument("--cellpose", action="store_true")
     parser.add_argument("--cellpose-timeout", type=float, default=3600)
     parser.add_argument("--skip-slide", action="store_true", help="only the crop measurements")
@@ -311,6 +382,20 @@ def main() -> None:
             f"{r['untiled_cells_on_block_borders']} | {r['split_cells']} | {r['border_copies_dropped']} |"
         )
     print(f"| floor: untiled vs untiled on a (37, 53) px shifted crop | 1 | {seams['floor_f1_untiled_vs_shifted_grid']:.4f} | | | |")
+    for name, side, ours, _ in rows:
+        if ours and ours.get("steps"):
+            print()
+            print(profile_table(f"{name} {side} x {side}", ours))
+
+
+def profile_table(name: str, ours: dict) -> str:
+    """Markdown table of where the slide's wall time went (``--profile``)."""
+    total = ours["seconds"]
+    lines = [f"Where the time went, {name} (ours, compiled: {ours.get('compiled')}; {total:.0f} s wall):", ""]
+    lines += ["| step | seconds | share of wall time |", "|---|---|---|"]
+    for step, seconds in sorted(ours["steps"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {step} | {seconds:.1f} | {100 * seconds / total:.1f}% |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

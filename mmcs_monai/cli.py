@@ -138,6 +138,7 @@ def infer_slide(
     block_size: int = 2048,
     halo: int | None = None,
     precision: str = "auto",
+    compile: bool | str = "auto",
     nucleus_channel: int | None = None,
     cyto_channel: int | None = None,
     flow_threshold: float | None = None,
@@ -157,6 +158,9 @@ def infer_slide(
             on a central crop, and used for every block) or ``stored`` (the model's mean).
         block_size: block side in network pixels; memory grows with its square.
         halo: context around each block in image pixels (default ``max(64, 4 * diameter)``).
+        precision: inference precision (auto, fp32, bf16, fp16).
+        compile: run the network compiled (``torch.compile``): True, False, or ``auto`` (the default: on a
+            CPU for slides of at least 20 megapixels, where the one-time compile pays off).
         flow_threshold, cellprob_threshold, min_size: mask thresholds (default: the library's, as in Cellpose 3).
 
     Returns:
@@ -178,7 +182,7 @@ def infer_slide(
     network = _load_network(model, bundle_root, device=str(distributed.local_device()))
     segmenter = SlideSegmenter(
         network,
-        CellInferer(precision=precision),
+        CellInferer(precision=precision, compile=compile),
         block_size=block_size,
         halo=halo,
         diameter=diameter,

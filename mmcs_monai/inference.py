@@ -9,6 +9,8 @@ Gaussian weights), and resizes the flows back to the input's size.
 from __future__ import annotations
 
 import contextlib
+import copy
+import time
 from typing import Any
 
 import torch
@@ -19,6 +21,7 @@ from monai.inferers import Inferer, SlidingWindowInferer
 from mmcs_monai import size_estimate
 from mmcs_monai.diameters import median_diameter, scale_to_target
 from mmcs_monai.flows import MaskSettings
+from mmcs_monai.networks.compiled import compile_unavailable, compiled_forward
 from mmcs_monai.size_estimate import DiameterSearch
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -27,6 +30,12 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ROI_SIZE = 224
 OVERLAP = 0.1
 SW_BATCH_SIZE = 8
+# each image's tiles shrunk to the smallest that keep the number of windows (CellInferer's fit_tiles): on dev
+# val 25% fewer network pixels at the same F1 (0.7678 vs 0.7670), benchmarks/README.md "Tiling sweep"
+FIT_TILES = True
+# ``compile="auto"`` compiles CPU inference of at least this many image megapixels (a folder's images, a
+# slide): below it the one-time compile costs more than it saves (benchmarks/README.md, "Compiled inference")
+AUTO_COMPILE_MEGAPIXELS = 20.0
 
 # Where CellInferer's output carries the diameter each image was segmented at (MetaTensor meta).
 CELL_DIAMETER_KEY = "cell_diameter"
@@ -75,6 +84,76 @@ def autocast_context(device: torch.device | str, precision: str = "fp32"):
         raise ValueError("fp16 autocast needs a GPU; use bf16 on CPU")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device_type, dtype=dtype)
+
+
+def parse_compile(value: Any) -> bool | str:
+    """``compile`` as commands and configs give it -> True, False or ``"auto"``.
+
+    Accepts booleans, None (``"auto"``) and the strings ``auto``, ``true``/``false``, ``on``/``off``,
+    ``yes``/``no``, ``1``/``0`` in any case (a command line's lowercase ``false`` arrives as a string).
+    """
+    if value is None or isinstance(value, bool):
+        return "auto" if value is None else value
+    text = str(value).strip().lower()
+    if text == "auto":
+        return "auto"
+    if text in ("true", "on", "yes", "1"):
+        return True
+    if text in ("false", "off", "no", "0"):
+        return False
+    raise ValueError(f"compile must be True, False or 'auto', got {value!r}")
+
+
+def workload_megapixels(images: Any) -> float:
+    """Image megapixels of a data list (items with an ``image`` path, or paths), read from file headers
+    where the format allows (TIFF, npy); unreadable files count as nothing (they are screened elsewhere)."""
+    from mmcs_monai.io import InputError, open_regions
+
+    total = 0.0
+    for item in images or ():
+        path = item.get("image") if isinstance(item, dict) else item
+        try:
+            with open_regions(path) as regions:
+                total += regions.shape[0] * regions.shape[1] / 1e6
+        except (InputError, OSError, ValueError, TypeError):
+            continue
+    return total
+
+
+def resolve_compile(compile: Any = "auto", device: torch.device | str = "cpu", images: Any = None, megapixels: float | None = None) -> bool:
+    """Whether to compile the network for a job: ``compile`` True/False as given; ``"auto"``: on a CPU, when
+    the job has at least :data:`AUTO_COMPILE_MEGAPIXELS` image megapixels (``megapixels``, else counted from
+    ``images``, a data list) and compiling is available; on a GPU ``auto`` stays off (not measured there).
+    """
+    choice = parse_compile(compile)
+    if choice != "auto":
+        return choice
+    if torch.device(device).type != "cpu" or compile_unavailable(None, device) is not None:
+        return False
+    if megapixels is None:
+        megapixels = workload_megapixels(images)
+    return megapixels >= AUTO_COMPILE_MEGAPIXELS
+
+
+def fitted_tile(size: int, roi: int, overlap: float) -> int:
+    """The smallest tile (a multiple of 16, at most ``roi``) that covers ``size`` pixels with as few sliding
+    windows as tiles of ``roi`` would (MONAI's window placement): fewer pixels computed twice."""
+    roi = min(roi, -(-size // 16) * 16)
+    wanted = _windows_along(size, roi, overlap)
+    if wanted == 1:
+        return roi
+    tile = max(16, int(size / (wanted - (wanted - 1) * overlap)) // 16 * 16)
+    while tile < roi and _windows_along(size, tile, overlap) > wanted:
+        tile += 16
+    return tile
+
+
+def _windows_along(size: int, roi: int, overlap: float) -> int:
+    """Windows MONAI's sliding window puts along an axis of ``size`` px with tiles of ``roi`` px."""
+    if roi >= size:
+        return 1
+    interval = max(int(roi * (1 - overlap)), 1)
+    return next(d for d in range(size) if d * interval + roi >= size) + 1
 
 
 def model_diameters(network: torch.nn.Module) -> tuple[float, float]:
@@ -132,6 +211,12 @@ class CellInferer(Inferer):
             None: on when the resolved precision is bf16.
         mask_settings: thresholds of the masks that ``auto`` measures (default :class:`MaskSettings`()).
         search: settings of the ``auto`` search (default :class:`~mmcs_monai.size_estimate.DiameterSearch`()).
+        compile: run the network compiled (:mod:`mmcs_monai.networks.compiled`: inductor, once per process
+            and network; falls back to eager with one log line where it cannot): True, False, or ``"auto"``,
+            which compiles only once :meth:`for_workload` (slides, folder inference) finds the job large
+            enough to repay the compile; a bare ``"auto"`` inferer runs eagerly.
+        fit_tiles: shrink the tiles of each image to the smallest that keep the number of windows of
+            ``roi_size`` tiles (:func:`fitted_tile`), so fewer pixels are computed twice.
 
     Call: ``inferer(images [B, 2, H, W] float32, network, diameter=None) -> flows [B, 3, H, W] float32``
     (dY, dX as the network scales them, cell probability logit), at the input's H, W; ``diameter``
@@ -148,10 +233,14 @@ class CellInferer(Inferer):
         channels_last: bool | None = None,
         mask_settings: MaskSettings | None = None,
         search: DiameterSearch | None = None,
+        compile: bool | str = "auto",
+        fit_tiles: bool = FIT_TILES,
     ):
         super().__init__()
         self.search = search or DiameterSearch()
         resolve_precision(precision, "cpu")  # validates the name early
+        self.compile = parse_compile(compile)
+        self.fit_tiles = bool(fit_tiles)
         self.diameter = diameter
         self.precision = precision
         self.channels_last = channels_last
@@ -160,9 +249,34 @@ class CellInferer(Inferer):
         self.overlap = overlap
         self.sw_batch_size = sw_batch_size
 
+    def for_workload(self, megapixels: float | None = None, images: Any = None, device: torch.device | str = "cpu") -> CellInferer:
+        """This inferer, or a copy whose ``compile="auto"`` is decided (:func:`resolve_compile`) for a job of
+        ``megapixels`` image megapixels (else counted from ``images``, a data list) on ``device``."""
+        if self.compile != "auto":
+            return self
+        inferer = copy.copy(self)
+        inferer.compile = resolve_compile("auto", device, images=images, megapixels=megapixels)
+        return inferer
+
+    def warm_up(self, network: torch.nn.Module) -> float:
+        """Run ``network`` once on blank images of one tile and of several, on its device, as :meth:`predict`
+        would: with ``compile`` on this compiles both graphs (batches of 1 and of more tiles) before any real
+        image waits for them. Returns the seconds it took."""
+        device = next(iter(network.parameters()), torch.empty(0)).device
+        start = time.perf_counter()
+        for width in (self.roi_size, 2 * self.roi_size):
+            self._run(torch.zeros(1, 2, self.roi_size, width, device=device), network)
+        return time.perf_counter() - start
+
+    def tile_shape(self, height: int, width: int) -> tuple[int, int]:
+        """The tile (network pixels) an image of ``height`` x ``width`` network pixels is cut into."""
+        if self.fit_tiles:
+            return tuple(fitted_tile(size, self.roi_size, self.overlap) for size in (height, width))
+        return tuple(min(self.roi_size, -(-size // 16) * 16) for size in (height, width))
+
     def _window(self, height: int, width: int) -> SlidingWindowInferer:
         """Sliding-window inferer whose tiles are no larger than the image (rounded up to 16 px)."""
-        roi = tuple(min(self.roi_size, -(-size // 16) * 16) for size in (height, width))
+        roi = self.tile_shape(height, width)
         return SlidingWindowInferer(
             roi_size=roi, sw_batch_size=self.sw_batch_size, overlap=self.overlap, mode="gaussian", padding_mode="constant"
         )
@@ -237,11 +351,15 @@ class CellInferer(Inferer):
     def _run(self, x: torch.Tensor, network: torch.nn.Module, *args: Any, **kwargs) -> torch.Tensor:
         """The network on ``x`` [B, 2, h, w] at network scale, tile by tile, in the inferer's precision -> float32 flows."""
         precision = resolve_precision(self.precision, x.device)
-        if self.channels_last or (self.channels_last is None and precision == "bf16"):
+        channels_last = bool(self.channels_last or (self.channels_last is None and precision == "bf16"))
+        if channels_last:
             network.to(memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
+        forward = network
+        if self.compile is True and not args and not kwargs:
+            forward = compiled_forward(network, x.device, precision, channels_last) or network
         with torch.no_grad(), autocast_context(x.device, precision):
-            flows = self._window(*x.shape[-2:])(x, network, *args, **kwargs)
+            flows = self._window(*x.shape[-2:])(x, forward, *args, **kwargs)
         return torch.as_tensor(flows).float()
 
 

@@ -48,8 +48,8 @@ class CellSegmenter:
 
     Args:
         network: the model, in eval mode, on the device images are segmented on.
-        inferer: tiling, precision and default diameter (default ``CellInferer()``: 224 px tiles, auto
-            precision, the model's stored diameter).
+        inferer: tiling, precision and default diameter (default ``CellInferer()``: tiles of up to 224 px,
+            auto precision, eager, the model's stored diameter).
         mask_settings: flows -> masks thresholds (default ``MaskSettings()``, Cellpose 3's); also the
             thresholds of the masks that ``auto`` measures.
         diameter: default diameter for calls that give none (pixels, subset name, ``auto``; None: the
@@ -103,14 +103,14 @@ def segmenter_from_options(network: torch.nn.Module, diameter: Any = None, **opt
     """A :class:`CellSegmenter` from flat options, as commands, configs and apps give them.
 
     ``options``: :class:`MaskSettings` fields (``flow_threshold``, ``cellprob_threshold``, ``min_size``...) and
-    :class:`CellInferer` arguments (``roi_size``, ``overlap``, ``sw_batch_size``, ``precision``, ``channels_last``);
-    None means "the default".
+    :class:`CellInferer` arguments (``roi_size``, ``overlap``, ``sw_batch_size``, ``precision``, ``channels_last``,
+    ``compile``, ``fit_tiles``); None means "the default".
 
     Raises:
         ValueError: an unknown option or a bad value.
     """
     mask_names = {"flow_threshold", "cellprob_threshold", "min_size", "niter", "max_size_fraction"}
-    inferer_names = {"roi_size", "overlap", "sw_batch_size", "precision", "channels_last"}
+    inferer_names = {"roi_size", "overlap", "sw_batch_size", "precision", "channels_last", "compile", "fit_tiles"}
     unknown = sorted(set(options) - mask_names - inferer_names)
     if unknown:
         raise ValueError(f"unknown segmentation option(s) {unknown}")

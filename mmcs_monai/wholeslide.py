@@ -2,7 +2,7 @@
 
 The slide is cut into blocks (``block_size`` pixels at network scale). Each block is read from disk
 with a halo around it; :class:`~mmcs_monai.inference.CellInferer` predicts its flows (its sliding
-window blends 224-px tiles with Gaussian weights) and :func:`~mmcs_monai.flows.flows_to_masks`
+window blends tiles of up to 224 px with Gaussian weights) and :func:`~mmcs_monai.flows.flows_to_masks`
 builds masks over the whole window. A cell belongs to the block whose core holds its centroid, so
 a cell crossing a block border is segmented once, by a block that saw it whole with context on
 both sides, and gets one id; the core is grown by half a diameter for this test so a cell on a
@@ -104,6 +104,7 @@ class SlideResult:
     block_px: int  # block core side, image pixels
     halo: int  # context around each block, image pixels
     border_copies: int = 0  # cells on a block border kept by both blocks; the second copy was dropped
+    compiled: bool = False  # the network was asked to run compiled (it falls back to eager where it cannot)
 
 
 class SlideSegmenter:
@@ -111,7 +112,9 @@ class SlideSegmenter:
 
     Args:
         network: a CPnet in eval mode (on its device).
-        inferer: the per-window inferer (default: 224 px tiles, 10% overlap, auto precision).
+        inferer: the per-window inferer (default: tiles of up to 224 px fitted to the window, 10% overlap,
+            auto precision, ``compile="auto"``: the network is compiled for a slide of at least
+            :data:`~mmcs_monai.inference.AUTO_COMPILE_MEGAPIXELS`).
         block_size: block side in pixels at network scale (input pixels = this / zoom); bounds memory.
         halo: context around each block in input pixels; default ``max(64, 4 * diameter)``. Cells larger
             than the halo can be cut at block borders.
@@ -165,34 +168,49 @@ class SlideSegmenter:
         samples = [self.stack(regions.read(y, min(y + size, h), x, min(x + size, w))) for y in ys for x in xs]
         return percentile_bounds(np.concatenate([s.reshape(2, -1) for s in samples], axis=1))
 
-    def slide_diameter(self, regions: ImageRegions, bounds) -> float:
-        """The diameter (pixels) every block is segmented at; ``auto`` is measured on a central crop."""
+    def slide_diameter(self, regions: ImageRegions, bounds, segmenter: CellSegmenter | None = None) -> float:
+        """The diameter (pixels) every block is segmented at; ``auto`` is measured on a central crop
+        (with ``segmenter``, default this slide segmenter's own)."""
         if self.diameter not in ESTIMATED_DIAMETERS:
             return resolve_diameter(self.network, self.diameter)
         h, w = regions.shape
         cy, cx, half = h // 2, w // 2, self.auto_crop // 2
         window = (max(cy - half, 0), min(cy + half, h), max(cx - half, 0), min(cx + half, w))
         crop = torch.as_tensor(np.asarray(self.read_window(regions, window, bounds)), dtype=torch.float32)
-        return self.segmenter.inferer.estimate_diameter(crop.to(self.segmenter.device), self.network, method=self.diameter)
+        segmenter = segmenter or self.segmenter
+        return segmenter.inferer.estimate_diameter(crop.to(segmenter.device), self.network, method=self.diameter)
 
-    def segment_block(self, regions: ImageRegions, block: Block, bounds, diameter: float) -> np.ndarray:
+    def segment_block(
+        self, regions: ImageRegions, block: Block, bounds, diameter: float, segmenter: CellSegmenter | None = None
+    ) -> np.ndarray:
         """Cells owned by ``block``: int32 [window h, window w], ids 1..n (consecutive), 0 elsewhere."""
-        masks = self.segmenter(self.read_window(regions, block.window, bounds), diameter=diameter).masks
+        segmenter = segmenter or self.segmenter
+        masks = segmenter(self.read_window(regions, block.window, bounds), diameter=diameter).masks
         return owned_cells(masks, block, margin=0.5 * diameter)
 
     @property
     def _device(self) -> torch.device:
         return next(self.network.parameters()).device
 
+    def segmenter_for(self, shape: tuple[int, int]) -> CellSegmenter:
+        """The segmenter of one slide of ``shape`` (H, W): ``compile="auto"`` decided by its size
+        (:meth:`CellInferer.for_workload`), so a large slide runs every block, and the diameter estimate,
+        through the one compiled network. A new object per slide: this one is never changed by a call."""
+        if self.inferer.compile != "auto":
+            return self.segmenter
+        inferer = self.inferer.for_workload(megapixels=shape[0] * shape[1] / 1e6, device=self._device)
+        return CellSegmenter(self.network, inferer, self.segmenter.mask_settings)
+
     # ------------------------------------------------------------------ whole slide
     def __call__(self, image_path, labels_path, table_path=None) -> SlideResult:
         start = time.perf_counter()
         labels_path = Path(labels_path)
         with open_regions(image_path) as regions:
+            segmenter = self.segmenter_for(regions.shape)
             # under torchrun rank 0 measures the intensity range and the diameter, and every rank uses them
             bounds, diameter = self.intensity_bounds(regions), None
             if is_main_process():
-                diameter = self.slide_diameter(regions, bounds)
+                diameter = self.slide_diameter(regions, bounds, segmenter)
             diameter = broadcast_object(diameter)
             zoom = scale_to_target(diameter, model_diameters(self.network)[0] or DEFAULT_TARGET_DIAMETER)
             halo = self.halo if self.halo is not None else max(64, int(math.ceil(4 * diameter)))
@@ -210,10 +228,10 @@ class SlideSegmenter:
             labels_path.parent.mkdir(parents=True, exist_ok=True)
             block_files = None
             if is_distributed():
-                block_files = self._segment_shard(regions, blocks, bounds, diameter, labels_path)
+                block_files = self._segment_shard(regions, blocks, bounds, diameter, labels_path, segmenter)
                 owned_blocks = (np.load(block_files / f"block_{block.index}.npy").astype(np.int32) for block in blocks)
             else:
-                owned_blocks = (self.segment_block(regions, block, bounds, diameter) for block in blocks)
+                owned_blocks = (self.segment_block(regions, block, bounds, diameter, segmenter) for block in blocks)
             try:
                 cells, copies = 0, 0
                 if is_main_process():
@@ -233,6 +251,7 @@ class SlideSegmenter:
             block_px,
             halo,
             copies,
+            segmenter.inferer.compile is True,
         )
 
     def _assemble(self, shape, blocks, owned_blocks, labels_path: Path, table_path) -> tuple[int, int]:
@@ -255,7 +274,7 @@ class SlideSegmenter:
             Path(scratch).unlink(missing_ok=True)
         return len(table["id"]), copies
 
-    def _segment_shard(self, regions, blocks, bounds, diameter, labels_path: Path) -> Path:
+    def _segment_shard(self, regions, blocks, bounds, diameter, labels_path: Path, segmenter: CellSegmenter) -> Path:
         """Distributed: each rank segments every world-size-th block into ``block_<index>.npy`` in a scratch
         folder beside the output (returned once every rank is done); rank 0 pastes them in block order.
 
@@ -267,7 +286,7 @@ class SlideSegmenter:
         mine = shard(blocks)
         with Progress(len(mine), f"rank {get_rank()}: segmenting blocks", "block", logger) as progress:
             for block in mine:
-                owned = self.segment_block(regions, block, bounds, diameter)
+                owned = self.segment_block(regions, block, bounds, diameter, segmenter)
                 dtype = np.uint16 if owned.max(initial=0) <= np.iinfo(np.uint16).max else np.int32
                 with atomic_path(folder / f"block_{block.index}.npy") as tmp, open(tmp, "wb") as f:
                     np.save(f, owned.astype(dtype))
