@@ -8,14 +8,16 @@ Rows:
 - training step (full CPnet, batch 8, 128 px, augmentation included; ours in fp32 and in bf16 +
   channels_last, Cellpose in fp32);
 - end-to-end inference on dev val (gt_complete yes/mostly; image in memory -> label mask; same weights,
-  the model's stored diameter): Cellpose fp32; ours fp32; ours bf16 eager with the tiling of issue 18
-  (224 px tiles, not fitted); ours bf16 eager and ours bf16 compiled with the current tiling defaults.
+  the model's stored diameter): Cellpose fp32; ours fp32 eager; ours at ``precision auto`` (bf16 +
+  channels_last where the CPU has native bf16, else fp32: the row names say which) eager with the tiling
+  of issue 18 (224 px tiles, not fitted); ours auto eager and ours auto compiled with the current tiling
+  defaults.
   The images are interleaved (each image goes through every variant, in rotating order), so load from
   other work on the machine falls on all of them alike. The one-time compile is timed apart (warm-up)
   and also shown spread over dev val. F1 at IoU 0.5 against the labels (2 px border) for every variant;
 - labels -> flows and flows -> masks s/MPix on dev-val labels;
 - ``--slide``: the 100-megapixel slide of ``bench_wholeslide.py`` (10,000 x 10,000 mosaic of dev
-  fluorescence images): ours eager, ours compiled (the slide default, ``compile auto``), Cellpose
+  fluorescence images): ours compiled (the slide default, ``compile auto``; ``--slide-eager`` adds ours eager), Cellpose
   ``CellposeModel.eval`` on the whole image; each in its own process: wall time, peak RSS, F1 against
   the label mosaic; ours compiled with a profile of its steps.
 
@@ -44,6 +46,9 @@ import bench_speed  # noqa: E402
 import bench_tiling  # noqa: E402
 import bench_wholeslide  # noqa: E402
 
+EAGER = "ours {auto}, eager"
+COMPILED = "ours {auto}, compiled"
+
 
 def inference_rows(items, model_path: str):
     """Interleaved end-to-end inference on ``items``: s/MPix, F1 against the labels and mask agreement.
@@ -52,6 +57,7 @@ def inference_rows(items, model_path: str):
     """
     from cellpose import models
 
+    from mmcs_monai.inference import resolve_precision
     from mmcs_monai.io import read_image, read_labels
     from mmcs_monai.metrics import f1_score
     from mmcs_monai.networks import load_cellpose_checkpoint
@@ -77,22 +83,25 @@ def inference_rows(items, model_path: str):
         grey = img.mean(0) if img.shape[0] > 1 else img[0]
         return cp.eval(grey, channels=[0, 0], diameter=diameter, flow_threshold=0.4, cellprob_threshold=0.0)[0]
 
+    auto = f"auto = {resolve_precision('auto', 'cpu')} here"
     variants = {
         "cellpose": cellpose,
-        "ours fp32": ours(precision="fp32", compile=False),
-        "ours bf16 eager, 224 px tiles not fitted (issue 18)": ours(precision="auto", compile=False, roi_size=224, fit_tiles=False),
-        "ours bf16 eager": ours(precision="auto", compile=False),
-        "ours bf16 compiled": ours(precision="auto", compile=True),
+        # where auto is fp32 (no native bf16), this row is the issue-18 row below and is left out
+        **({"ours fp32 eager": ours(precision="fp32", compile=False)} if resolve_precision("auto", "cpu") != "fp32" else {}),
+        f"ours {auto}, eager, 224 px tiles not fitted (issue 18)": ours(precision="auto", compile=False, roi_size=224, fit_tiles=False),
+        EAGER.format(auto=auto): ours(precision="auto", compile=False),
+        COMPILED.format(auto=auto): ours(precision="auto", compile=True),
     }
+    eager_name, compiled_name = EAGER.format(auto=auto), COMPILED.format(auto=auto)
     # warm-up: libraries and caches (eager variants), then the compile, timed: the compiled network's two
     # graphs (batches of 1 and of several tiles; every tile size shares them), then the compiled variant
     from torch._dynamo.utils import counters
 
     for name, run in variants.items():
-        if name != "ours bf16 compiled":
+        if name != compiled_name:
             run(images[0])
     compile_seconds = bench_tiling.precompile(net, "auto")
-    variants["ours bf16 compiled"](images[0])
+    variants[compiled_name](images[0])
     graphs_after_warmup = int(counters["stats"]["unique_graphs"])
 
     names = list(variants)
@@ -106,9 +115,9 @@ def inference_rows(items, model_path: str):
             seconds[name] += time.perf_counter() - t
     times = {name: seconds[name] / megapixels for name in names}
     f1 = {name: float(np.mean([f1_score(lab, m, border=2)["f1"] for lab, m in zip(labels, masks[name])])) for name in names}
-    agreement = {name: float(np.mean([f1_score(r, m)["f1"] for r, m in zip(masks["ours bf16 eager"], masks[name])])) for name in names}
+    agreement = {name: float(np.mean([f1_score(r, m)["f1"] for r, m in zip(masks[eager_name], masks[name])])) for name in names}
     graphs = int(counters["stats"]["unique_graphs"]) - graphs_after_warmup
-    return times, f1, agreement, megapixels, compile_seconds, graphs
+    return times, f1, agreement, megapixels, compile_seconds, graphs, compiled_name
 
 
 def slide_rows(args) -> list[tuple]:
@@ -124,7 +133,8 @@ def slide_rows(args) -> list[tuple]:
         print("building the slide:", bench_wholeslide.build_mosaic(args.slide_size, slide, truth_path), flush=True)
     options = SimpleNamespace(model=args.model, precision="auto", block_size=2048, diameter="stored", profile=False)
     runs = {}
-    for name, compile_, profile in (("ours eager", "False", False), ("ours compiled", "auto", True)):
+    ours_runs = (("ours eager", "False", False),) if args.slide_eager else ()
+    for name, compile_, profile in ours_runs + (("ours compiled", "auto", True),):
         runs[name] = bench_wholeslide.run_child(
             "ours",
             slide,
@@ -149,7 +159,7 @@ def slide_rows(args) -> list[tuple]:
     side = f"{args.slide_size:,} x {args.slide_size:,}"
     rows = []
     for name in ("ours eager", "ours compiled"):
-        ours = runs[name]
+        ours = runs.get(name)
         if not ours:
             continue
         label = f"slide {side} ({name}; compiled: {ours.get('compiled')})"
@@ -171,6 +181,7 @@ def main() -> None:
     parser.add_argument("--no-training", action="store_true", help="leave out the training-step rows")
     parser.add_argument("--no-flows", action="store_true", help="leave out the labels -> flows and flows -> masks rows")
     parser.add_argument("--slide", action="store_true", help="add the 100-megapixel slide rows (about an hour with Cellpose)")
+    parser.add_argument("--slide-eager", action="store_true", help="with --slide: also our slide path without compiling")
     parser.add_argument("--slide-size", type=int, default=10000)
     parser.add_argument("--cellpose-slide-timeout", type=float, default=5400)
     parser.add_argument("--work", default=str(HERE.parent / "runs" / "wholeslide"))
@@ -195,13 +206,13 @@ def main() -> None:
         rows.append(("training step, fp32 (s)", step_fp32, step_cp))
         rows.append(("training step, ours bf16 + channels_last (s)", step_bf16, step_cp))
 
-    times, f1, agreement, mpix, compile_seconds, graphs = inference_rows(val, args.model)
+    times, f1, agreement, mpix, compile_seconds, graphs, compiled_name = inference_rows(val, args.model)
     for name in [n for n in times if n != "cellpose"]:
         rows.append((f"inference end to end, {name} (s/MPix, {mpix:.2f} MPix)", times[name], times["cellpose"]))
-    with_compile = times["ours bf16 compiled"] + compile_seconds / mpix
+    with_compile = times[compiled_name] + compile_seconds / mpix
     rows.append(
         (
-            f"inference end to end, ours bf16 compiled, one-time compile ({compile_seconds:.0f} s) spread over dev val (s/MPix)",
+            f"inference end to end, {compiled_name[5:]}, one-time compile ({compile_seconds:.0f} s) spread over dev val (s/MPix)",
             with_compile,
             times["cellpose"],
         )
@@ -243,7 +254,7 @@ def main() -> None:
         f"load average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f}; "
         f"graphs compiled during the timed inference (0: no recompiles): {graphs}\n"
     )
-    print("| variant (dev val, stored diameter) | F1 vs labels | masks F1 vs ours bf16 eager |\n|---|---|---|")
+    print("| variant (dev val, stored diameter) | F1 vs labels | masks F1 vs ours eager (auto precision) |\n|---|---|---|")
     for name in times:
         print(f"| {name} | {f1[name]:.4f} | {agreement[name]:.4f} |")
     print()

@@ -31,7 +31,8 @@ ROI_SIZE = 224
 OVERLAP = 0.1
 SW_BATCH_SIZE = 8
 # each image's tiles shrunk to the smallest that keep the number of windows (CellInferer's fit_tiles): on dev
-# val 25% fewer network pixels at the same F1 (0.7678 vs 0.7670), benchmarks/README.md "Tiling sweep"
+# val 28% fewer network pixels (1.25 vs 1.73 per image pixel) at the same F1 (0.7221 vs 0.7223) and 1.3x
+# faster; larger tiles or less overlap did not win beyond noise (benchmarks/README.md, "Tiling sweep")
 FIT_TILES = True
 # ``compile="auto"`` compiles CPU inference of at least this many image megapixels (a folder's images, a
 # slide): below it the one-time compile costs more than it saves (benchmarks/README.md, "Compiled inference")

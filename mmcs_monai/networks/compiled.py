@@ -8,8 +8,10 @@ impossible, so the caller runs the network as it is; the reason is logged once p
 How it is compiled (``benchmarks/README.md`` has the measurements behind each choice):
 
 - inductor with weight **freezing**: parameters become constants, so batch norm and the additions after a
-  convolution fold into it and convolution weights are packed once for oneDNN. On the 2-core AVX-512 BF16
-  CPU this made the compiled network 1.4-1.5x faster than eager bf16, against 1.1-1.4x without freezing.
+  convolution fold into it and convolution weights are packed once for oneDNN. Full CPnet, batch of 8 tiles
+  of 224 px on a 2-core AVX2 CPU (AMD EPYC, fp32): 2.07x faster than eager with freezing, 1.80x without
+  (``benchmarks/bench_compile.py``); where bf16 is emulated (no AVX-512 BF16) compiling gains almost
+  nothing (1.07x), which is why ``precision auto`` keeps fp32 there.
   Frozen weights are copies: when the network's weights change (training, ``load_state_dict``) the next call
   notices (parameter versions and storages are checked on every call, a few microseconds) and recompiles.
 - **dynamic shapes** without duck sizing: one graph serves every tile size (multiples of 16) and every batch
@@ -19,7 +21,7 @@ How it is compiled (``benchmarks/README.md`` has the measurements behind each ch
 - compiled code is cached on disk by PyTorch (``TORCHINDUCTOR_CACHE_DIR``, default
   ``/tmp/torchinductor_<user>``): the C++ kernels of a second run load from there; inductor's FX graph cache
   cannot store frozen oneDNN weights (PyTorch skips it for such graphs), so each process still traces and
-  freezes the network once (tens of seconds on 2 cores; see the benchmarks).
+  freezes the network once (90-130 s for the full CPnet on 2 cores; see the benchmarks).
 
 Fallbacks (the network runs eagerly; one log line each, once per process): a TorchScript model, a network
 in training mode, a Python or platform where ``torch.compile`` is unsupported, and any error while compiling

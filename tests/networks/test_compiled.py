@@ -1,7 +1,7 @@
 """Compiled inference (mmcs_monai.networks.compiled): same masks as eager, no recompiles per batch or tile,
 and a clean fallback (one log line) where compiling is impossible.
 
-The tests that really compile are marked slow: inductor takes tens of seconds per network on 2 cores.
+The tests that really compile are marked slow: inductor takes a minute or more per network on 2 cores.
 """
 
 import logging
@@ -185,7 +185,7 @@ def test_each_network_gets_its_own_graph_cache_and_weight_changes_recompile(monk
 
 @pytest.mark.slow
 def test_compiled_masks_agree_with_eager_without_recompiling(tiny_model):
-    """One real compile (tens of seconds on 2 cores): every tile size and batch of the sample images runs
+    """One real compile (about a minute on 2 cores): every tile size and batch of the sample images runs
     through the one graph, and the masks are eager's."""
     from mmcs_monai.data import load_datalist
     from mmcs_monai.transforms import inference_preprocessing
