@@ -93,8 +93,8 @@ def inference_rows(items, model_path: str):
         COMPILED.format(auto=auto): ours(precision="auto", compile=True),
     }
     eager_name, compiled_name = EAGER.format(auto=auto), COMPILED.format(auto=auto)
-    # warm-up: libraries and caches (eager variants), then the compile, timed: the compiled network's two
-    # graphs (batches of 1 and of several tiles; every tile size shares them), then the compiled variant
+    # warm-up: libraries and caches (eager variants), then the compile, timed: the compiled network's one
+    # graph (every batch of 2+ tiles and tile size shares it), then the compiled variant
     from torch._dynamo.utils import counters
 
     for name, run in variants.items():

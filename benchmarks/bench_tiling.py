@@ -45,7 +45,7 @@ def load_images(data: Path, limit: int | None, every: int = 1):
 
 
 def precompile(net, precision: str = "auto") -> float:
-    """Compile the network's two graphs (batches of 1 and of several tiles) before anything is timed, through
+    """Compile the network's graph (every batch of 2+ tiles and tile size) before anything is timed, through
     the path inference takes (:meth:`CellInferer.warm_up`); seconds (the fallback: an eager run)."""
     from mmcs_monai.inference import CellInferer
 

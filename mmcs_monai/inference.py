@@ -260,13 +260,12 @@ class CellInferer(Inferer):
         return inferer
 
     def warm_up(self, network: torch.nn.Module) -> float:
-        """Run ``network`` once on blank images of one tile and of several, on its device, as :meth:`predict`
-        would: with ``compile`` on this compiles both graphs (batches of 1 and of more tiles) before any real
-        image waits for them. Returns the seconds it took."""
+        """Run ``network`` once on a blank image of two tiles, on its device, as :meth:`predict` would: with
+        ``compile`` on this compiles the one graph every batch of 2+ tiles and tile size uses (a single tile
+        runs eagerly) before any real image waits for it. Returns the seconds it took."""
         device = next(iter(network.parameters()), torch.empty(0)).device
         start = time.perf_counter()
-        for width in (self.roi_size, 2 * self.roi_size):
-            self._run(torch.zeros(1, 2, self.roi_size, width, device=device), network)
+        self._run(torch.zeros(1, 2, self.roi_size, 2 * self.roi_size, device=device), network)
         return time.perf_counter() - start
 
     def tile_shape(self, height: int, width: int) -> tuple[int, int]:
