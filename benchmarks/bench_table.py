@@ -1,7 +1,7 @@
 """One table, same inputs, one run: ours vs Cellpose 3.1.1.3 on this machine's CPU.
 
     python benchmarks/bench_table.py [--data ../shared/data/dev] [--model bundle/models/model.pt] [--limit N]
-        [--no-training] [--no-flows] [--slide] [--slide-size 10000] [--cellpose-slide-timeout 5400]
+        [--no-training] [--no-inference] [--no-flows] [--slide] [--slide-size 10000] [--cellpose-slide-timeout 5400]
 
 Rows:
 
@@ -179,6 +179,7 @@ def main() -> None:
     parser.add_argument("--model", default=str(HERE.parent / "bundle" / "models" / "model.pt"))
     parser.add_argument("--limit", type=int, default=None, help="first N dev-val images for inference and flows")
     parser.add_argument("--no-training", action="store_true", help="leave out the training-step rows")
+    parser.add_argument("--no-inference", action="store_true", help="leave out the dev-val inference rows")
     parser.add_argument("--no-flows", action="store_true", help="leave out the labels -> flows and flows -> masks rows")
     parser.add_argument("--slide", action="store_true", help="add the 100-megapixel slide rows (about an hour with Cellpose)")
     parser.add_argument("--slide-eager", action="store_true", help="with --slide: also our slide path without compiling")
@@ -206,17 +207,19 @@ def main() -> None:
         rows.append(("training step, fp32 (s)", step_fp32, step_cp))
         rows.append(("training step, ours bf16 + channels_last (s)", step_bf16, step_cp))
 
-    times, f1, agreement, mpix, compile_seconds, graphs, compiled_name = inference_rows(val, args.model)
-    for name in [n for n in times if n != "cellpose"]:
-        rows.append((f"inference end to end, {name} (s/MPix, {mpix:.2f} MPix)", times[name], times["cellpose"]))
-    with_compile = times[compiled_name] + compile_seconds / mpix
-    rows.append(
-        (
-            f"inference end to end, {compiled_name[5:]}, one-time compile ({compile_seconds:.0f} s) spread over dev val (s/MPix)",
-            with_compile,
-            times["cellpose"],
+    times, f1, agreement, graphs = {}, {}, {}, "n/a"
+    if not args.no_inference:
+        times, f1, agreement, mpix, compile_seconds, graphs, compiled_name = inference_rows(val, args.model)
+        for name in [n for n in times if n != "cellpose"]:
+            rows.append((f"inference end to end, {name} (s/MPix, {mpix:.2f} MPix)", times[name], times["cellpose"]))
+        with_compile = times[compiled_name] + compile_seconds / mpix
+        rows.append(
+            (
+                f"inference end to end, {compiled_name[5:]}, one-time compile ({compile_seconds:.0f} s) spread over dev val (s/MPix)",
+                with_compile,
+                times["cellpose"],
+            )
         )
-    )
 
     if not args.no_flows:
         labels = [lab for _, lab in bench_flows.load_labels(root, "val", args.limit)]
@@ -254,10 +257,11 @@ def main() -> None:
         f"load average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f}; "
         f"graphs compiled during the timed inference (0: no recompiles): {graphs}\n"
     )
-    print("| variant (dev val, stored diameter) | F1 vs labels | masks F1 vs ours eager (auto precision) |\n|---|---|---|")
-    for name in times:
-        print(f"| {name} | {f1[name]:.4f} | {agreement[name]:.4f} |")
-    print()
+    if times:
+        print("| variant (dev val, stored diameter) | F1 vs labels | masks F1 vs ours eager (auto precision) |\n|---|---|---|")
+        for name in times:
+            print(f"| {name} | {f1[name]:.4f} | {agreement[name]:.4f} |")
+        print()
     print("| measurement | ours | Cellpose 3.1.1.3 | ratio (Cellpose / ours) |\n|---|---|---|---|")
     for name, ours, theirs in rows:
         ratio = f"{theirs / ours:.2f}" if theirs and "F1" not in name else ""

@@ -160,7 +160,7 @@ def infer_slide(
         halo: context around each block in image pixels (default ``max(64, 4 * diameter)``).
         precision: inference precision (auto, fp32, bf16, fp16).
         compile: run the network compiled (``torch.compile``): True, False, or ``auto`` (the default: on a
-            CPU for slides of at least 20 megapixels, where the one-time compile pays off).
+            CPU for slides large enough to repay the one-time compile: 20 megapixels in fp32, 100 in bf16).
         flow_threshold, cellprob_threshold, min_size: mask thresholds (default: the library's, as in Cellpose 3).
 
     Returns:

@@ -35,8 +35,11 @@ SW_BATCH_SIZE = 8
 # faster; larger tiles or less overlap did not win beyond noise (benchmarks/README.md, "Tiling sweep")
 FIT_TILES = True
 # ``compile="auto"`` compiles CPU inference of at least this many image megapixels (a folder's images, a
-# slide): below it the one-time compile costs more than it saves (benchmarks/README.md, "Compiled inference")
-AUTO_COMPILE_MEGAPIXELS = 20.0
+# slide), by the precision the network runs in: below it the one-time compile (50-130 s on 2 cores) costs
+# more than it saves. fp32 (AVX2 CPU): it saves 5.7 s/MPix, so it pays from ~14 MPix; bf16 (AVX-512 BF16
+# CPU, where the network already runs near the CPU's bf16 peak): it saves 0.5-0.9 s/MPix and pays from
+# 65-110 MPix (benchmarks/README.md, "Compiled inference")
+AUTO_COMPILE_MEGAPIXELS = {"fp32": 20.0, "bf16": 100.0}
 
 # Where CellInferer's output carries the diameter each image was segmented at (MetaTensor meta).
 CELL_DIAMETER_KEY = "cell_diameter"
@@ -121,19 +124,29 @@ def workload_megapixels(images: Any) -> float:
     return total
 
 
-def resolve_compile(compile: Any = "auto", device: torch.device | str = "cpu", images: Any = None, megapixels: float | None = None) -> bool:
+def resolve_compile(
+    compile: Any = "auto",
+    device: torch.device | str = "cpu",
+    images: Any = None,
+    megapixels: float | None = None,
+    precision: str = "auto",
+) -> bool:
     """Whether to compile the network for a job: ``compile`` True/False as given; ``"auto"``: on a CPU, when
-    the job has at least :data:`AUTO_COMPILE_MEGAPIXELS` image megapixels (``megapixels``, else counted from
-    ``images``, a data list) and compiling is available; on a GPU ``auto`` stays off (not measured there).
+    the job has at least :data:`AUTO_COMPILE_MEGAPIXELS` image megapixels for the precision the network runs
+    in (``precision``, resolved for ``device``; ``megapixels``, else counted from ``images``, a data list)
+    and compiling is available; on a GPU ``auto`` stays off (not measured there).
     """
     choice = parse_compile(compile)
     if choice != "auto":
         return choice
     if torch.device(device).type != "cpu" or compile_unavailable(None, device) is not None:
         return False
+    threshold = AUTO_COMPILE_MEGAPIXELS.get(resolve_precision(precision, device))
+    if threshold is None:
+        return False
     if megapixels is None:
         megapixels = workload_megapixels(images)
-    return megapixels >= AUTO_COMPILE_MEGAPIXELS
+    return megapixels >= threshold
 
 
 def fitted_tile(size: int, roi: int, overlap: float) -> int:
@@ -256,7 +269,7 @@ class CellInferer(Inferer):
         if self.compile != "auto":
             return self
         inferer = copy.copy(self)
-        inferer.compile = resolve_compile("auto", device, images=images, megapixels=megapixels)
+        inferer.compile = resolve_compile("auto", device, images=images, megapixels=megapixels, precision=self.precision)
         return inferer
 
     def warm_up(self, network: torch.nn.Module) -> float:

@@ -114,7 +114,7 @@ class SlideSegmenter:
         network: a CPnet in eval mode (on its device).
         inferer: the per-window inferer (default: tiles of up to 224 px fitted to the window, 10% overlap,
             auto precision, ``compile="auto"``: the network is compiled for a slide of at least
-            :data:`~mmcs_monai.inference.AUTO_COMPILE_MEGAPIXELS`).
+            :data:`~mmcs_monai.inference.AUTO_COMPILE_MEGAPIXELS` for its precision).
         block_size: block side in pixels at network scale (input pixels = this / zoom); bounds memory.
         halo: context around each block in input pixels; default ``max(64, 4 * diameter)``. Cells larger
             than the halo can be cut at block borders.

@@ -57,6 +57,10 @@ def test_parse_compile_accepts_command_line_spellings():
 def test_auto_compiles_large_cpu_jobs_only():
     assert resolve_compile("auto", "cpu", megapixels=1.0) is False
     assert resolve_compile("auto", "cpu", megapixels=1000.0) is True
+    # the threshold follows the precision the network runs in: the compile repays sooner in fp32
+    assert resolve_compile("auto", "cpu", megapixels=50.0, precision="fp32") is True
+    assert resolve_compile("auto", "cpu", megapixels=50.0, precision="bf16") is False
+    assert resolve_compile("auto", "cpu", megapixels=150.0, precision="bf16") is True
     assert resolve_compile("auto", "cuda", megapixels=1000.0) is False  # not measured on a GPU: stays off
     assert resolve_compile(True, "cpu", megapixels=0.0) is True
     assert resolve_compile("false", "cpu", megapixels=1000.0) is False
@@ -65,6 +69,8 @@ def test_auto_compiles_large_cpu_jobs_only():
     inferer = CellInferer()
     assert inferer.compile == "auto" and inferer.for_workload(1000.0).compile is True
     assert inferer.for_workload(0.1).compile is False and inferer.compile == "auto"  # a copy; the inferer is unchanged
+    assert CellInferer(precision="fp32").for_workload(50.0).compile is True
+    assert CellInferer(precision="bf16").for_workload(50.0).compile is False
 
 
 @pytest.mark.parametrize("size", [100, 224, 240, 300, 569, 756, 1000, 2250])
