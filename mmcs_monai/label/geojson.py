@@ -1,37 +1,94 @@
 """Cell outlines as GeoJSON, the shape format QuPath and other MONAI Label clients import.
 
-Coordinates are pixel coordinates of the image, x to the right and y down (QuPath's convention), with
-pixel centres at integer values; each cell is one ``Feature`` with a ``Polygon`` (exterior ring, closed)
-and ``properties`` ``{"id": label id, "area": pixels, "objectType": "detection", "classification": ...}``.
+Coordinates are pixel coordinates of the image, x to the right and y down, in QuPath's convention: pixel
+``(row, col)`` covers ``[col, col + 1) x [row, row + 1)``, so its centre is at ``(col + 0.5, row + 0.5)``
+(QuPath's ``ContourTracing`` and ``LabeledImageServer`` use the same frame). Each cell is one ``Feature``
+with a ``Polygon`` (exterior ring, closed) and ``properties`` ``{"id": label id, "area": pixels,
+"objectType": "detection", "classification": ...}``.
 
-The polygon follows the cell's outer boundary (marching squares on the cell's binary mask at level 0.5,
-then straight runs merged with at most 0.5 px deviation), so rasterising it back gives the mask up to
-boundary pixels.
+The polygon runs along the pixel edges of the cell's outer boundary (vertices at whole numbers, only
+where the outline turns), so a pixel is inside it exactly when it belongs to the cell: rasterising it back
+(a pixel is in when its centre is) gives the mask again, and QuPath's ``(int)`` cast of the coordinates it
+submits as a label loses nothing. A cell in several pieces is outlined by its largest piece; holes are
+filled.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
-from skimage.measure import approximate_polygon, find_contours
+
+# direction of a boundary edge: 0 east (+x), 1 south (+y), 2 west, 3 north; the cell lies on its right
+_STEP = ((1, 0), (0, 1), (-1, 0), (0, -1))
 
 
-def cell_polygon(mask: np.ndarray, offset: tuple[int, int] = (0, 0)) -> list[list[float]]:
-    """Exterior ring ``[[x, y], ...]`` (closed: first point repeated last) of the largest outline in ``mask``.
+def outline_rings(mask: np.ndarray) -> list[list[tuple[int, int]]]:
+    """Every boundary ring of ``mask`` along pixel edges, ``[(x, y), ...]`` (open), in the frame of ``mask``.
+
+    Outer rings run clockwise on screen (the cell on the right), holes the other way; two pixels touching
+    only at a corner belong to different rings (4-connectivity).
+    """
+    padded = np.pad(np.asarray(mask, dtype=bool), 1)
+    inner = padded[1:-1, 1:-1]
+    exposed = (
+        inner & ~padded[:-2, 1:-1],  # top: (c, r) -> (c + 1, r), east
+        inner & ~padded[1:-1, 2:],  # right: (c + 1, r) -> (c + 1, r + 1), south
+        inner & ~padded[2:, 1:-1],  # bottom: (c + 1, r + 1) -> (c, r + 1), west
+        inner & ~padded[1:-1, :-2],  # left: (c, r + 1) -> (c, r), north
+    )
+    start_corner = ((0, 0), (1, 0), (1, 1), (0, 1))  # (dx, dy) of each edge's start from the pixel's corner
+    outgoing: dict[tuple[int, int], list[int]] = {}
+    edges: list[tuple[int, int, int]] = []  # (x, y, direction) of each edge's start
+    for direction, side in enumerate(exposed):
+        rows, cols = np.nonzero(side)
+        dx, dy = start_corner[direction]
+        for x, y in zip((cols + dx).tolist(), (rows + dy).tolist()):
+            outgoing.setdefault((x, y), []).append(len(edges))
+            edges.append((x, y, direction))
+    used = [False] * len(edges)
+    rings = []
+    for first in range(len(edges)):
+        if used[first]:
+            continue
+        ring = []
+        edge = first
+        while not used[edge]:
+            used[edge] = True
+            x, y, direction = edges[edge]
+            ring.append((x, y, direction))
+            ex, ey = x + _STEP[direction][0], y + _STEP[direction][1]
+            # at a corner shared by two diagonal pixels, turn right first: the ring keeps to its own pixel
+            edge = min(outgoing[(ex, ey)], key=lambda e: (edges[e][2] - direction - 1) % 4)
+        # keep the corners where the direction changes
+        rings.append([(x, y) for i, (x, y, d) in enumerate(ring) if d != ring[i - 1][2]])
+    return rings
+
+
+def ring_area(ring) -> float:
+    """Signed area of an open ring ``[(x, y), ...]`` (positive: clockwise on screen, y down)."""
+    xy = np.asarray(ring, dtype=np.float64).reshape(-1, 2)
+    if len(xy) < 3:
+        return 0.0
+    x, y = xy[:, 0], xy[:, 1]
+    return float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2.0
+
+
+def cell_polygon(mask: np.ndarray, offset: tuple[int, int] = (0, 0)) -> list[list[int]]:
+    """Exterior ring ``[[x, y], ...]`` (closed: first point repeated last) of the largest piece of ``mask``.
 
     Args:
-        mask: ``[h, w]`` bool, one cell (a crop of the label image).
+        mask: ``[h, w]`` bool, one cell (a crop of the label image), with at least one pixel.
         offset: (row, col) of the crop's top-left pixel in the whole image.
+
+    Returns:
+        whole-number vertices on pixel corners (QuPath's frame, see the module docstring).
     """
-    padded = np.pad(mask.astype(np.uint8), 1)  # closed contours for cells touching the crop's edge
-    contours = find_contours(padded, 0.5)
-    # straight runs of the half-pixel outline collapse to their end points (at most 0.5 px off the outline)
-    ring = approximate_polygon(max(contours, key=len), tolerance=0.5)
-    rows = ring[:, 0] - 1 + offset[0]
-    cols = ring[:, 1] - 1 + offset[1]
-    points = [[round(float(c), 2), round(float(r), 2)] for r, c in zip(rows, cols)]
-    if points[0] != points[-1]:
-        points.append(points[0])
+    rings = outline_rings(mask)
+    if not rings:
+        raise ValueError("mask has no pixel")
+    ring = max(rings, key=ring_area)
+    points = [[int(x + offset[1]), int(y + offset[0])] for x, y in ring]
+    points.append(points[0])
     return points
 
 
