@@ -235,7 +235,7 @@ class SlideSegmenter:
             try:
                 cells, copies = 0, 0
                 if is_main_process():
-                    cells, copies = self._assemble(regions.shape, blocks, owned_blocks, labels_path, table_path)
+                    cells, copies = assemble_slide_labels(regions.shape, blocks, owned_blocks, labels_path, table_path)
                 cells, copies = broadcast_object((cells, copies))
             finally:
                 if block_files is not None and is_main_process():
@@ -253,26 +253,6 @@ class SlideSegmenter:
             copies,
             segmenter.inferer.compile is True,
         )
-
-    def _assemble(self, shape, blocks, owned_blocks, labels_path: Path, table_path) -> tuple[int, int]:
-        """Paste the blocks' owned cells in block order, renumber, write labels (and table); (cells, copies dropped)."""
-        fd, scratch = tempfile.mkstemp(prefix=f".{labels_path.name}.", suffix=".u32", dir=labels_path.parent)
-        os.close(fd)
-        try:
-            canvas = LabelCanvas(Path(scratch), shape)
-            next_id, copies = 1, 0
-            with Progress(len(blocks), "segmenting blocks", "block", logger) as progress:
-                for block, owned in zip(blocks, owned_blocks):
-                    next_id, dropped = paste_block(canvas, block, owned, next_id)
-                    copies += dropped
-                    progress.step(f"block {block.index + 1}: {next_id - 1} cells so far")
-            lut, table = finalize_labels(canvas)
-            write_label_tiff(labels_path, canvas, lut)
-            if table_path is not None:
-                write_cell_table(table_path, table)
-        finally:
-            Path(scratch).unlink(missing_ok=True)
-        return len(table["id"]), copies
 
     def _segment_shard(self, regions, blocks, bounds, diameter, labels_path: Path, segmenter: CellSegmenter) -> Path:
         """Distributed: each rank segments every world-size-th block into ``block_<index>.npy`` in a scratch
@@ -293,6 +273,39 @@ class SlideSegmenter:
                 progress.step(f"rank {get_rank()}: block {block.index + 1} of {len(blocks)} segmented")
         barrier()
         return folder
+
+
+def assemble_slide_labels(shape, blocks, owned_blocks, labels_path, table_path=None) -> tuple[int, int]:
+    """Paste the blocks' owned cells in block order, renumber, write the label TIFF (and the cell table).
+
+    Args:
+        shape: (height, width) of the slide.
+        blocks: the :class:`Block` plan, in index order.
+        owned_blocks: for each block, its owned cells (:func:`owned_cells`: int [window h, window w], ids 1..n).
+        labels_path: the label TIFF to write (uint16, or uint32 past 65,535 cells), atomically.
+        table_path: optional per-cell CSV.
+
+    Returns:
+        ``(cells, copies dropped)``.
+    """
+    labels_path = Path(labels_path)
+    fd, scratch = tempfile.mkstemp(prefix=f".{labels_path.name}.", suffix=".u32", dir=labels_path.parent)
+    os.close(fd)
+    try:
+        canvas = LabelCanvas(Path(scratch), shape)
+        next_id, copies = 1, 0
+        with Progress(len(blocks), "segmenting blocks", "block", logger) as progress:
+            for block, owned in zip(blocks, owned_blocks):
+                next_id, dropped = paste_block(canvas, block, owned, next_id)
+                copies += dropped
+                progress.step(f"block {block.index + 1}: {next_id - 1} cells so far")
+        lut, table = finalize_labels(canvas)
+        write_label_tiff(labels_path, canvas, lut)
+        if table_path is not None:
+            write_cell_table(table_path, table)
+    finally:
+        Path(scratch).unlink(missing_ok=True)
+    return len(table["id"]), copies
 
 
 def owned_cells(masks: np.ndarray, block: Block, margin: float = 0.0) -> np.ndarray:

@@ -65,6 +65,63 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=path, PYTHONWARNINGS="ignore", **extra)
 
 
+_MMCS_BATCH = r"""
+import json, os, sys, tempfile, traceback
+from mmcs_monai import cli
+commands, results = json.load(open(sys.argv[1])), []
+for argv in commands:
+    saved = dict(os.environ)  # --verbose sets MMCS_DEBUG
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        sys.stdout.flush(); sys.stderr.flush()
+        kept = os.dup(1), os.dup(2)
+        os.dup2(out.fileno(), 1); os.dup2(err.fileno(), 2)
+        try:
+            try:
+                cli.main(argv)
+                code = 0
+            except SystemExit as exit:
+                code = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
+            except BaseException:
+                traceback.print_exc()  # what the interpreter prints for an uncaught exception
+                code = 1
+        finally:
+            sys.stdout.flush(); sys.stderr.flush()
+            os.dup2(kept[0], 1); os.dup2(kept[1], 2)
+            os.close(kept[0]); os.close(kept[1])
+        out.seek(0); err.seek(0)
+        results.append([code, out.read().decode(errors="replace"), err.read().decode(errors="replace")])
+    os.environ.clear()
+    os.environ.update(saved)
+json.dump(results, open(sys.argv[2], "w"))
+"""
+
+
+def run_mmcs_batch(commands: list[list[str]], **env: str) -> list:
+    """Run several ``mmcs`` command lines in one child process (``mmcs_monai.cli.main`` called once per command,
+    its stdout and stderr captured at the file-descriptor level, the environment restored between commands), so
+    a list of quick commands pays Python's and MONAI's start-up once instead of once each.
+
+    Returns:
+        one ``subprocess.CompletedProcess`` per command (``returncode``, ``stdout``, ``stderr``); an uncaught
+        exception gives status 1 and its traceback on stderr, as the interpreter would.
+    """
+    import json
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        request, answer = Path(folder) / "commands.json", Path(folder) / "results.json"
+        request.write_text(json.dumps([list(map(str, argv)) for argv in commands]))
+        environment = subprocess_env(**env)
+        environment.pop("PYTHONWARNINGS", None)
+        run = subprocess.run(
+            [sys.executable, "-c", _MMCS_BATCH, str(request), str(answer)], capture_output=True, text=True, env=environment, timeout=600
+        )
+        assert run.returncode == 0 and answer.is_file(), run.stderr[-3000:]
+        results = json.loads(answer.read_text())
+    return [subprocess.CompletedProcess(argv, code, out, err) for argv, (code, out, err) in zip(commands, results)]
+
+
 # bundle runs with a tiny network, so a training epoch on the sample data takes seconds
 TINY = ["--nbase", "[2,8,16,32]", "--patch_size", "64", "--batch_size", "4", "--num_workers", "0"]
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from helpers import BUNDLE, SAMPLE_IMAGES, subprocess_env
+from helpers import BUNDLE, SAMPLE_IMAGES, run_mmcs_batch, subprocess_env
 from mmcs_monai.io import read_labels
 
 TRUST_WARNING = 'any `"_target_"` value in it is resolved to an importable callable'
@@ -57,48 +57,76 @@ def copy_sample_images(folder, count: int):
 # ---------------------------------------------------------------------------------------------- mistakes
 @pytest.fixture
 def mistakes(tmp_path, tiny_model):
-    """Names the mistake cases use: an image folder, one image, a corrupt model file, the tiny model."""
+    """Names the mistake cases use: an image folder, one image, an empty output folder, corrupt, empty and
+    missing model files, the tiny model."""
     images = copy_sample_images(tmp_path / "images", 1)
     (tmp_path / "corrupt.pt").write_bytes(b"these bytes are no model\n" * 10)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "out").mkdir()
     return {
         "IMAGES": str(images),
         "IMAGE": str(next(images.iterdir())),
         "OUT": str(tmp_path / "out"),
         "CORRUPT": str(tmp_path / "corrupt.pt"),
+        "EMPTY.pt": str(tmp_path / "empty.pt"),
+        "MISSING.pt": str(tmp_path / "missing.pt"),
         "TINY": str(tiny_model),
     }
 
 
-@pytest.mark.parametrize(
-    "args, line",
-    [
-        (["infer", "IMAGES", "OUT", "--model", "CORRUPT"], "CORRUPT: not a readable torch checkpoint ("),
-        (["infer", "IMAGES", "OUT", "--model", "TINY", "--dimeter", "20"], "unknown option --dimeter (did you mean --diameter?)"),
-        (["infer", "IMAGES", "OUT", "--model", "TINY", "--diameter", "abc"], "diameter 'abc': not a number"),
-        (["evaluate", "--data_source", "/nonexistent/manifest.csv"], "/nonexistent/manifest.csv: data list not found"),
-        (["evaluate", "--model", "CORRUPT"], "CORRUPT: not a readable torch checkpoint"),
-        (["infer-slide", "IMAGE", "OUT", "--model", "TINY", "--precision", "xyz"], "precision must be one of"),
-        (
-            ["infer-slide", "IMAGE", "OUT", "--model", "TINY", "--diameter", "no_such_subset"],
-            "diameter 'no_such_subset': not a number, and no stored",
-        ),
-        (["diameter-sweep", "/nonexistent"], "/nonexistent: data list not found"),
-        (["diameter-sweep", "IMAGES", "--model", "TINY"], "IMAGES: no labelled images in split 'val'"),
-        (["export", "--model", "CORRUPT", "--output", "OUT/model.ts"], "CORRUPT: not a readable torch checkpoint"),
-    ],
-)
-def test_a_mistake_exits_2_with_one_line_naming_it(mistakes, args, line):
-    """Status 2, one ``mmcs: error:`` line naming the thing and the problem, no traceback."""
-    result = mmcs(*(mistakes.get(a, a.replace("OUT", mistakes["OUT"])) for a in args))
-    expected = "mmcs: error: " + "".join(mistakes.get(part, part) for part in re.split(r"(CORRUPT|IMAGES)", line))
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert [e[: len(expected)] for e in error_lines(result)] == [expected], result.stderr[-3000:]
-    assert "Traceback" not in result.stderr
+MISTAKES = [
+    (["infer", "/nonexistent", "OUT"], "/nonexistent: data list not found"),
+    (["infer", "IMAGES", "OUT", "--model", "MISSING.pt"], "MISSING.pt: model file not found"),
+    (["infer", "IMAGES", "OUT", "--model", "EMPTY.pt"], "EMPTY.pt: model file is empty"),
+    (["infer", "IMAGES", "OUT", "--model", "CORRUPT"], "CORRUPT: not a readable torch checkpoint ("),
+    (["infer", "IMAGES", "OUT", "--model", "TINY", "--dimeter", "20"], "unknown option --dimeter (did you mean --diameter?)"),
+    (["infer", "IMAGES", "OUT", "--model", "TINY", "--diameter", "abc"], "diameter 'abc': not a number"),
+    (["infer", "IMAGES", "OUT", "--model", "TINY", "--precision", "fp64"], "precision must be one of"),
+    (["train", "--bundle_root", "OUT"], "OUT: not a bundle folder"),
+    (["evaluate", "--data_source", "/nonexistent/manifest.csv"], "/nonexistent/manifest.csv: data list not found"),
+    (["evaluate", "--model", "CORRUPT"], "CORRUPT: not a readable torch checkpoint"),
+    (["infer-slide", "IMAGE", "OUT", "--model", "TINY", "--precision", "xyz"], "precision must be one of"),
+    (
+        ["infer-slide", "IMAGE", "OUT", "--model", "TINY", "--diameter", "no_such_subset"],
+        "diameter 'no_such_subset': not a number, and no stored",
+    ),
+    (["diameter-sweep", "/nonexistent"], "/nonexistent: data list not found"),
+    (["diameter-sweep", "IMAGES", "--model", "TINY"], "IMAGES: no labelled images in split 'val'"),
+    (["export", "--model", "CORRUPT", "--output", "OUT/model.ts"], "CORRUPT: not a readable torch checkpoint"),
+]
 
 
-@pytest.mark.parametrize("how", [{"args": ["--verbose"]}, {"env": {"MMCS_DEBUG": "1"}}], ids=["--verbose", "MMCS_DEBUG=1"])
-def test_verbose_or_debug_shows_the_traceback(mistakes, how):
-    result = mmcs("infer", "/nonexistent", mistakes["OUT"], *how.get("args", []), **how.get("env", {}))
+def test_each_mistake_exits_2_with_one_line_naming_it(mistakes):
+    """A wrong path, an unreadable model, a bad option value or an unknown subset: status 2, one
+    ``mmcs: error:`` line naming the thing and the problem, no traceback; with ``--verbose`` the traceback.
+    The commands run in one child process (:func:`run_mmcs_batch`); the two tests below run real ``mmcs``
+    processes."""
+    names = re.compile("|".join(map(re.escape, sorted(mistakes, key=len, reverse=True))))
+
+    def named(text: str) -> str:
+        return names.sub(lambda m: mistakes[m.group(0)], text)
+
+    commands = [[named(a) for a in args] for args, _ in MISTAKES]
+    results = run_mmcs_batch(commands + [[*c, "--verbose"] for c in commands])
+    wrong = []
+    for (args, line), result, verbose in zip(MISTAKES, results, results[len(commands) :]):
+        expected = "mmcs: error: " + named(line)
+        if result.returncode != 2 or [e[: len(expected)] for e in error_lines(result)] != [expected] or "Traceback" in result.stderr:
+            wrong.append(f"{' '.join(args)}: exit {result.returncode}, expected {expected!r}:\n{result.stderr[-1500:]}")
+        if verbose.returncode == 0 or "Traceback" not in verbose.stderr:
+            wrong.append(f"{' '.join(args)} --verbose: exit {verbose.returncode}, no traceback:\n{verbose.stderr[-1500:]}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_a_mistake_in_a_real_process_exits_2_with_one_line(mistakes):
+    result = mmcs("infer", mistakes["IMAGES"], mistakes["OUT"], "--model", mistakes["CORRUPT"])
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert [e.split(" (")[0] for e in error_lines(result)] == [f"mmcs: error: {mistakes['CORRUPT']}: not a readable torch checkpoint"]
+
+
+def test_debug_in_a_real_process_shows_the_traceback(mistakes):
+    """``MMCS_DEBUG=1`` (as ``--verbose``, checked in the batch above): the traceback instead of the one line."""
+    result = mmcs("infer", "/nonexistent", mistakes["OUT"], MMCS_DEBUG="1")
     assert result.returncode != 0 and "Traceback" in result.stderr
     assert "InputError: /nonexistent: data list not found" in result.stderr
     assert not error_lines(result)

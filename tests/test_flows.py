@@ -8,6 +8,7 @@ import torch
 
 from helpers import disk_labels, require_module
 from mmcs_monai.flows import (
+    MaskSettings,
     fill_holes_and_remove_small_masks,
     flow_error,
     flows_to_masks,
@@ -163,6 +164,26 @@ def test_flow_threshold_removes_mask_with_scrambled_flows():
     bad = np.unique(kept[labels == 2])
     assert err[bad[bad > 0] - 1].min() > 1.0 and np.delete(err, bad[bad > 0] - 1).max() < 0.05
     assert not remove_bad_flow_masks(kept, flows, threshold=0.4)[labels == 2].any()
+
+
+def test_masks_follow_the_flow_threshold_given():
+    """Four discs whose flows are turned by 0, 25, 50 and 70 degrees: each mask's flow error is about
+    2 - 2 cos(angle) (0, 0.19, 0.71, 1.32), so a threshold between two of them keeps the discs below it."""
+    centers = ((30, 30), (30, 90), (90, 30), (90, 90))
+    labels = disk_labels((120, 120), centers, (14, 14, 14, 14))
+    flows = 5 * labels_to_flows(labels)
+    angles = dict(zip((1, 2, 3, 4), np.deg2rad([0, 25, 50, 70])))
+    for cell, a in angles.items():
+        m = labels == cell
+        dy, dx = flows[0, m], flows[1, m]
+        flows[0, m], flows[1, m] = np.cos(a) * dy + np.sin(a) * dx, -np.sin(a) * dy + np.cos(a) * dx
+    output = np.concatenate([flows, _cellprob(labels)[None]])
+    errors = {cell: 2 - 2 * np.cos(a) for cell, a in angles.items()}
+    for threshold in (0.1, 0.45, 1.0, 3.0):
+        expected = {cell for cell, e in errors.items() if e <= threshold}
+        for masks in (MaskSettings(flow_threshold=threshold).masks(output), flows_to_masks(flows, output[2], flow_threshold=threshold)):
+            kept = {cell for cell in angles if (masks[labels == cell] > 0).mean() > 0.9}
+            assert kept == expected and masks.max() == len(expected), (threshold, kept)
 
 
 def test_fill_holes_and_remove_small_masks():

@@ -81,6 +81,9 @@ def test_write_labels_and_overlay_round_trip(tmp_path, discs):
     path = io.write_labels(tmp_path / "out" / "m.tif", discs)
     np.testing.assert_array_equal(tifffile.imread(path), discs)
     assert tifffile.imread(path).dtype == np.uint16
+    many = np.arange(280 * 250, dtype=np.int32).reshape(280, 250) + 1  # 70,000 ids: past uint16
+    np.testing.assert_array_equal(io.read_labels(io.write_labels(tmp_path / "many.tif", many)), many)
+    (tmp_path / "many.tif").unlink()
     image = np.random.default_rng(0).random((1, *discs.shape)).astype(np.float32)
     png = io.write_overlay(tmp_path / "out" / "o.png", image, discs)
     rgb = np.asarray(Image.open(png))

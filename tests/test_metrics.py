@@ -5,7 +5,7 @@ import pytest
 import torch
 from ignite.engine import Engine
 
-from helpers import disk_labels, require_module
+from helpers import BUNDLE, disk_labels, require_module
 from mmcs_monai.metrics import F1Metric, f1_score, match_instances, remove_border_cells
 
 
@@ -157,3 +157,28 @@ def test_f1_metric_needs_data():
 
     with pytest.raises(NotComputableError):
         F1Metric().compute()
+
+
+@pytest.mark.parametrize(
+    ("configs", "key"),
+    [
+        (["train.json"], "validate#key_metric#val_f1"),
+        (["train.json", "semi.json"], "validate_teacher#evaluator#key_val_metric#val_f1_teacher"),
+    ],
+)
+def test_validation_f1_of_the_bundle_matches_at_iou_one_half(configs, key):
+    """The F1 that validation computes (and that picks ``model.pt``) is CellSeg's: a match needs IoU >= 0.5.
+    Two 20 x 20 squares, predicted 7 px off (IoU 13/27 = 0.48: no match) and 6 px off (14/26 = 0.54: a
+    match): TP 1, FP 1, FN 1, F1 0.5 (at IoU 0.3 it would be 1.0, at 0.6 0.0)."""
+    from monai.bundle import ConfigParser
+
+    gt, pred = np.zeros((60, 70), np.int32), np.zeros((60, 70), np.int32)
+    gt[10:30, 5:25], pred[10:30, 12:32] = 1, 1
+    gt[35:55, 40:60], pred[35:55, 46:66] = 2, 2
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE / "configs" / name) for name in configs])
+    metric = parser.get_parsed_content(key)
+    engine = Engine(lambda e, batch: batch)
+    metric.attach(engine, "f1")
+    batch = {"masks": [torch.as_tensor(pred)[None]], "label": [torch.as_tensor(gt)[None]]}
+    assert engine.run([batch], max_epochs=1).metrics["f1"] == pytest.approx(0.5)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from skimage.measure import label
+from skimage.draw import disk
+from skimage.measure import label, regionprops
 
 from helpers import SAMPLE_IMAGES, disk_labels
 from mmcs_monai.diameters import median_diameter
@@ -83,6 +84,51 @@ def test_fragments_at_a_fine_zoom_do_not_win():
     estimate, candidates = estimate_diameter(image, SizeLimitedNetwork(), _masks, 25.0, 30.0)
     assert estimate == pytest.approx(median_diameter(labels), rel=0.1)
     assert [c.diameter for c in candidates[:1]] == [100.0]
+
+
+class CompressingNetwork:
+    """A stand-in CPnet that sees every cell, but as if it were closer to its training size (30 network px):
+    a cell of ``d`` network px comes back as a disc of ``30 * sqrt(d / 30)`` px, as a trained network
+    measures cells it sees off size. Searching at candidate ``c`` for cells of true diameter ``D`` (image px)
+    therefore measures ``sqrt(D * c)``: one step closer to ``D`` in log scale per refinement. Its output carries
+    the cell ids themselves (no flows to follow: the search's logic is under test, not the mask step)."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        found = np.zeros((height, width), np.int32)
+        for cell, region in enumerate(regionprops(label(x[0, 0].numpy() > 0.5)), start=1):
+            y0, x0, y1, x1 = region.bbox
+            if y0 == 0 or x0 == 0 or y1 == height or x1 == width:
+                continue  # cut by the crop: not measured anyway
+            seen = 30 * math.sqrt(region.equivalent_diameter_area / 30)
+            found[disk(region.centroid, seen / 2, shape=(height, width))] = cell
+        return torch.as_tensor(found, dtype=torch.float32)[None, None].repeat(1, 3, 1, 1)  # ids for _ids_as_masks
+
+
+def _ids_as_masks(output: np.ndarray) -> np.ndarray:
+    return output[0].astype(np.int32)
+
+
+def test_refinement_steps_toward_the_true_size():
+    """Cells of 12 px, stored 30: the 1x candidate measures sqrt(12 * 30) = 18.97 px (agrees within the tolerance,
+    0.66 < 0.75); the first refinement measures sqrt(12 * 18.97) = 15.09 (still 0.33 off its candidate, above
+    ``refine_above`` 0.25), the second sqrt(12 * 15.09) = 13.46: the estimate after two refinements."""
+    true = 12.0
+    labels = _disc_grid(true, side=512)
+    image = torch.stack([torch.as_tensor(labels > 0, dtype=torch.float32), torch.zeros(labels.shape)])
+    expected = {0: math.sqrt(true * 30.0)}
+    for k in (1, 2, 3):
+        expected[k] = math.sqrt(true * expected[k - 1])
+    for refinements in (0, 1, 2):
+        search = DiameterSearch(refinements=refinements)
+        estimate, candidates = estimate_diameter(image, CompressingNetwork(), _ids_as_masks, 30.0, 30.0, search)
+        assert estimate == pytest.approx(expected[refinements], rel=0.04), (refinements, candidates)
+    # the default search refines twice, then stops: the second refinement agreed within refine_above
+    estimate, candidates = estimate_diameter(image, CompressingNetwork(), _ids_as_masks, 30.0, 30.0)
+    assert estimate == pytest.approx(expected[2], rel=0.04) and len(candidates) == 3 + 2, candidates
+    # a search that may refine more stops by itself once the last step agreed within refine_above
+    estimate, candidates = estimate_diameter(image, CompressingNetwork(), _ids_as_masks, 30.0, 30.0, DiameterSearch(refinements=5))
+    assert math.log2(expected[2] / expected[3]) < DiameterSearch().refine_above and len(candidates) == 3 + 2
 
 
 def test_no_cells_anywhere_keeps_the_stored_diameter():

@@ -9,8 +9,9 @@ from skimage.measure import regionprops
 
 from helpers import OracleNet, disk_labels
 from mmcs_monai.inference import CellInferer
+from mmcs_monai.io import read_labels
 from mmcs_monai.metrics import f1_score
-from mmcs_monai.wholeslide import Block, LabelCanvas, SlideSegmenter, owned_cells, paste_block, plan_blocks
+from mmcs_monai.wholeslide import Block, LabelCanvas, SlideSegmenter, assemble_slide_labels, owned_cells, paste_block, plan_blocks
 
 
 def test_block_cores_partition_the_image():
@@ -51,6 +52,26 @@ def test_paste_core_wins_halo_only_fills_background(tmp_path):
     out = np.asarray(canvas.rows(0, 10))
     assert (out[2:6, 7:11] == 1).all() and (out[2:6, 11:15] == 2).all() and (out[8, 6:8] == 2).all()
     assert (out[0, 6:9] == 7).all() and out.max() == 7
+
+
+def test_slide_label_file_holds_every_id_past_65535(tmp_path):
+    """70,000 cells of 2 x 2 px assembled from 8 blocks: the label file holds 70,000 distinct ids, one per cell
+    (uint32: uint16 would wrap them at 65,535), and reads back whole; the cell table has a row for each."""
+    height, width = 400, 700
+    yy, xx = np.mgrid[:height, :width]
+    cells = (yy // 2) * (width // 2) + xx // 2 + 1  # 200 x 350 = 70,000 cells
+    blocks = plan_blocks((height, width), block_size=200, halo=4)
+    owned = (owned_cells(cells[b.window[0] : b.window[1], b.window[2] : b.window[3]], b) for b in blocks)
+    n, copies = assemble_slide_labels((height, width), blocks, owned, tmp_path / "slide_masks.tif", tmp_path / "cells.csv")
+    assert (n, copies) == (70_000, 0)
+    written = tifffile.imread(tmp_path / "slide_masks.tif")
+    assert written.dtype == np.uint32 and written.max() == 70_000
+    back = read_labels(tmp_path / "slide_masks.tif")
+    # one id per cell, each cell one id: the (cell, id) pairs are as many as the cells
+    pairs = np.unique(cells.astype(np.int64) * 100_000 + back, return_counts=True)
+    assert len(np.unique(back)) == 70_000 and pairs[0].size == 70_000 and (pairs[1] == 4).all()
+    with open(tmp_path / "cells.csv", newline="") as f:
+        assert sum(1 for _ in csv.DictReader(f)) == 70_000
 
 
 def _straddling_slide(tmp_path, shape=(300, 300)):

@@ -10,7 +10,9 @@ from helpers import disk_labels
 from mmcs_monai.engines import (
     BestModelSaver,
     CheckpointHandler,
+    SegmentationReport,
     TrainingDiameterHandler,
+    TransformRandomState,
     WarmupHalvingSchedule,
 )
 from mmcs_monai.networks import CPnet, load_cellpose_checkpoint
@@ -58,6 +60,49 @@ def test_checkpoint_resume_continues_from_last_epoch(tmp_path):
     assert epochs == [3, 4]
     torch.testing.assert_close(net.weight.detach(), full)
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["checkpoint.pt", "model.pt", "model_final.pt"]
+
+
+def _augmenting_training(folder, seed, resume):
+    """A trainer whose step draws one augmentation per iteration from a pipeline seeded with ``seed`` (as a new
+    process's data loader seeds it); the pipeline's random states ride in the checkpoint. Returns (trainer, draws)."""
+    from monai.transforms import Compose, RandGaussianNoised, RandScaleIntensityd
+
+    from mmcs_monai.transforms import RandCellAffined
+
+    pipeline = Compose(
+        [
+            RandScaleIntensityd(keys="image", factors=0.5, prob=1.0),  # draws through its array twin
+            Compose([RandGaussianNoised(keys="image", prob=1.0, std=0.1), RandCellAffined(keys="image", spatial_size=8)]),
+        ]
+    ).set_random_state(seed=seed)
+    draws = []
+
+    def step(engine, item):
+        draws.append(np.asarray(pipeline({"image": np.ones((2, 16, 16), np.float32)})["image"]).copy())
+
+    trainer = Engine(step)
+    CheckpointHandler(
+        str(folder), {"network": torch.nn.Linear(1, 1), "augmentation_rng": TransformRandomState(pipeline)}, resume=resume
+    ).attach(trainer)
+    return trainer, draws
+
+
+def test_resumed_run_draws_the_augmentations_of_the_uninterrupted_run(tmp_path):
+    trainer, full = _augmenting_training(tmp_path / "a", seed=0, resume=False)
+    trainer.run([0, 1], max_epochs=4)
+    trainer, _ = _augmenting_training(tmp_path / "b", seed=0, resume=False)
+    trainer.run([0, 1], max_epochs=2)
+    trainer, resumed = _augmenting_training(tmp_path / "b", seed=1, resume=True)  # a new process: new seeds
+    trainer.run([0, 1], max_epochs=4)
+    assert len(resumed) == 4
+    for expected, got in zip(full[4:], resumed):
+        np.testing.assert_array_equal(got, expected)
+    # the same resume without the saved states draws other augmentations
+    trainer, unrestored = _augmenting_training(tmp_path / "c", seed=1, resume=False)
+    trainer.run([0, 1], max_epochs=1)
+    assert not np.array_equal(unrestored[0], full[4])
+    with pytest.raises(ValueError, match="transform random states"):
+        TransformRandomState([]).load_state_dict({"states": [np.random.RandomState(0).get_state()]})
 
 
 def test_best_model_saver_keeps_the_weights_of_the_best_epoch(tmp_path):
@@ -118,3 +163,38 @@ def test_run_if_any_runs_only_with_data(capsys):
     assert run_if_any(engine, [1], "empty") and ran == ["ran"]
     assert not run_if_any(engine, [], "nothing to segment") and ran == ["ran"]
     assert "nothing to segment" in capsys.readouterr().out
+
+
+def test_segmentation_summary_counts_only_what_this_run_segmented(tmp_path, caplog):
+    """Five images: two segmented by an earlier run (their rows in the summary CSV), one bad, two now. The
+    summary line says 2 segmented, 2 skipped, 1 bad, and counts the cells of the two new images only
+    (3 + 4, not the 50 + 60 of the earlier rows); the CSV keeps all four segmented images."""
+    import csv
+    import logging
+
+    from mmcs_monai.cells import SEGMENTATION_SUMMARY, write_segmentation_summary
+    from mmcs_monai.data import BadSampleLog
+
+    write_segmentation_summary(
+        tmp_path / SEGMENTATION_SUMMARY,
+        [
+            {"id": "old1", "image": "old1.tif", "cells": 50, "diameter_px": 20.0},
+            {"id": "old2", "image": "old2.tif", "cells": 60, "diameter_px": 20.0},
+        ],
+    )
+    bad = BadSampleLog(max_bad_fraction=1.0)
+    bad.add({"image": "broken.tif"}, "load", ValueError("not an image"))
+    new = {
+        "new1": disk_labels(centers=((20, 20), (50, 50), (70, 20)), radii=(5, 5, 5)),
+        "new2": disk_labels(centers=((20, 20), (50, 50), (70, 20), (20, 70)), radii=(5, 5, 5, 5)),
+    }
+    engine = Engine(lambda e, batch: [{"masks": torch.as_tensor(new[item["id"]].astype(np.int32))[None]} for item in batch])
+    SegmentationReport(str(tmp_path), images_total=5, bad_samples=bad, progress=False).attach(engine)
+    with caplog.at_level(logging.INFO, logger="mmcs_monai"):
+        engine.run([[{"id": "new1", "image_file": "new1.tif"}], [{"id": "new2", "image_file": "new2.tif"}]], max_epochs=1)
+    summary = [r.getMessage() for r in caplog.records if "image(s) segmented" in r.getMessage()]
+    assert len(summary) == 1 and summary[0].startswith("2 image(s) segmented, 2 skipped (masks already there), 1 bad"), summary
+    assert "; 7 cells;" in summary[0], summary
+    with open(tmp_path / SEGMENTATION_SUMMARY, newline="") as f:
+        rows = {r["id"]: int(r["cells"]) for r in csv.DictReader(f)}
+    assert rows == {"old1": 50, "old2": 60, "new1": 3, "new2": 4}

@@ -8,9 +8,10 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import EMAHandler
 
-from helpers import disk_labels
-from mmcs_monai.engines import MixedBatchLoader, PrepareFlowBatch, PseudoLabelStore, sigmoid_rampup
+from helpers import OracleNet, disk_labels
+from mmcs_monai.engines import MixedBatchLoader, PrepareFlowBatch, PseudoLabelRefresher, PseudoLabelStore, sigmoid_rampup
 from mmcs_monai.flows import labels_to_flows
+from mmcs_monai.inference import CellInferer
 from mmcs_monai.losses import CellposeLoss, SemiSupervisedLoss
 from mmcs_monai.networks import CPnet
 from mmcs_monai.transforms import AttachPseudoTargetd, RandCellAffined
@@ -54,6 +55,26 @@ def test_store_accumulates_with_bias_correction_and_round_trips():
     restored = PseudoLabelStore()
     restored.load_state_dict(store.state_dict())
     torch.testing.assert_close(restored.target("a"), store.target("a"))
+
+
+def test_refreshed_pseudo_labels_are_targets_at_the_loss_scale():
+    """A teacher that predicts a disc image perfectly (5x flows, logits +-10) leaves pseudo targets the loss
+    reads like real ones: unit flows equal to ``labels_to_flows`` of the discs and probabilities 0/1, so
+    the student's loss against them, for the teacher's own prediction, is that of a perfect prediction."""
+    labels = disk_labels()
+    image = torch.as_tensor(np.stack([labels > 0, np.zeros_like(labels)]), dtype=torch.float32)
+    teacher = OracleNet(diam_mean=30.0, diam_labels=30.0)
+    store = PseudoLabelStore(alpha=0.6)
+    inferer = CellInferer(precision="fp32", roi_size=128)
+    refresher = PseudoLabelRefresher(store, teacher, teacher, [{"id": "u1", "image": image}], inferer)
+    refresher.fill_if_empty(Engine(lambda e, b: None))
+    target = store.target("u1")
+    assert target.shape == (3, *labels.shape) and store.diameter("u1") == pytest.approx(30.0)
+    np.testing.assert_allclose(target[:2].numpy(), labels_to_flows(labels), atol=2e-3)
+    np.testing.assert_allclose(target[2].numpy(), (labels > 0).astype(np.float32), atol=1e-3)
+    prediction = inferer(image[None], teacher)
+    perfect = torch.cat([torch.as_tensor(labels_to_flows(labels)), torch.as_tensor(labels > 0, dtype=torch.float32)[None]])[None]
+    torch.testing.assert_close(CellposeLoss()(prediction, target[None]), CellposeLoss()(prediction, perfect), atol=1e-4, rtol=1e-3)
 
 
 def test_pseudo_targets_rotate_with_the_image():

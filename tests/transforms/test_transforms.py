@@ -7,7 +7,7 @@ import pytest
 import tifffile
 import torch
 
-from helpers import disk_labels
+from helpers import BUNDLE, disk_labels
 from mmcs_monai.diameters import datalist_diameters, median_diameter, with_subset_diameters
 from mmcs_monai.flows import labels_to_flows
 from mmcs_monai.io import InputError, read_labels
@@ -20,6 +20,7 @@ from mmcs_monai.transforms import (
     RandCellAffined,
     StackNucleusChannel,
     StackNucleusChanneld,
+    inference_preprocessing,
 )
 
 
@@ -44,6 +45,33 @@ def test_stack_nucleus_channeld_per_item_override():
     np.testing.assert_allclose(out["image"][1], 5.0)
     with pytest.raises(InputError, match="f.tif"):
         StackNucleusChanneld()({"image": img, "nucleus_channel": 4, "image_file": "f.tif"})
+
+
+def test_configured_nucleus_channel_reaches_the_network_input(tmp_path):
+    """A 3-channel image, cytoplasm in channel 0 and nuclei in channel 2: with ``nucleus_channel=2`` set by
+    configuration (no per-row entry), every preprocessing path puts the normalised channel 2 in the nucleus
+    plane and channel 0 in the cytoplasm plane, through the transform, the library pipeline and the bundle."""
+    from monai.bundle import ConfigParser
+
+    rng = np.random.default_rng(0)
+    cyto = rng.integers(0, 200, (40, 50)).astype(np.uint8)
+    nuclei = (disk_labels((40, 50), ((12, 12), (28, 35)), (6, 8)) > 0).astype(np.uint8) * 180 + 20
+    path = tmp_path / "two_stains.tif"
+    tifffile.imwrite(path, np.stack([cyto, np.zeros_like(cyto), nuclei], axis=-1), photometric="rgb")
+    expected = np.stack(
+        [NormalizePercentile()(cyto[None].astype(np.float32))[0], NormalizePercentile()(nuclei[None].astype(np.float32))[0]]
+    )
+
+    raw = LoadMicroscopyd("image")({"image": str(path)})
+    stacked = StackNucleusChanneld(cyto_channel=0, nucleus_channel=2)(dict(raw))["image"]
+    np.testing.assert_array_equal(np.asarray(stacked), np.stack([cyto, nuclei]).astype(np.float32))
+    library = inference_preprocessing("image", cyto_channel=0, nucleus_channel=2)({"image": str(path)})["image"]
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "inference.json"))
+    parser.update({"nucleus_channel": 2, "cyto_channel": 0, "bundle_root": str(BUNDLE)})
+    bundle = parser.get_parsed_content("preprocessing")({"image": str(path), "id": "two_stains", "image_file": str(path)})["image"]
+    for image in (library, bundle):
+        np.testing.assert_allclose(np.asarray(image), expected, atol=1e-5)
 
 
 def test_normalize_percentile_matches_numpy():
