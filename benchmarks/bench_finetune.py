@@ -27,36 +27,23 @@ import time
 from pathlib import Path
 
 from mmcs_monai.data import load_datalist
+from mmcs_monai.workflows import bundle_command
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
 
 
-def _bundle(*args: str, threads: int) -> None:
+def _bundle(workflow: str, configs: list[str], overrides: dict, threads: int) -> None:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    command = [sys.executable, "-m", "monai.bundle", "run", *args, "--bundle_root", str(BUNDLE)]
+    command = [sys.executable, "-m", *bundle_command(workflow, [REPO / c for c in configs], BUNDLE, overrides)]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     if result.returncode:
-        raise SystemExit(f"bundle run failed ({' '.join(args[:1])}):\n{result.stderr[-3000:]}")
-
-
-def _configs(*names: str) -> str:
-    return json.dumps([str(n if Path(n).is_absolute() else REPO / n) for n in names])
+        raise SystemExit(f"bundle run failed ({workflow}):\n{result.stderr[-3000:]}")
 
 
 def _f1(model: Path, data: Path, out: Path, threads: int) -> float:
-    _bundle(
-        "evaluating",
-        "--config_file",
-        _configs("bundle/configs/train.json", "bundle/configs/evaluate.json"),
-        "--model_path",
-        str(model),
-        "--data_source",
-        str(data),
-        "--output_dir",
-        str(out),
-        threads=threads,
-    )
+    overrides = {"model_path": model, "data_source": data, "output_dir": out}
+    _bundle("evaluating", ["bundle/configs/train.json", "bundle/configs/evaluate.json"], overrides, threads)
     return json.loads((out / "f1_summary.json").read_text())["overall"]["f1"]
 
 
@@ -81,27 +68,17 @@ def main(argv=None) -> int:
     for n in [int(s) for s in args.sizes.split(",")]:
         data = _write(work / f"data_{n}.json", train[:n], val)
         epochs = max(1, math.ceil(args.steps / math.ceil(min(n, len(train)) / 8)))
-        common = ["--data_source", str(data), "--epochs", str(epochs), "--val_interval", str(10**6)]
-        common += ["--halving_start", str(int(epochs * 0.75)), "--halving_every", str(max(1, epochs // 12))]
+        common = {"data_source": data, "epochs": epochs, "val_interval": 10**6}
+        common.update(halving_start=int(epochs * 0.75), halving_every=max(1, epochs // 12))
         result = {"n": min(n, len(train)), "epochs": epochs}
         for name, config, extra in (
-            ("finetuned", ("bundle/configs/train.json", "configs/finetune.json"), ["--pretrained", args.model]),
-            ("scratch", ("bundle/configs/train.json",), ["--warmup_epochs", str(max(1, epochs // 10))]),
+            ("finetuned", ["bundle/configs/train.json", "configs/finetune.json"], {"pretrained": args.model}),
+            ("scratch", ["bundle/configs/train.json"], {"warmup_epochs": max(1, epochs // 10)}),
         ):
             run = work / f"{name}_{n}"
             start = time.perf_counter()
-            _bundle(
-                "training",
-                "--config_file",
-                _configs(*config),
-                "--ckpt_dir",
-                str(run / "models"),
-                "--output_dir",
-                str(run / "tensorboard"),
-                *common,
-                *extra,
-                threads=args.threads,
-            )
+            overrides = {"ckpt_dir": run / "models", "output_dir": run / "tensorboard", **common, **extra}
+            _bundle("training", config, overrides, args.threads)
             result[f"{name}_s"] = time.perf_counter() - start
             result[name] = _f1(run / "models" / "model.pt", data, run / "eval", args.threads)
         rows.append(result)

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mmcs_monai.workflows import bundle_command
+
 REPO = Path(__file__).resolve().parents[1]
 DEV = REPO.parent / "shared" / "data" / "dev"
 
@@ -62,25 +64,9 @@ def _run_with_budget(cmd: list[str], minutes: float, log: Path, env=None) -> flo
 
 def train_ours(out: Path, minutes: float) -> Path:
     configs = [str(REPO / "bundle/configs/train.json"), str(REPO / "configs/dev_data.json"), str(REPO / "configs/cpu.json")]
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "training",
-        "--config_file",
-        json.dumps(configs),
-        "--bundle_root",
-        str(REPO / "bundle"),
-        "--ckpt_dir",
-        str(out / "models"),
-        "--output_dir",
-        str(out / "eval"),
-        "--time_budget_minutes",
-        str(minutes),
-        "--val_interval",
-        "100000",
-    ]  # the recipe's own epochs and learning-rate halving; the budget stops it if the machine is slower
+    overrides = {"ckpt_dir": out / "models", "output_dir": out / "eval", "time_budget_minutes": minutes, "val_interval": 100000}
+    # the recipe's own epochs and learning-rate halving; the budget stops it if the machine is slower
+    cmd = [sys.executable, "-m", *bundle_command("training", configs, REPO / "bundle", overrides)]
     # Grace period: the handler stops at the budget, then the final model is written.
     seconds = _run_with_budget(cmd, minutes + 3, out / "train.log")
     print(f"ours: trained {seconds / 60:.1f} min (budget {minutes} min)")

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from pathlib import Path
+
+from mmcs_monai.workflows import bundle_command
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
@@ -24,42 +25,21 @@ def training_command(
     """``monai.bundle run training`` arguments (after ``python -m``) for a timed run: full CPnet, batch 8,
     128 px, ``train_images`` dev-train images, no validation (one image cached), models and logs in ``out``;
     bf16 comes with channels_last."""
-    configs = configs or [str(BUNDLE / "configs" / "train.json")]
-    return [
-        "monai.bundle",
-        "run",
-        "training",
-        "--config_file",
-        json.dumps(configs),
-        "--bundle_root",
-        str(BUNDLE),
-        "--meta_file",
-        str(BUNDLE / "configs" / "metadata.json"),
-        "--data_source",
-        str(data),
-        "--train_limit",
-        str(train_images),
-        "--val_limit",
-        "1",
-        "--val_interval",
-        "100000",
-        "--epochs",
-        str(epochs),
-        "--batch_size",
-        "8",
-        "--patch_size",
-        "128",
-        "--precision",
-        precision,
-        "--channels_last",
-        str(precision == "bf16"),
-        "--num_workers",
-        str(num_workers),
-        "--ckpt_dir",
-        str(out / "models"),
-        "--output_dir",
-        str(out / "eval"),
-    ]
+    overrides = {
+        "data_source": data,
+        "train_limit": train_images,
+        "val_limit": 1,
+        "val_interval": 100000,
+        "epochs": epochs,
+        "batch_size": 8,
+        "patch_size": 128,
+        "precision": precision,
+        "channels_last": precision == "bf16",
+        "num_workers": num_workers,
+        "ckpt_dir": out / "models",
+        "output_dir": out / "eval",
+    }
+    return bundle_command("training", configs, BUNDLE, overrides)
 
 
 def engine_seconds(log: str, engine: str = "SupervisedTrainer") -> float:

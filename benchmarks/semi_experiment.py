@@ -30,6 +30,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench_same_budget import DEV, _run_with_budget, ours_masks_fn, score  # noqa: E402
 
+from mmcs_monai.workflows import bundle_command  # noqa: E402
+
 
 def split_labels(seed: int, fraction: float, n_unlabelled: int):
     """(labelled, unlabelled) rows of dev train, drawn with ``seed``."""
@@ -48,11 +50,7 @@ def split_labels(seed: int, fraction: float, n_unlabelled: int):
 
 
 def bundle_cmd(configs: list[str], **overrides) -> list[str]:
-    files = json.dumps([str(REPO / "bundle" / "configs" / c) for c in configs])
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", files, "--bundle_root", str(REPO / "bundle")]
-    for key, value in overrides.items():
-        cmd += [f"--{key}", str(value)]
-    return cmd
+    return [sys.executable, "-m", *bundle_command("training", configs, REPO / "bundle", overrides)]
 
 
 def train(folder: Path, configs: list[str], minutes: float, **overrides) -> Path:

@@ -165,6 +165,44 @@ def check_options(config_files: Sequence[str], overrides: Mapping[str, object]) 
         raise ValueError(f"unknown option --{key}{hint}")
 
 
+def bundle_command(
+    workflow: str,
+    config_files: Sequence[str | os.PathLike] | None = None,
+    bundle_root: str | os.PathLike | None = None,
+    overrides: Mapping[str, object] | None = None,
+    logging_file: bool = False,
+) -> list[str]:
+    """The arguments of ``python -m monai.bundle run WORKFLOW ...`` (from ``monai.bundle`` on: prefix them with
+    ``[sys.executable, "-m"]``, or give them to ``torchrun``), for the same run :func:`run_workflow` makes.
+
+    Args:
+        workflow: the run id (``training``, ``evaluating``, ``inference``).
+        config_files: config files (paths, or names in the bundle's ``configs/``); default the workflow's
+            :data:`WORKFLOW_CONFIGS`.
+        bundle_root: the bundle (default :func:`default_bundle_root`).
+        overrides: config values, in order: strings as they are, lists, tuples and dicts as JSON, others
+            with ``str`` (``True`` -> ``"True"``, which ``monai.bundle``'s parser reads back as a bool).
+        logging_file: add the bundle's ``configs/logging.conf`` (as :func:`run_workflow` does).
+
+    Returns:
+        ``["monai.bundle", "run", workflow, "--config_file", "[...]", "--meta_file", ..., "--bundle_root", ...,
+        "--key", "value", ...]``.
+    """
+    import json
+
+    root = resolve_bundle_root(bundle_root)
+    names = list(config_files) if config_files is not None else WORKFLOW_CONFIGS[workflow]
+    files = [str(f) if Path(f).is_absolute() else str(root / "configs" / f) for f in names]
+    command = ["monai.bundle", "run", workflow, "--config_file", json.dumps(files), "--meta_file", str(root / "configs" / "metadata.json")]
+    if logging_file:
+        command += ["--logging_file", str(root / "configs" / "logging.conf")]
+    command += ["--bundle_root", str(root)]
+    for key, value in (overrides or {}).items():
+        text = value if isinstance(value, str) else json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
+        command += [f"--{key}", text]
+    return command
+
+
 def run_workflow(
     workflow: str,
     bundle_root: str | os.PathLike | None = None,

@@ -127,10 +127,12 @@ TINY = ["--nbase", "[2,8,16,32]", "--patch_size", "64", "--batch_size", "4", "--
 
 
 def bundle(*args, cwd=REPO) -> str:
-    """Run ``python -m monai.bundle <args>`` on this checkout; asserts exit 0, returns stdout + stderr."""
+    """Run ``python -m monai.bundle <args>`` on this checkout (``args`` may start with ``monai.bundle``, as
+    :func:`mmcs_monai.workflows.bundle_command` builds them); asserts exit 0, returns stdout + stderr."""
     import subprocess
 
-    cmd = [sys.executable, "-m", "monai.bundle", *map(str, args)]
+    args = [str(a) for a in args]
+    cmd = [sys.executable, "-m", *(args if args[:1] == ["monai.bundle"] else ["monai.bundle", *args])]
     result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=subprocess_env(), timeout=600)
     assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result.stdout + result.stderr

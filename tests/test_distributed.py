@@ -15,6 +15,7 @@ from mmcs_monai import distributed
 from mmcs_monai.engines import handlers
 from mmcs_monai.io import read_image, read_labels
 from mmcs_monai.networks import CPnet
+from mmcs_monai.workflows import bundle_command
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
@@ -30,10 +31,6 @@ def torchrun(*args, nproc=2):
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result.stdout + result.stderr
-
-
-def configs(*paths):
-    return json.dumps([str(p) for p in paths])
 
 
 # ---------------------------------------------------------------------- single-process behaviour
@@ -109,25 +106,9 @@ def _assert_same_state(a, b):
 def single_process_f1(models, tmp_path, *extra) -> float:
     """Mean validation F1 of ``models/model.pt`` on the sample val split, scored by one process (evaluate.json)."""
     out = tmp_path / "single_eval"
-    command = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "evaluating",
-        "--config_file",
-        configs(BUNDLE / "configs/train.json", BUNDLE / "configs/evaluate.json"),
-        "--bundle_root",
-        str(BUNDLE),
-        "--model_path",
-        str(models / "model.pt"),
-        "--inference_diameter",
-        "stored",  # as the training run's validation segments
-        "--output_dir",
-        str(out),
-        *map(str, extra),
-        *TINY,
-    ]
+    # inference_diameter stored: as the training run's validation segments
+    overrides = {"model_path": models / "model.pt", "inference_diameter": "stored", "output_dir": out}
+    command = [sys.executable, "-m", *bundle_command("evaluating", bundle_root=BUNDLE, overrides=overrides), *map(str, extra), *TINY]
     env = subprocess_env(OMP_NUM_THREADS="1")
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -137,34 +118,12 @@ def single_process_f1(models, tmp_path, *extra) -> float:
 @pytest.mark.slow
 def test_torchrun_training_through_the_bundle(tmp_path, tiny_model):
     out = tmp_path / "run"
-    log = torchrun(
-        "monai.bundle",
-        "run",
-        "training",
-        "--config_file",
-        configs(BUNDLE / "configs/train.json", BUNDLE / "configs/multi_gpu_train.json", _rank_dump_config(tmp_path)),
-        "--meta_file",
-        BUNDLE / "configs/metadata.json",
-        "--bundle_root",
-        BUNDLE,
-        "--ckpt_dir",
-        out / "models",
-        "--output_dir",
-        out / "eval",
-        "--epochs",
-        "2",
-        "--val_interval",
-        "1",
-        "--inference_precision",
-        "fp32",
-        # from the small trained model at a small learning rate: validation finds cells, so per-image F1s differ
-        # and a wrong reduction (one rank's mean, a sum) cannot give the single-process mean by chance
-        "--pretrained",
-        tiny_model,
-        "--learning_rate",
-        "0.001",
-        *TINY_PRETRAINED,
-    )
+    # from the small trained model at a small learning rate: validation finds cells, so per-image F1s differ
+    # and a wrong reduction (one rank's mean, a sum) cannot give the single-process mean by chance
+    overrides = {"ckpt_dir": out / "models", "output_dir": out / "eval", "epochs": 2, "val_interval": 1, "inference_precision": "fp32"}
+    overrides.update(pretrained=tiny_model, learning_rate=0.001)
+    files = ["train.json", "multi_gpu_train.json", _rank_dump_config(tmp_path)]
+    log = torchrun(*bundle_command("training", files, BUNDLE, overrides), *TINY_PRETRAINED)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False)["network"] for r in (0, 1)]
     _assert_same_state(ranks[0], ranks[1])  # DDP kept the ranks identical
     _assert_same_state(torch.load(out / "models" / "model_final.pt", weights_only=False), ranks[0])
@@ -183,35 +142,9 @@ def test_torchrun_training_through_the_bundle(tmp_path, tiny_model):
 @pytest.mark.slow
 def test_torchrun_semi_supervised_ranks_share_teacher_and_pseudo_labels(tmp_path):
     out = tmp_path / "run"
-    torchrun(
-        "monai.bundle",
-        "run",
-        "training",
-        "--config_file",
-        configs(
-            BUNDLE / "configs/train.json",
-            BUNDLE / "configs/semi.json",
-            BUNDLE / "configs/multi_gpu_train.json",
-            _rank_dump_config(tmp_path, with_store=True),
-        ),
-        "--meta_file",
-        BUNDLE / "configs/metadata.json",
-        "--bundle_root",
-        BUNDLE,
-        "--ckpt_dir",
-        out / "models",
-        "--output_dir",
-        out / "eval",
-        "--epochs",
-        "2",
-        "--val_interval",
-        "2",
-        "--pseudo_interval",
-        "1",
-        "--unlabelled_batch_size",
-        "4",
-        *TINY,
-    )
+    files = ["train.json", "semi.json", "multi_gpu_train.json", _rank_dump_config(tmp_path, with_store=True)]
+    overrides = {"ckpt_dir": out / "models", "output_dir": out / "eval", "epochs": 2, "val_interval": 2, "pseudo_interval": 1}
+    torchrun(*bundle_command("training", files, BUNDLE, {**overrides, "unlabelled_batch_size": 4}), *TINY)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     _assert_same_state(ranks[0]["network"], ranks[1]["network"])
     stores = [r["store"]["entries"] for r in ranks]
@@ -258,21 +191,8 @@ def test_torchrun_folder_inference_gives_every_rank_every_other_image(tiny_model
         f"'{tmp_path}/rank' + str(mmcs_monai.distributed.get_rank()) + '.pt')"
     )
     dump.write_text(json.dumps({"finalize": [expression, "$mmcs_monai.distributed.destroy_process_group()"]}))
-    torchrun(
-        "monai.bundle",
-        "run",
-        "inference",
-        "--config_file",
-        configs(BUNDLE / "configs/inference.json", BUNDLE / "configs/multi_gpu_inference.json", dump),
-        "--bundle_root",
-        BUNDLE,
-        "--model_path",
-        tiny_model,
-        "--input_dir",
-        SAMPLE_IMAGES,
-        "--output_dir",
-        tmp_path / "out",
-    )
+    overrides = {"model_path": tiny_model, "input_dir": SAMPLE_IMAGES, "output_dir": tmp_path / "out"}
+    torchrun(*bundle_command("inference", ["inference.json", "multi_gpu_inference.json", dump], BUNDLE, overrides))
     images = sorted(str(p) for p in SAMPLE_IMAGES.glob("*.tif"))
     shares = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert [sorted(s) for s in shares] == [images[0::2], images[1::2]]
@@ -301,36 +221,10 @@ def test_torchrun_slide_inference_equals_single_process(tiny_model, tmp_path):
 def test_validation_with_fewer_images_than_ranks(tmp_path, tiny_model):
     """One validation image, two ranks: both score it; the all-reduced F1 is that image's F1."""
     out = tmp_path / "run"
-    log = torchrun(
-        "monai.bundle",
-        "run",
-        "training",
-        "--config_file",
-        configs(BUNDLE / "configs/train.json", BUNDLE / "configs/multi_gpu_train.json"),
-        "--meta_file",
-        BUNDLE / "configs/metadata.json",
-        "--bundle_root",
-        BUNDLE,
-        "--ckpt_dir",
-        out / "models",
-        "--output_dir",
-        out / "eval",
-        "--epochs",
-        "1",
-        "--val_interval",
-        "1",
-        "--val_limit",
-        "1",
-        "--inference_precision",
-        "fp32",
-        # from the small trained model at a small learning rate: validation finds cells, so per-image F1s differ
-        # and a wrong reduction (one rank's mean, a sum) cannot give the single-process mean by chance
-        "--pretrained",
-        tiny_model,
-        "--learning_rate",
-        "0.001",
-        *TINY_PRETRAINED,
-    )
+    overrides = {"ckpt_dir": out / "models", "output_dir": out / "eval", "epochs": 1, "val_interval": 1, "val_limit": 1}
+    # from the small trained model at a small learning rate: validation finds cells
+    overrides.update(inference_precision="fp32", pretrained=tiny_model, learning_rate=0.001)
+    log = torchrun(*bundle_command("training", ["train.json", "multi_gpu_train.json"], BUNDLE, overrides), *TINY_PRETRAINED)
     best = torch.load(out / "models" / "checkpoint.pt", weights_only=False)["best_model"]["best"]
     one = single_process_f1(out / "models", tmp_path, "--val_limit", "1", "--inference_precision", "fp32")
     assert best > 0.2 and best == pytest.approx(one, abs=1e-4) and f"val_f1: {best:.4f}" in log

@@ -17,6 +17,7 @@ from mmcs_monai.data import load_datalist
 from mmcs_monai.diameters import median_diameter
 from mmcs_monai.io import read_labels
 from mmcs_monai.networks import load_cellpose_checkpoint
+from mmcs_monai.workflows import bundle_command
 
 pytestmark = pytest.mark.slow
 
@@ -315,26 +316,8 @@ def test_too_many_bad_files_stop_training_with_a_clear_message(tmp_path):
     training = [dict(i, image=str(root / i["image"]), label=str(root / i["label"])) for i in sample["training"][:3]]
     training += [{"image": str(tmp_path / "empty.tif"), "label": training[0]["label"], "id": "e"}]
     (tmp_path / "datalist.json").write_text(json.dumps({"training": training, "validation": []}))
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "training",
-        "--config_file",
-        configs("train.json"),
-        "--bundle_root",
-        str(BUNDLE),
-        "--data_source",
-        str(tmp_path / "datalist.json"),
-        "--ckpt_dir",
-        str(tmp_path / "models"),
-        "--output_dir",
-        str(tmp_path / "eval"),
-        "--epochs",
-        "1",
-        *TINY,
-    ]
+    overrides = {"data_source": tmp_path / "datalist.json", "ckpt_dir": tmp_path / "models", "output_dir": tmp_path / "eval", "epochs": 1}
+    cmd = [sys.executable, "-m", *bundle_command("training", bundle_root=BUNDLE, overrides=overrides), *TINY]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=subprocess_env())
     assert result.returncode != 0
     assert "1 of 4 samples in the data list are unusable (25% > max_bad_fraction 10%)" in result.stderr

@@ -8,35 +8,16 @@ import time
 import pytest
 import torch
 
-from helpers import BUNDLE, REPO, TINY, bundle, configs, subprocess_env
+from helpers import BUNDLE, REPO, TINY, bundle, subprocess_env
+from mmcs_monai.workflows import bundle_command
 
 pytestmark = pytest.mark.slow
 
 
 def _training(ckpt_dir, out_dir, epochs, *extra):
-    return [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "training",
-        "--config_file",
-        configs("train.json"),
-        "--bundle_root",
-        str(BUNDLE),
-        "--ckpt_dir",
-        str(ckpt_dir),
-        "--output_dir",
-        str(out_dir),
-        "--epochs",
-        str(epochs),
-        "--val_interval",
-        "100",
-        "--save_iteration_interval",
-        "1",
-        *extra,
-        *TINY,
-    ]
+    """``python -m monai.bundle run training`` with the tiny network, a checkpoint every iteration."""
+    overrides = {"ckpt_dir": ckpt_dir, "output_dir": out_dir, "epochs": epochs, "val_interval": 100, "save_iteration_interval": 1}
+    return [sys.executable, "-m", *bundle_command("training", bundle_root=BUNDLE, overrides=overrides), *extra, *TINY]
 
 
 def _kill_while_writing(cmd, models, timeout=300):
@@ -83,25 +64,9 @@ def test_semi_supervised_run_resumes_with_its_teacher_and_pseudo_labels(tmp_path
     phase1 = tmp_path / "phase1"
     bundle(*_training(phase1, tmp_path / "eval1", 1)[3:])
     models = tmp_path / "semi"
+    overrides = {"pretrained": phase1 / "model_final.pt", "ckpt_dir": models, "output_dir": tmp_path / "eval", "val_interval": 100}
     semi = [
-        "run",
-        "training",
-        "--config_file",
-        configs("train.json", "semi.json"),
-        "--bundle_root",
-        str(BUNDLE),
-        "--pretrained",
-        str(phase1 / "model_final.pt"),
-        "--ckpt_dir",
-        str(models),
-        "--output_dir",
-        str(tmp_path / "eval"),
-        "--val_interval",
-        "100",
-        "--pseudo_interval",
-        "1",
-        "--unlabelled_batch_size",
-        "2",
+        *bundle_command("training", ["train.json", "semi.json"], BUNDLE, {**overrides, "pseudo_interval": 1, "unlabelled_batch_size": 2}),
         *TINY,
     ]
     bundle(*semi, "--epochs", "1")

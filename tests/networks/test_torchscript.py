@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import subprocess_env
+from helpers import bundle, subprocess_env
 from mmcs_monai import cli
 from mmcs_monai.inference import CellInferer, resolve_diameter
 from mmcs_monai.io import InputError, read_image
@@ -182,17 +182,11 @@ def test_other_torchscript_model_is_refused(tmp_path):
         load_torchscript(path)
 
 
-def _bundle(*args):
-    env = subprocess_env()
-    result = subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=BUNDLE, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-
-
 def test_bundle_ckpt_export_and_mmcs_export_write_equal_models(network, tmp_path):
     ckpt = tmp_path / "model.pt"
     torch.save(network.state_dict(), ckpt)
     out = tmp_path / "bundle_model.ts"
-    _bundle(
+    bundle(
         "ckpt_export",
         "network_def",
         "--filepath",
@@ -207,6 +201,7 @@ def test_bundle_ckpt_export_and_mmcs_export_write_equal_models(network, tmp_path
         "configs/inference.json",
         "--bundle_root",
         ".",
+        cwd=BUNDLE,
     )
     from_bundle, metadata = load_torchscript(out)
     assert metadata["version"] == json.loads((BUNDLE / "configs" / "metadata.json").read_text())["version"]
