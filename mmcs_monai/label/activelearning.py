@@ -7,8 +7,10 @@ Label); it stores each unlabelled image's score, and a coarse map of where in th
 ``POST /activelearning/<strategy>`` answers ``{"id", "bbox": [x, y, w, h], "path", ...}``, what QuPath's "Next
 sample" draws: :class:`MostUncertain` picks the unlabelled image whose stored score is highest, or, when the
 request names an ``image`` (QuPath's "next patch from the current image"), that image; the box is the
-``patch_size`` patch over its most uncertain blocks. With no score yet it scores the named image on the spot,
-or starts scoring in the background and answers with a random image, saying so in ``reason``.
+``patch_size`` patch over its most uncertain blocks. A named image without a score is scored on the spot.
+Without a named image, unlabelled images that have no score yet count as the most uncertain: while there are
+any, scoring is started in the background (unless it runs) and one of them is picked at random, which
+``reason`` says.
 :class:`RandomSample` picks at random. The train task rescores after it publishes a new model.
 """
 
@@ -26,7 +28,7 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 
 from mmcs_monai.inference import CellInferer
-from mmcs_monai.label.datastore import CellDatastore, UploadRejected
+from mmcs_monai.label.datastore import DEFAULT_MAX_IMAGE_PIXELS, CellDatastore, UploadRejected, check_pixels
 from mmcs_monai.label.model import ServedModel
 from mmcs_monai.label.patches import uncertain_window, uncertainty_grid
 from mmcs_monai.label.uncertainty import rank_by_uncertainty, tta_flows, tta_uncertainty
@@ -49,11 +51,15 @@ class UncertaintyScoring(ScoringMethod):
         precision: network precision.
         diameter: the inference diameter (None: the model's stored mean).
         flush_every: images per datastore write.
+        max_pixels: larger images are not scored (an ``error`` entry says why).
     """
 
-    def __init__(self, model: ServedModel, precision: str = "auto", diameter=None, flush_every: int = 10):
+    def __init__(
+        self, model: ServedModel, precision: str = "auto", diameter=None, flush_every: int = 10, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    ):
         super().__init__("Uncertainty of unlabelled images: disagreement of the model's masks under flips (1 - mean F1)")
         self.model = model
+        self.max_pixels = max_pixels
         self.inferer = CellInferer(precision=precision)
         self.diameter = diameter
         self.flush_every = flush_every
@@ -63,6 +69,7 @@ class UncertaintyScoring(ScoringMethod):
         """Uncertainty of one image file: score, agreement, probability spread, cells and the block map."""
         import torch
 
+        check_pixels(path, f"image {path!r}", self.max_pixels)  # before decoding: a huge image is refused, not read
         image = torch.as_tensor(self.preprocess({"image": path})["image"], dtype=torch.float32)[None]
         network = self.model.network()
         device = next(iter(network.parameters()), torch.empty(0)).device
@@ -149,10 +156,6 @@ class MostUncertain(Strategy):
         self.start_scoring = start_scoring
         self.lock = lock
 
-    def _scores(self, datastore: CellDatastore, ids: list[str]) -> dict[str, dict]:
-        entries = {i: datastore.get_image_info(i).get(SCORE_KEY, {}) for i in ids}
-        return {i: e for i, e in entries.items() if "score" in e}
-
     def __call__(self, request: dict[str, Any], datastore: CellDatastore) -> dict[str, Any] | None:
         patch, _ = _sizes(request)
         named = request.get("image") or ""
@@ -170,17 +173,25 @@ class MostUncertain(Strategy):
         unlabelled = datastore.get_unlabeled_images()
         if not unlabelled:
             raise UploadRejected(404, "every image in the datastore has a label: add images, or train on the labels")
-        scores = self._scores(datastore, unlabelled)
-        counts = {"scored": len(scores), "unscored": len(unlabelled) - len(scores)}
-        if not scores:
+        entries = {i: datastore.get_image_info(i).get(SCORE_KEY) or {} for i in unlabelled}
+        scores = {i: e for i, e in entries.items() if "score" in e}
+        unscored = sorted(i for i, e in entries.items() if not e)  # never scored (an "error" entry was tried)
+        counts = {"scored": len(scores), "unscored": len(unscored)}
+        if unscored:
+            # an image not scored yet is not known to be certain: it comes before every scored one, whatever
+            # their scores (one image scored for "next patch" must not stand for the rest)
             started = self.start_scoring() if self.start_scoring is not None else None
             reason = (
-                f"none of the {len(unlabelled)} unlabelled images has an uncertainty score yet: "
-                + ("scoring started in the background; " if started else f"run POST /scoring/{SCORE_KEY}; ")
-                + "this image was picked at random"
+                f"{len(unscored)} of the {len(unlabelled)} unlabelled images have no uncertainty score yet: "
+                + ("scoring started in the background; " if started else "scoring runs in the background; ")
+                + "an unscored image counts as the most uncertain, and this one was picked at random among them"
             )
-            choice = random.choice(sorted(unlabelled))
+            choice = random.choice(unscored)
             logger.info("next sample: %s (%s)", choice, reason)
+            return _answer(datastore, choice, None, patch, reason=reason, **counts)
+        if not scores:  # every unlabelled image failed to score
+            choice = random.choice(sorted(unlabelled))
+            reason = f"none of the {len(unlabelled)} unlabelled images could be scored (see their {SCORE_KEY} error); picked at random"
             return _answer(datastore, choice, None, patch, reason=reason, **counts)
         best = rank_by_uncertainty(scores)[0]
         logger.info("most uncertain of %d scored images: %s (%.3f)", len(scores), best, scores[best]["score"])

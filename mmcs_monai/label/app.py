@@ -15,7 +15,12 @@ Start it (the app folder ``apps/mmcs`` holds only a ``main.py`` importing :class
 - ``precision``: ``auto`` (bf16 where native), ``fp32``, ``bf16``, ``fp16``;
 - ``diameter``, ``nucleus_channel``, ``cyto_channel``, ``flow_threshold``, ``cellprob_threshold``, ``min_size``:
   server-wide inference defaults (``diameter``: pixels, a stored subset name, ``stored``, ``auto``: the default);
-- ``max_upload_mb``: largest image/label upload accepted (default 256);
+- ``max_upload_mb``: largest request body and uploaded file accepted: images, labels, infer uploads,
+  sessions (default 256);
+- ``max_image_mpix``: largest image read, in megapixels (2^20 pixels), checked on the file's header before
+  anything is decoded (default 64: 8192 x 8192);
+- ``max_label_polygons``, ``max_label_vertices``: what one ASAP XML label may hold (defaults 100000 and
+  1000000; see :class:`~mmcs_monai.label.asap.AsapLimits`);
 - ``train_<key>``: default of a training parameter, e.g. ``train_epochs 20`` (see ``TRAIN_PARAMETERS``);
 - ``bundle_root``: bundle whose configs training runs (default: the repository's ``bundle/``);
 - ``auto_update_scoring``: ``true`` rescores at start and after every next-image request (default ``false``);
@@ -33,7 +38,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -43,7 +47,8 @@ from monailabel.interfaces.app import MONAILabelApp
 
 from mmcs_monai.label import routes
 from mmcs_monai.label.activelearning import SCORE_KEY, MostUncertain, RandomSample, UncertaintyScoring
-from mmcs_monai.label.datastore import DEFAULT_MAX_UPLOAD_BYTES, CellDatastore, UploadRejected
+from mmcs_monai.label.asap import AsapLimits
+from mmcs_monai.label.datastore import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_UPLOAD_BYTES, CellDatastore, UploadRejected
 from mmcs_monai.label.infer import INFER_PARAMETERS, CellInferTask
 from mmcs_monai.label.model import ServedModel
 from mmcs_monai.label.train import TRAIN_PARAMETERS, CellTrainTask
@@ -84,6 +89,12 @@ class MMCSLabelApp(MONAILabelApp):
         self.infer_defaults = {k: _typed(conf[k], v) for k, v in INFER_PARAMETERS.items() if k in conf}
         self.train_defaults = {k: _typed(conf[f"train_{k}"], v) for k, v in TRAIN_PARAMETERS.items() if f"train_{k}" in conf}
         self.max_upload_bytes = int(float(conf.get("max_upload_mb", DEFAULT_MAX_UPLOAD_BYTES / 2**20)) * 2**20)
+        self.max_image_pixels = int(float(conf.get("max_image_mpix", DEFAULT_MAX_IMAGE_PIXELS / 2**20)) * 2**20)
+        defaults = AsapLimits()
+        self.asap_limits = AsapLimits(
+            max_polygons=int(conf.get("max_label_polygons", defaults.max_polygons)),
+            max_vertices=int(conf.get("max_label_vertices", defaults.max_vertices)),
+        )
         self.child_threads = int(conf.get("child_threads") or max(1, (os.cpu_count() or 2) - 1))
         # one inference at a time: requests queue here instead of sharing the cores (server-wide, by design)
         self.inference_lock = threading.Lock()
@@ -103,16 +114,27 @@ class MMCSLabelApp(MONAILabelApp):
     def init_datastore(self) -> CellDatastore:
         if self.studies.startswith(("http://", "https://")):
             raise ValueError("this app works on a local studies folder of TIFF/PNG/JPEG images")
-        logger.info("datastore: %s (uploads up to %d bytes)", self.studies, self.max_upload_bytes)
+        logger.info(
+            "datastore: %s (uploads up to %d bytes, images up to %d pixels, labels up to %d polygons / %d vertices)",
+            self.studies,
+            self.max_upload_bytes,
+            self.max_image_pixels,
+            self.asap_limits.max_polygons,
+            self.asap_limits.max_vertices,
+        )
         return CellDatastore(
             self.studies,
             max_upload_bytes=self.max_upload_bytes,
+            max_image_pixels=self.max_image_pixels,
+            asap_limits=self.asap_limits,
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
             read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
         )
 
     def _scoring(self) -> UncertaintyScoring:
-        return UncertaintyScoring(self.served, precision=self.precision, diameter=self.infer_defaults.get("diameter"))
+        return UncertaintyScoring(
+            self.served, precision=self.precision, diameter=self.infer_defaults.get("diameter"), max_pixels=self.max_image_pixels
+        )
 
     def init_infers(self) -> dict[str, CellInferTask]:
         return {MODEL_NAME: CellInferTask(self.served, self.infer_defaults, precision=self.precision)}
@@ -126,7 +148,12 @@ class MMCSLabelApp(MONAILabelApp):
 
     def init_strategies(self) -> dict[str, Any]:
         def start_scoring():
-            return self.async_scoring(SCORE_KEY)
+            """Score the unlabelled images in the background, unless scoring runs already (then None)."""
+            if not self._server_mode:
+                return None
+            from monailabel.utils.async_tasks.task import AsyncTask
+
+            return AsyncTask.run("scoring", request={"method": SCORE_KEY}, enqueue=False)[0]
 
         # random is listed first, so QuPath's dialog offers it by default: in benchmarks/active_learning.py (5 seeds,
         # modality-balanced validation) no uncertainty strategy beat random picks
@@ -141,19 +168,25 @@ class MMCSLabelApp(MONAILabelApp):
 
     # ------------------------------------------------------------------ inference
     def _image_request(self, request: dict[str, Any]) -> dict[str, Any]:
-        """``request`` with ``image`` a path the server may read: a datastore image, this request's upload or
-        its session's image; anything else is 404, whether or not such a file exists."""
+        """``request`` with ``image`` a path the server may read: a datastore image, the exact file this request
+        uploaded, or its session's image; anything else is 404, whether or not such a file exists. The image's
+        declared size is checked against ``max_image_mpix`` before it is decoded (413)."""
         image = request.get("image")
         if not isinstance(image, str) or not image:
             raise UploadRejected(400, "give an image: a datastore image id, an uploaded file, or a session_id")
-        if image in self.datastore().list_images():
-            return {**request, "image_id": image, "image": self.datastore().get_image_uri(image)}
-        path = Path(image).resolve() if os.path.isabs(image) else None
-        sessions = Path(self.sessions().store_path).resolve() if self.sessions() else None
+        datastore = self.datastore()
+        if image in datastore.list_images():
+            path = datastore.get_image_uri(image)
+            datastore.check_pixels(path, f"image {image!r}")
+            return {**request, "image_id": image, "image": path}
+        path = Path(image) if os.path.isabs(image) else None
         if path is not None and path.is_file():
-            uploaded = routes.UPLOADED.get() and path.is_relative_to(Path(tempfile.gettempdir()).resolve())
-            in_session = "session" in request and sessions is not None and path.is_relative_to(sessions)
-            if uploaded or in_session:
+            sessions = Path(self.sessions().store_path).resolve() if self.sessions() else None
+            if routes.is_this_upload(path):
+                datastore.check_pixels(path, "uploaded image")
+                return request
+            if "session" in request and sessions is not None and path.resolve().is_relative_to(sessions):
+                datastore.check_pixels(path, "session image")
                 return request
         raise UploadRejected(404, f"image {image!r} is not in the datastore: give a datastore image id or upload the file")
 

@@ -174,11 +174,115 @@ def test_bad_uploads_are_refused_and_change_nothing(server, tmp_path):
             "/datastore/image", params={"image": Path(name).stem if "/" not in name else name}, files={"file": (name, content)}
         )
         assert response.status_code == status, response.text
-    response = server.put("/datastore/image", params={"image": SECOND}, files={"file": ("x.tif", IMAGES[2].read_bytes())})
-    assert response.status_code == 409, response.text
+    response = server.put("/datastore/image", params={"image": SECOND}, files={"file": ("x.tif", IMAGES[1].read_bytes())})
+    assert response.status_code == 200, response.text  # the same bytes again: nothing changes
 
     assert snapshot(server.studies) == before
     assert not list(server.studies.parent.rglob("outside")) and not list(server.studies.parent.rglob("escape*"))
+
+
+def decoy_png(tmp_path: Path) -> Path:
+    from PIL import Image
+
+    grey = tifffile.imread(IMAGES[2])
+    path = tmp_path / "decoy.png"
+    Image.fromarray((grey if grey.ndim == 2 else grey[..., 0]).astype(np.uint8)).save(path)
+    return path
+
+
+def test_params_never_name_a_server_file(server, tmp_path):
+    """Issue 32.1: with an upload, ``params`` (or ``wsi.params``) naming a server path is refused, the same way
+    whether the path exists, is an image, a text file or nothing."""
+    decoy = decoy_png(tmp_path)
+    secret = tmp_path / "secret.tif"
+    secret.write_bytes(IMAGES[1].read_bytes())  # an image under the temp folder, not uploaded
+    (tmp_path / "notes.txt").write_text("not an image")
+    wsi = {"level": 0, "location": [0, 0], "size": [0, 0], "min_poly_area": 0}
+    answers: dict[int, set] = {}
+    for target in [str(secret), str(tmp_path / "notes.txt"), str(tmp_path / "missing.png"), "/etc/hostname", SECOND]:
+        for kind, (route, field, body) in enumerate(
+            [
+                ("/infer/mmcs", "params", {"image": target}),
+                ("/infer/mmcs", "params", {"session": {"id": "x"}, "image": target}),
+                ("/infer/wsi_v2/mmcs", "wsi", {**wsi, "params": {"image": target}}),
+            ]
+        ):
+            with open(decoy, "rb") as f:
+                response = server.post(route, params={"output": "json"}, files={"file": ("decoy.png", f)}, data={field: json.dumps(body)})
+            assert response.status_code == 400, (route, target, response.text)
+            answers.setdefault(kind, set()).add(response.json()["detail"])
+    assert all(len(details) == 1 and "may not set 'image'" in next(iter(details)) for details in answers.values()), answers
+    with open(decoy, "rb") as f:  # the upload itself is what is segmented
+        response = server.post("/infer/mmcs", params={"output": "json"}, files={"file": ("decoy.png", f)})
+    expected = server.post("/infer/mmcs", params={"image": IMAGES[2].stem, "output": "json"}).json()["cells"]
+    assert response.status_code == 200 and response.json()["cells"] == expected
+
+
+def test_sessions_hold_one_image_file_and_archives_are_refused(server, tmp_path):
+    """Issue 32.2: MONAI Label unpacks a session archive without checking its members; the server refuses archives."""
+    import tarfile
+    import tempfile
+    import uuid
+
+    escape = f"mmcs_escape_{uuid.uuid4().hex}"
+    archive = tmp_path / "session.tar"
+    with tarfile.open(archive, "w") as tar:
+        member = tarfile.TarInfo(f"../{escape}")
+        member.size = 5
+        tar.addfile(member, io.BytesIO(b"owned"))
+        link = tarfile.TarInfo("link")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc"
+        tar.addfile(link)
+    for uncompress in ("true", "1"):
+        response = server.put("/session/", params={"uncompress": uncompress}, files={"files": ("session.tar", archive.read_bytes())})
+        assert response.status_code == 400 and "does not unpack archives" in response.json()["detail"], response.text
+    assert not list(Path(tempfile.gettempdir()).rglob(escape)) and not list(Path("/").glob(f"*/{escape}"))
+    two = [("files", ("a.png", decoy_png(tmp_path).read_bytes())), ("files", ("b.png", decoy_png(tmp_path).read_bytes()))]
+    response = server.put("/session/", files=two)
+    assert response.status_code == 400 and "one image file, got 2" in response.json()["detail"]
+    response = server.put("/session/", files={"files": ("..", decoy_png(tmp_path).read_bytes())})
+    assert response.status_code == 400 and "plain name" in response.json()["detail"]
+    response = server.put("/session/", files={"files": ("s.png", decoy_png(tmp_path).read_bytes())})
+    assert response.status_code == 200, response.text
+
+
+def test_sizes_are_checked_before_decoding(server, tmp_path):
+    """Issue 32.3: a small compressed TIFF declaring 12,000 x 12,000 pixels is refused from its header, on
+    every route, before it is decoded; infer and session uploads have the byte limit too."""
+    bomb = tmp_path / "bomb.tif"
+    tifffile.imwrite(bomb, np.zeros((12000, 12000), np.uint8), compression="zlib")
+    assert bomb.stat().st_size < MAX_UPLOAD_MB * 2**20  # under the byte limit: only the pixel budget stops it
+    wsi = json.dumps({"level": 0, "location": [0, 0], "size": [256, 256], "min_poly_area": 0})
+    start = time.monotonic()
+    for route, params, name, data in [
+        ("/infer/mmcs", {"output": "json"}, "file", {}),
+        ("/infer/wsi_v2/mmcs", {"output": "asap"}, "file", {"wsi": wsi}),
+    ]:
+        response = server.post(route, params=params, files={name: ("bomb.tif", bomb.read_bytes())}, data=data)
+        assert response.status_code == 413 and "12000 x 12000 pixels" in response.json()["detail"], response.text
+        assert "max_image_mpix" in response.json()["detail"]
+    response = server.put("/datastore/image", params={"image": "bomb"}, files={"file": ("bomb.tif", bomb.read_bytes())})
+    assert response.status_code == 413 and "image 'bomb' refused: 12000 x 12000" in response.json()["detail"], response.text
+    response = server.put("/datastore/label", params={"image": SECOND}, files={"label": ("bomb.tif", bomb.read_bytes())})
+    assert response.status_code == 413 and "label for image" in response.json()["detail"], response.text
+    session = server.put("/session/", files={"files": ("bomb.tif", bomb.read_bytes())}).json()["session_id"]
+    response = server.post("/infer/mmcs", params={"session_id": session, "output": "json"})
+    assert response.status_code == 413 and "session image refused" in response.json()["detail"], response.text
+    assert time.monotonic() - start < 10  # nothing decoded: 144 MPix take seconds and gigabytes
+
+    big = np.random.default_rng(1).integers(0, 255, (1100, 1100), dtype=np.uint8)  # 1.2 MB as an uncompressed TIFF
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, big)
+    for route, name in [("/infer/mmcs", "file"), ("/infer/wsi_v2/mmcs", "file")]:
+        response = server.post(route, params={"output": "json"}, files={name: ("big.tif", buffer.getvalue())})
+        assert response.status_code == 413 and "max_upload_mb" in response.json()["detail"], response.text
+    response = server.put("/session/", files={"files": ("big.tif", buffer.getvalue())})
+    assert response.status_code == 413 and "max_upload_mb" in response.json()["detail"], response.text
+    response = server.post(  # a body over the limit is refused before it is read
+        "/infer/mmcs", params={"output": "json"}, files={"file": ("big.tif", buffer.getvalue() * 3)}
+    )
+    assert response.status_code == 413 and "request body of" in response.json()["detail"], response.text
+    assert server.get("/info/").status_code == 200
 
 
 def test_scoring_then_most_uncertain_image(server, tiny_model):
