@@ -75,3 +75,31 @@ def test_check_options_names_the_closest_option():
     check_options(files, {"diameter": 20, "mask_settings#min_size": 5, "tracking": "mlflow"})
     with pytest.raises(ValueError, match=r"unknown option --dimeter \(did you mean --diameter\?\)"):
         check_options(files, {"dimeter": 20})
+
+
+def test_bundle_command_reads_back_as_the_run_it_names(tmp_path):
+    """The command line that tests and benchmarks run: config names resolve in the bundle, paths stay, and
+    each override reads back (through fire, as ``python -m monai.bundle`` parses it) as the value given."""
+    import json
+
+    import fire
+
+    from helpers import BUNDLE
+    from mmcs_monai.workflows import bundle_command
+
+    extra = tmp_path / "extra.json"
+    overrides = {"epochs": 3, "nbase": [2, 8, 16], "channels_last": True, "learning_rate": 0.001, "ckpt_dir": tmp_path, "train#x": "a b"}
+    command = bundle_command("training", ["train.json", extra], BUNDLE, overrides)
+    assert command[:3] == ["monai.bundle", "run", "training"]
+    seen = fire.Fire(lambda run_id, **kw: kw, command=command[2:])
+    assert seen.pop("config_file") == [str(BUNDLE / "configs" / "train.json"), str(extra)]
+    assert seen.pop("meta_file") == str(BUNDLE / "configs" / "metadata.json") and seen.pop("bundle_root") == str(BUNDLE)
+    assert seen == {
+        "epochs": 3,
+        "nbase": [2, 8, 16],
+        "channels_last": True,
+        "learning_rate": 0.001,
+        "ckpt_dir": str(tmp_path),
+        "train#x": "a b",
+    }
+    assert bundle_command("evaluating")[4] == json.dumps([str(BUNDLE / "configs" / n) for n in ("train.json", "evaluate.json")])
