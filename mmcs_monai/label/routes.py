@@ -11,7 +11,8 @@ running FastAPI app, in the server process only:
   (:data:`RESERVED_PARAMS`, 400: only the request's own upload, a datastore id or a live session is read),
   an ``image`` that is neither a datastore id nor accompanied by an upload (404, the same answer whether the
   name exists on the server or not), an unknown session (404), a session from an archive or several files
-  (400: MONAI Label would unpack it without checking where its members go), an uploaded file over
+  (400: MONAI Label would unpack it without checking where its members go), a session id that is not a
+  plain name (400), a model file upload (403: training replaces the served model), an uploaded file over
   ``max_upload_mb`` (413), and training parameters the train task refuses (400), each with its reason;
 - **bounded bodies**: a request body over ``max_upload_mb`` (plus 1 MiB for the form fields) is refused with
   413 before it is read (:class:`BodyLimit`);
@@ -156,8 +157,21 @@ class RequestChecks:
         if name not in tasks:
             raise UploadRejected(404, f"unknown {kind} {name!r}; this server has: {', '.join(sorted(tasks)) or 'none'}")
 
+    def session_id(self, values: dict) -> None:
+        """A session id is a plain name (MONAI Label joins it to its session folder, reads and rewrites what it finds there)."""
+        if values.get("session_id"):
+            plain_name(values["session_id"], "session_id")
+
+    def model_upload(self, values: dict) -> None:
+        raise UploadRejected(
+            403,
+            f"model {values.get('model')!r}: uploads are refused; the served model is the one given with --conf model at start, "
+            "and training replaces it (POST /train/mmcs)",
+        )
+
     def image(self, values: dict) -> None:
         """``image`` must be a datastore id unless the request uploads a file or names a live session."""
+        self.session_id(values)
         if _uploaded(values.get("file")):
             return
         session_id = values.get("session_id")
@@ -331,6 +345,9 @@ def install(fastapi_app: Any, checks: RequestChecks) -> int:
         ("PUT", "/datastore/label"): checks.form_params,
         ("PUT", "/datastore/image"): checks.form_params,
         ("PUT", "/session/"): checks.session,
+        ("GET", "/session/{session_id}"): checks.session_id,
+        ("DELETE", "/session/{session_id}"): checks.session_id,
+        ("PUT", "/model/{model}"): checks.model_upload,
     }
     changed = 0
     for route in fastapi_app.router.routes:

@@ -246,6 +246,20 @@ def test_sessions_hold_one_image_file_and_archives_are_refused(server, tmp_path)
     assert response.status_code == 200, response.text
 
 
+def test_session_ids_and_model_uploads_are_checked(server, tmp_path):
+    """MONAI Label joins a session id to its session folder and reads (and rewrites) what it finds there; and
+    ``PUT /model/<name>`` would replace the served model with any upload (a 500 here before: no model path)."""
+    decoy = decoy_png(tmp_path)
+    for session_id in ["../../x", "..", "a/b"]:
+        with open(decoy, "rb") as f:
+            response = server.post("/infer/mmcs", params={"session_id": session_id, "output": "json"}, files={"file": ("d.png", f)})
+        assert response.status_code == 400 and "session_id" in response.json()["detail"], response.text
+    before = server.served_model().read_bytes()
+    response = server.put("/model/mmcs", files={"file": ("evil.pt", b"not a model")})
+    assert response.status_code == 403 and "training replaces it" in response.json()["detail"], response.text
+    assert server.served_model().read_bytes() == before
+
+
 def test_sizes_are_checked_before_decoding(server, tmp_path):
     """Issue 32.3: a small compressed TIFF declaring 12,000 x 12,000 pixels is refused from its header, on
     every route, before it is decoded; infer and session uploads have the byte limit too."""
