@@ -4,5 +4,6 @@
 - :mod:`.datastore`: checked uploads, atomic writes, shared safely with the training process;
 - :mod:`.infer`, :mod:`.train`, :mod:`.activelearning`: the tasks;
 - :mod:`.model`: the served model file, reloaded when training replaces it;
-- :mod:`.uncertainty`, :mod:`.geojson`, :mod:`.publishing`: plain functions (no MONAI Label import) also used by benchmarks.
+- :mod:`.uncertainty`, :mod:`.geojson`, :mod:`.asap`, :mod:`.publishing`: plain functions (no MONAI Label import)
+  also used by benchmarks and tested in the main environment.
 """

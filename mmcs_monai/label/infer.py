@@ -98,7 +98,8 @@ class CellInferTask(InferTask):
     :data:`INFER_PARAMETERS` may be given in ``params``) -> ``(label TIFF path, result JSON)``.
     The TIFF holds uint16 instance ids 1..N at the image's size. The JSON holds ``cells`` (N),
     ``diameter`` (pixels used), ``model`` (file and time it was last replaced), ``shape`` [H, W] and, unless
-    ``geojson`` is false, ``geojson``: a FeatureCollection of one polygon per cell (QuPath coordinates).
+    ``geojson`` is false, ``geojson``: a FeatureCollection of one polygon per cell (QuPath's pixel frame,
+    :mod:`mmcs_monai.label.geojson`).
 
     Args:
         model: the served model (reloaded when training replaces it).
@@ -212,7 +213,8 @@ class CellInferTask(InferTask):
         these images have one resolution), ``location`` [x, y] and ``size`` [w, h] of the region in image
         pixels ([0, 0] or absent: the whole image), ``min_poly_area`` (pixels^2; smaller polygons are
         dropped), and any key of :data:`INFER_PARAMETERS`. Cells whose centroid lies in the region are
-        returned whole, in the image's pixel frame (QuPath adds its own offset for an uploaded patch).
+        returned whole, in the image's pixel frame (QuPath adds its own offset for an uploaded patch): pixel
+        ``(row, col)`` covers ``[col, col + 1) x [row, row + 1)`` and outlines run along pixel edges.
 
         Returns:
             ``{"file": polygons file (None for json), "params": summary}``: ``cells``, ``diameter``, ``region``
