@@ -298,132 +298,6 @@ def test_next_sample_prefers_unscored_images_to_one_scored_image(qupath, server)
     assert sample["id"] == top and "reason" not in sample
 
 
-def square(x, y, side=10) -> np.ndarray:
-    return np.array([[x, y], [x + side, y], [x + side, y + side], [x, y + side]])
-
-
-def test_names_with_spaces_brackets_and_accents(qupath, server):
-    """Issue 32.6: ids as QuPath derives them from file names (``my cells (1).tif``), URL-encoded as Java's
-    ``URLEncoder`` does, work for the patch upload, the label and annotate."""
-    patch = grey(IMAGES[7])[:48, :64]
-    for image in ["my cells (1)", "Zellkerne ä (2) [x]"]:
-        patch_id = f"{image}-patch-0_0_64_48"
-        uri = f"/datastore/image?image={quote_plus(patch_id)}"
-        status, content = qupath.multipart("PUT", uri, {"file": ("patch123.png", png_bytes(patch), "image/png")}, {"params": "{}"})
-        assert status == 200 and json.loads(content)["image"] == patch_id, content
-        assert qupath.request("HEAD", uri)[0] == 200
-        xml = qupath_label_xml([square(5, 5), square(30, 20)])
-        status, content = qupath.multipart(
-            "PUT",
-            f"/datastore/label?image={quote_plus(patch_id)}",
-            {"label": (f"{patch_id}4711.xml", xml.encode(), "application/xml")},
-            {"params": "{}"},
-        )
-        assert status == 200 and json.loads(content)["cells"] == 2, content
-        stored = read_labels(server.studies / "labels" / "final" / f"{patch_id}.tif")
-        assert stored.shape == patch.shape and stored[10, 10] == 1 and stored[25, 35] == 2
-        status, content = qupath.request("POST", f"/infer/wsi/mmcs?output=asap&image={quote_plus(patch_id)}", json.dumps(wsi_request()))
-        assert status == 200, content[:300]
-
-
-def test_submitting_a_patch_again_replaces_it(qupath, server):
-    """Issue 32.7: the same patch and a corrected label submitted again: 200, and the second label is kept."""
-    patch_id = f"{THIRD}-patch-10_10_64_64"
-    patch = grey(IMAGES[2])[10:74, 10:74]
-    uri = f"/datastore/image?image={quote_plus(patch_id)}"
-    for label in ([square(5, 5)], [square(40, 40, 12)]):
-        status, content = qupath.multipart("PUT", uri, {"file": ("patch1.png", png_bytes(patch), "image/png")}, {"params": "{}"})
-        assert status == 200, content
-        xml = qupath_label_xml(label)
-        status, content = qupath.multipart(
-            "PUT", f"/datastore/label?image={quote_plus(patch_id)}", {"label": ("l.xml", xml.encode(), "application/xml")}, {"params": "{}"}
-        )
-        assert status == 200, content
-    stored_label = server.studies / "labels" / "final" / f"{patch_id}.tif"
-    stored = read_labels(stored_label)
-    assert stored[45, 45] == 1 and stored[8, 8] == 0 and stored.max() == 1  # the correction, not the first label
-
-    # other pixels of the same size replace the image and keep the label; another size drops it
-    other = grey(IMAGES[3])[:64, :64]
-    status, _ = qupath.multipart("PUT", uri, {"file": ("patch2.png", png_bytes(other), "image/png")}, {"params": "{}"})
-    assert status == 200 and np.array_equal(np.asarray(Image.open(server.studies / f"{patch_id}.png")), other)
-    assert stored_label.is_file() and patch_id not in unlabelled_ids(server)
-    status, _ = qupath.multipart("PUT", uri, {"file": ("patch3.png", png_bytes(other[:32]), "image/png")}, {"params": "{}"})
-    assert status == 200 and not stored_label.exists() and patch_id in unlabelled_ids(server)
-
-
-def label_xml_text(polygons, orders=None) -> str:
-    """A large ASAP label, written quickly (the element tree is slow for 10^5 vertices)."""
-    parts = ['<?xml version="1.0" encoding="UTF-8"?><ASAP_Annotations><Annotations>']
-    for points in polygons:
-        parts.append('<Annotation Name="cell" Type="Polygon" PartOfGroup="cell"><Coordinates>')
-        parts.extend(f'<Coordinate Order="{i}" X="{x}" Y="{y}"/>' for i, (x, y) in enumerate(points))
-        parts.append("</Coordinates></Annotation>")
-    parts.append("</Annotations></ASAP_Annotations>")
-    return "".join(parts)
-
-
-def test_large_labels_are_bounded_and_the_server_keeps_answering(qupath, server):
-    """Issue 32.4: labels at the limits are rasterised while ``/info/`` answers within a second; over them, 413."""
-    image = IMAGES[6].stem
-    angles = np.linspace(0, 2 * np.pi, MAX_VERTICES - 4 * 1000, endpoint=False)
-    circle = np.round(np.stack([128 + 100 * np.cos(angles), 128 + 100 * np.sin(angles)], axis=1), 3).tolist()
-    small = [square(4 * (i % 60), 4 * (i // 60), 2).tolist() for i in range(1000)]
-    many = [square(i % 250, (i // 250) % 250, 1).tolist() for i in range(MAX_POLYGONS)]
-
-    def put(xml: str) -> tuple[int, bytes]:
-        return qupath.multipart(
-            "PUT", f"/datastore/label?image={image}", {"label": ("l.xml", xml.encode(), "application/xml")}, {"params": "{}"}
-        )
-
-    for document in (label_xml_text(small + [circle]), label_xml_text(many)):
-        done, latencies = {}, []
-        worker = threading.Thread(target=lambda d=document, out=done: out.setdefault("answer", put(d)))
-        worker.start()
-        while worker.is_alive():
-            start = time.monotonic()
-            assert qupath.request("GET", "/info/")[0] == 200
-            latencies.append(time.monotonic() - start)
-            time.sleep(0.05)
-        worker.join()
-        status, content = done["answer"]
-        assert status == 200, content[:300]
-        assert max(latencies) < 1.0, sorted(latencies)[-5:]
-    stored = read_labels(server.studies / "labels" / "final" / f"{image}.tif")
-    assert stored.max() == json.loads(content)["cells"] > 0
-
-    for document, words in [
-        (label_xml_text(small + [circle + circle[:4001]]), f"more than {MAX_VERTICES} vertices"),
-        (label_xml_text(many + many[:1]), f"more than {MAX_POLYGONS} polygons"),
-    ]:
-        status, content = put(document)
-        assert status == 413 and words in json.loads(content)["detail"], content[:300]
-
-
-def test_bad_coordinates_are_refused_or_counted(qupath, server):
-    """Issue 32.5: non-finite numbers are refused (400, never 500); polygons outside the image are counted."""
-    image = IMAGES[7].stem
-
-    def put(xml: str) -> tuple[int, dict]:
-        status, content = qupath.multipart(
-            "PUT", f"/datastore/label?image={image}", {"label": ("l.xml", xml.encode(), "application/xml")}, {"params": "{}"}
-        )
-        return status, json.loads(content)
-
-    good = square(10, 10).tolist()
-    for xml, words in [
-        (label_xml_text([good]).replace('Order="2"', 'Order="inf"'), "Order is 'inf'"),
-        (label_xml_text([good, [[1, 1], ["nan", 2], [3, 3]]]), "Annotation 2, Coordinate 2: X is 'nan'"),
-        (label_xml_text([[[1, 1], [2, "inf"], [3, 3]]]), "not a finite number"),
-        (label_xml_text([[[1e308, 1], [2, 2], [3, 3]]]), "beyond"),
-        (label_xml_text([square(5000, 5000).tolist()]), "none of the 1 polygons covers a pixel"),
-    ]:
-        status, reply = put(xml)
-        assert status == 400 and words in reply["detail"], (status, reply)
-    status, reply = put(label_xml_text([good, square(5000, 5000).tolist(), square(1e6, -1e6).tolist()]))
-    assert status == 200 and reply["cells"] == 1 and reply["outside"] == 2 and reply["polygons"] == 3, reply
-
-
 def test_train_from_the_dialog(qupath, server):
     # RunTraining's body: its own field names, no Content-Type
     status, content = qupath.request("POST", "/train/mmcs", '{"max_epochs":1,"train_batch_size":2,"val_batch_size":1}')
@@ -551,3 +425,133 @@ def test_monai_label_python_client(server, tmp_path):
     assert out["label"]["format"] == "asap" and out["label"]["cells"] == len(asap_polygons(content))
     assert out["train"] == "SUBMITTED"
     assert server.wait_done("train")["status"] == "DONE"
+
+
+# the tests below store labels that are not cells (squares, a disc, 20,000 single pixels): they run after training,
+# which would learn from them
+
+
+def square(x, y, side=10) -> np.ndarray:
+    return np.array([[x, y], [x + side, y], [x + side, y + side], [x, y + side]])
+
+
+def test_names_with_spaces_brackets_and_accents(qupath, server):
+    """Issue 32.6: ids as QuPath derives them from file names (``my cells (1).tif``), URL-encoded as Java's
+    ``URLEncoder`` does, work for the patch upload, the label and annotate."""
+    patch = grey(IMAGES[7])[:48, :64]
+    for image in ["my cells (1)", "Zellkerne ä (2) [x]"]:
+        patch_id = f"{image}-patch-0_0_64_48"
+        uri = f"/datastore/image?image={quote_plus(patch_id)}"
+        status, content = qupath.multipart("PUT", uri, {"file": ("patch123.png", png_bytes(patch), "image/png")}, {"params": "{}"})
+        assert status == 200 and json.loads(content)["image"] == patch_id, content
+        assert qupath.request("HEAD", uri)[0] == 200
+        xml = qupath_label_xml([square(5, 5), square(30, 20)])
+        status, content = qupath.multipart(
+            "PUT",
+            f"/datastore/label?image={quote_plus(patch_id)}",
+            {"label": (f"{patch_id}4711.xml", xml.encode(), "application/xml")},
+            {"params": "{}"},
+        )
+        assert status == 200 and json.loads(content)["cells"] == 2, content
+        stored = read_labels(server.studies / "labels" / "final" / f"{patch_id}.tif")
+        assert stored.shape == patch.shape and stored[10, 10] == 1 and stored[25, 35] == 2
+        status, content = qupath.request("POST", f"/infer/wsi/mmcs?output=asap&image={quote_plus(patch_id)}", json.dumps(wsi_request()))
+        assert status == 200, content[:300]
+
+
+def test_submitting_a_patch_again_replaces_it(qupath, server):
+    """Issue 32.7: the same patch and a corrected label submitted again: 200, and the second label is kept."""
+    patch_id = f"{THIRD}-patch-10_10_64_64"
+    patch = grey(IMAGES[2])[10:74, 10:74]
+    uri = f"/datastore/image?image={quote_plus(patch_id)}"
+    for label in ([square(5, 5)], [square(40, 40, 12)]):
+        status, content = qupath.multipart("PUT", uri, {"file": ("patch1.png", png_bytes(patch), "image/png")}, {"params": "{}"})
+        assert status == 200, content
+        xml = qupath_label_xml(label)
+        status, content = qupath.multipart(
+            "PUT", f"/datastore/label?image={quote_plus(patch_id)}", {"label": ("l.xml", xml.encode(), "application/xml")}, {"params": "{}"}
+        )
+        assert status == 200, content
+    stored_label = server.studies / "labels" / "final" / f"{patch_id}.tif"
+    stored = read_labels(stored_label)
+    assert stored[45, 45] == 1 and stored[8, 8] == 0 and stored.max() == 1  # the correction, not the first label
+
+    # other pixels of the same size replace the image and keep the label; another size drops it
+    other = grey(IMAGES[3])[:64, :64]
+    status, _ = qupath.multipart("PUT", uri, {"file": ("patch2.png", png_bytes(other), "image/png")}, {"params": "{}"})
+    assert status == 200 and np.array_equal(np.asarray(Image.open(server.studies / f"{patch_id}.png")), other)
+    assert stored_label.is_file() and patch_id not in unlabelled_ids(server)
+    status, _ = qupath.multipart("PUT", uri, {"file": ("patch3.png", png_bytes(other[:32]), "image/png")}, {"params": "{}"})
+    assert status == 200 and not stored_label.exists() and patch_id in unlabelled_ids(server)
+
+
+def label_xml_text(polygons, orders=None) -> str:
+    """A large ASAP label, written quickly (the element tree is slow for 10^5 vertices)."""
+    parts = ['<?xml version="1.0" encoding="UTF-8"?><ASAP_Annotations><Annotations>']
+    for points in polygons:
+        parts.append('<Annotation Name="cell" Type="Polygon" PartOfGroup="cell"><Coordinates>')
+        parts.extend(f'<Coordinate Order="{i}" X="{x}" Y="{y}"/>' for i, (x, y) in enumerate(points))
+        parts.append("</Coordinates></Annotation>")
+    parts.append("</Annotations></ASAP_Annotations>")
+    return "".join(parts)
+
+
+def test_large_labels_are_bounded_and_the_server_keeps_answering(qupath, server):
+    """Issue 32.4: labels at the limits are rasterised while ``/info/`` answers within a second; over them, 413."""
+    image = IMAGES[6].stem
+    angles = np.linspace(0, 2 * np.pi, MAX_VERTICES - 4 * 1000, endpoint=False)
+    circle = np.round(np.stack([128 + 100 * np.cos(angles), 128 + 100 * np.sin(angles)], axis=1), 3).tolist()
+    small = [square(4 * (i % 60), 4 * (i // 60), 2).tolist() for i in range(1000)]
+    many = [square(i % 250, (i // 250) % 250, 1).tolist() for i in range(MAX_POLYGONS)]
+
+    def put(xml: str) -> tuple[int, bytes]:
+        return qupath.multipart(
+            "PUT", f"/datastore/label?image={image}", {"label": ("l.xml", xml.encode(), "application/xml")}, {"params": "{}"}
+        )
+
+    for document in (label_xml_text(small + [circle]), label_xml_text(many)):
+        done, latencies = {}, []
+        worker = threading.Thread(target=lambda d=document, out=done: out.setdefault("answer", put(d)))
+        worker.start()
+        while worker.is_alive():
+            start = time.monotonic()
+            assert qupath.request("GET", "/info/")[0] == 200
+            latencies.append(time.monotonic() - start)
+            time.sleep(0.05)
+        worker.join()
+        status, content = done["answer"]
+        assert status == 200, content[:300]
+        assert max(latencies) < 1.0, sorted(latencies)[-5:]
+    stored = read_labels(server.studies / "labels" / "final" / f"{image}.tif")
+    assert stored.max() == json.loads(content)["cells"] > 0
+
+    for document, words in [
+        (label_xml_text(small + [circle + circle[:4001]]), f"more than {MAX_VERTICES} vertices"),
+        (label_xml_text(many + many[:1]), f"more than {MAX_POLYGONS} polygons"),
+    ]:
+        status, content = put(document)
+        assert status == 413 and words in json.loads(content)["detail"], content[:300]
+
+
+def test_bad_coordinates_are_refused_or_counted(qupath, server):
+    """Issue 32.5: non-finite numbers are refused (400, never 500); polygons outside the image are counted."""
+    image = IMAGES[7].stem
+
+    def put(xml: str) -> tuple[int, dict]:
+        status, content = qupath.multipart(
+            "PUT", f"/datastore/label?image={image}", {"label": ("l.xml", xml.encode(), "application/xml")}, {"params": "{}"}
+        )
+        return status, json.loads(content)
+
+    good = square(10, 10).tolist()
+    for xml, words in [
+        (label_xml_text([good]).replace('Order="2"', 'Order="inf"'), "Order is 'inf'"),
+        (label_xml_text([good, [[1, 1], ["nan", 2], [3, 3]]]), "Annotation 2, Coordinate 2: X is 'nan'"),
+        (label_xml_text([[[1, 1], [2, "inf"], [3, 3]]]), "not a finite number"),
+        (label_xml_text([[[1e308, 1], [2, 2], [3, 3]]]), "beyond"),
+        (label_xml_text([square(5000, 5000).tolist()]), "none of the 1 polygons covers a pixel"),
+    ]:
+        status, reply = put(xml)
+        assert status == 400 and words in reply["detail"], (status, reply)
+    status, reply = put(label_xml_text([good, square(5000, 5000).tolist(), square(1e6, -1e6).tolist()]))
+    assert status == 200 and reply["cells"] == 1 and reply["outside"] == 2 and reply["polygons"] == 3, reply
