@@ -130,7 +130,10 @@ class CellInferTask(InferTask):
         """The request's values for :data:`INFER_PARAMETERS`, falling back to the server's."""
         values = {k: request.get(k, self._config[k]) for k in INFER_PARAMETERS}
         for key in ("cyto_channel", "nucleus_channel"):
-            values[key] = _optional_int(values[key])
+            try:
+                values[key] = _optional_int(values[key])
+            except (TypeError, ValueError) as err:
+                raise UploadRejected(400, f"{key} {values[key]!r}: give a channel index (-1 or none: no channel)") from err
         return values
 
     def load(self, request: dict[str, Any], values: dict[str, Any]) -> torch.Tensor:

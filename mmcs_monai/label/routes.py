@@ -187,6 +187,8 @@ class RequestChecks:
 
     def infer(self, values: dict) -> None:
         self.known("model", values.get("model"), self.app._infers)
+        if getattr(values.get("output"), "value", values.get("output")) == "dicom_seg":
+            raise UploadRejected(400, "output dicom_seg: this server's datastore is a folder of 2D images; use image, json or all")
         reserved_params(json_object(values.get("params"), "params"), "params")
         self.image(values)
 
@@ -270,6 +272,13 @@ def as_http_error(error: BaseException) -> HTTPException:
 
     if isinstance(error, MONAILabelException):
         return HTTPException(400, error.msg)
+    try:
+        from pydantic import ValidationError
+    except ImportError:  # pragma: no cover - FastAPI depends on pydantic
+        ValidationError = ()  # noqa: N806
+    if isinstance(error, ValidationError):  # MONAI Label parses some fields itself (wsi of /infer/wsi_v2)
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        return HTTPException(400, f"request refused: {problems}")
     logger.exception("request failed")
     return HTTPException(500, f"internal error: {type(error).__name__}: {error}")
 

@@ -328,6 +328,14 @@ def test_bad_requests_get_a_4xx_with_a_reason(qupath, tmp_path):
         ("POST", "/train/mmcs", '{"epoch": 3}', 400, "unknown training parameter 'epoch'"),
         ("POST", "/activelearning/mmcs_uncertainty", '{"image": "nowhere"}', 404, "not in the datastore"),
         ("POST", "/infer/mmcs?session_id=nosuchsession", None, 404, "session 'nosuchsession' not found"),
+        ("POST", f"/infer/mmcs?image={SECOND}&output=dicom_seg", None, 400, "output dicom_seg"),
+        (
+            "POST",
+            f"/infer/wsi/mmcs?image={SECOND}",
+            json.dumps({**wsi_request(), "params": {"cyto_channel": "abc"}}),
+            400,
+            "cyto_channel 'abc'",
+        ),
     ]
     for method, uri, body, status, words in cases:
         got, content = qupath.request(method, uri, body)
@@ -348,6 +356,10 @@ def test_bad_requests_get_a_4xx_with_a_reason(qupath, tmp_path):
         "POST", "/infer/wsi_v2/mmcs", {"file": ("a.png", png_bytes(grey(IMAGES[0])), "image/png")}, {"wsi": "{oops"}
     )
     assert got == 400 and "wsi is not valid JSON" in json.loads(content)["detail"]
+    got, content = qupath.multipart(
+        "POST", "/infer/wsi_v2/mmcs", {"file": ("a.png", png_bytes(grey(IMAGES[0])), "image/png")}, {"wsi": '{"size": "big"}'}
+    )
+    assert got == 400 and "size" in json.loads(content)["detail"], content  # MONAI Label's own parsing of wsi
     got, content = qupath.multipart(
         "PUT",
         f"/datastore/label?image={SECOND}",
