@@ -166,8 +166,10 @@ def test_torchrun_semi_supervised_ranks_share_teacher_and_pseudo_labels(tmp_path
 def test_torchrun_folder_inference_equals_single_process(tiny_model, tmp_path):
     from mmcs_monai import cli
 
-    cli.infer(str(SAMPLE_IMAGES), str(tmp_path / "one"), model=str(tiny_model), precision="fp32", overlay=False)
-    torchrun("mmcs_monai.cli", "infer", SAMPLE_IMAGES, tmp_path / "two", "--model", tiny_model, "--precision", "fp32", "--overlay", "False")
+    # at the stored diameter: how ranks share the images does not depend on it, and it keeps the two runs short
+    cli.infer(str(SAMPLE_IMAGES), str(tmp_path / "one"), model=str(tiny_model), precision="fp32", overlay=False, diameter="stored")
+    options = ["--model", tiny_model, "--precision", "fp32", "--overlay", "False", "--diameter", "stored"]
+    torchrun("mmcs_monai.cli", "infer", SAMPLE_IMAGES, tmp_path / "two", *options)
     one = sorted((tmp_path / "one").glob("*_masks.tif"))
     assert len(one) == len(list(SAMPLE_IMAGES.glob("*.tif")))
     # each image once, and one summary with every image's row (rank 0 writes the rows of both ranks)

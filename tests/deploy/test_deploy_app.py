@@ -61,12 +61,14 @@ def test_same_cells_helper_sees_renumbering_and_differences():
 
 
 def test_app_masks_equal_mmcs_infer_and_tables_match_masks(deploy_python, tiny_model, exported, tmp_path):
+    """At the model's stored diameter (the app's default, ``auto``, runs in the bad-image test below): three
+    segmentations of the twelve sample images stay within the time a test may take."""
     reference = tmp_path / "mmcs_infer"
-    cli.infer(str(SAMPLE_IMAGES), str(reference), model=str(tiny_model), precision="fp32", overlay=False)
+    cli.infer(str(SAMPLE_IMAGES), str(reference), model=str(tiny_model), precision="fp32", overlay=False, diameter="stored")
     from_ts = tmp_path / "mmcs_infer_ts"
-    cli.infer(str(SAMPLE_IMAGES), str(from_ts), model=str(exported), precision="fp32", overlay=False)
+    cli.infer(str(SAMPLE_IMAGES), str(from_ts), model=str(exported), precision="fp32", overlay=False, diameter="stored")
     out = tmp_path / "app"
-    result = run_app(deploy_python, "-i", SAMPLE_IMAGES, "-o", out, "-m", exported)
+    result = run_app(deploy_python, "-i", SAMPLE_IMAGES, "-o", out, "-m", exported, env={"MMCS_DIAMETER": "stored"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     images = sorted(SAMPLE_IMAGES.glob("*.tif"))
