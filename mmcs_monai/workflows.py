@@ -9,6 +9,10 @@ Runs are quiet by default (:func:`quiet_run`): MONAI's warning that a config's `
 are executed is not shown for the configs this package ships (it still is for a recipe or another bundle),
 and ignite's lines for a fresh start ("Engine run resuming from iteration 0") and an evaluator's epoch
 and end are dropped; ``MMCS_DEBUG=1`` (``mmcs --verbose``) shows everything.
+
+Recipes (configs merged over a workflow's) ship in the bundle's ``configs/recipes/`` and are named without
+their folder or ``.json`` (``recipe="finetune"``, ``mmcs train --recipe finetune``); a path works as well
+(:func:`resolve_recipe`).
 """
 
 from __future__ import annotations
@@ -31,11 +35,14 @@ WORKFLOW_CONFIGS: dict[str, list[str]] = {
     "inference": ["inference.json"],
 }
 DISTRIBUTED_CONFIGS = {"training": "multi_gpu_train.json", "inference": "multi_gpu_inference.json"}
+RECIPES = "recipes"  # the folder of the user recipes in the bundle's configs/
 SOURCE_ROOT = Path(__file__).resolve().parents[1]  # the checkout (or site-packages in a wheel install)
 
 # what a quiet run leaves out: MONAI's trust warning (a message prefix) and ignite's lines, per engine logger
 TRUST_WARNING = "parsing config_file "
 ENGINE_NOISE: dict[str, tuple[str, ...]] = {
+    # monai.bundle.run's "input summary" block (nine lines before a mistake's one error line)
+    "monai.bundle.scripts": ("--- input summary of ", "> ", "---"),
     # an evaluator's every run starts "resuming" and ends its one epoch (inference, evaluation, each validation)
     "ignite.engine.engine.SupervisedEvaluator": ("Engine run resuming from iteration 0,", "Epoch[", "Engine run finished"),
     "ignite.engine.engine.SupervisedTrainer": ("Engine run resuming from iteration 0, epoch 0 ",),
@@ -79,6 +86,32 @@ def under_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def bundle_recipes(bundle_root: str | os.PathLike | None = None) -> dict[str, Path]:
+    """The recipes ``bundle_root`` ships (default :func:`default_bundle_root`): name -> ``configs/recipes/NAME.json``."""
+    folder = resolve_bundle_root(bundle_root) / "configs" / RECIPES
+    return {path.stem: path for path in sorted(folder.glob("*.json"))}
+
+
+def resolve_recipe(recipe: str | os.PathLike, bundle_root: str | os.PathLike | None = None) -> Path:
+    """The file of ``recipe``: a config file's path, or the name of one of :func:`bundle_recipes` (``finetune``,
+    ``finetune.json``).
+
+    Raises:
+        InputError: neither a file nor a known name (the message lists the known names).
+    """
+    path = Path(recipe)
+    if path.is_file():
+        return path.resolve()
+    shipped = bundle_recipes(bundle_root)
+    name = path.name.removesuffix(".json")
+    if path.parent == Path(".") and name in shipped:
+        return shipped[name]
+    if (SOURCE_ROOT / path).is_file():
+        return (SOURCE_ROOT / path).resolve()  # a file of the checkout (experiments/recipes/...), named from another folder
+    known = ", ".join(shipped) or "none"
+    raise InputError(recipe, f"no such recipe file or recipe name (the bundle's recipes: {known})")
+
+
 def workflow_config_files(
     workflow: str, bundle_root: Path, recipe: str | Sequence[str] | None = None, distributed: bool | None = None
 ) -> list[str]:
@@ -86,19 +119,13 @@ def workflow_config_files(
 
     Raises:
         ValueError: an unknown workflow.
-        InputError: a recipe file that does not exist.
+        InputError: a recipe that is neither a file nor a recipe name (:func:`resolve_recipe`).
     """
     if workflow not in WORKFLOW_CONFIGS:
         raise ValueError(f"unknown workflow {workflow!r}; known: {sorted(WORKFLOW_CONFIGS)}")
     files = [str(bundle_root / "configs" / name) for name in WORKFLOW_CONFIGS[workflow]]
     recipes = [recipe] if isinstance(recipe, (str, os.PathLike)) else list(recipe or [])
-    for r in recipes:
-        path = Path(r)
-        if not path.is_file() and (SOURCE_ROOT / r).is_file():
-            path = SOURCE_ROOT / r  # a recipe of the checkout's configs/, named from another folder
-        if not path.is_file():
-            raise InputError(r, "recipe config not found")
-        files.append(str(path.resolve()))
+    files += [str(resolve_recipe(r, bundle_root)) for r in recipes]
     if (under_torchrun() if distributed is None else distributed) and workflow in DISTRIBUTED_CONFIGS:
         # after the recipes: the distributed wiring (DDP, samplers) must win over a recipe's settings
         files.append(str(bundle_root / "configs" / DISTRIBUTED_CONFIGS[workflow]))
@@ -111,9 +138,10 @@ def debug_requested() -> bool:
 
 
 def shipped_configs(config_files: Sequence[str]) -> bool:
-    """Whether every file is one of the configs this package ships (``configs/`` of :func:`default_bundle_root`)."""
+    """Whether every file is one of the configs this package ships (``configs/`` of :func:`default_bundle_root`
+    and its recipes)."""
     shipped = default_bundle_root() / "configs"
-    return all(Path(f).resolve().parent == shipped for f in config_files)
+    return all(Path(f).resolve().parent in (shipped, shipped / RECIPES) for f in config_files)
 
 
 class DropMessages(logging.Filter):
@@ -217,7 +245,7 @@ def run_workflow(
     Args:
         workflow: the run id; its configs come from :data:`WORKFLOW_CONFIGS` unless ``config_files`` is given.
         bundle_root: the bundle (default :func:`default_bundle_root`).
-        recipe: config file(s) merged over the workflow's (e.g. ``configs/cpu.json``).
+        recipe: config file(s) merged over the workflow's: paths or recipe names (``finetune``, :func:`bundle_recipes`).
         overrides: config values (``{"epochs": 10, "data_source": "manifest.csv"}``).
         config_files: use exactly these config files.
         quiet: run within :func:`quiet_run` (default: unless ``MMCS_DEBUG=1``).

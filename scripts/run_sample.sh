@@ -16,7 +16,7 @@ evaluate() {  # evaluate <model> <output folder>
         "${common[@]}" --model_path "$1" --output_dir "$2"
 }
 evaluate bundle/models/model.pt outputs/sample_f1/shipped
-"$py" -m monai.bundle run training --config_file "['bundle/configs/train.json','configs/finetune.json']" "${common[@]}" "$@"
+"$py" -m monai.bundle run training --config_file "['bundle/configs/train.json','bundle/configs/recipes/finetune.json']" "${common[@]}" "$@"
 "$py" -m monai.bundle run inference --config_file bundle/configs/inference.json "${common[@]}" \
     --model_path bundle/trained/model.pt --input_dir bundle/sample_data/images --output_dir outputs/sample --skip_done False
 evaluate bundle/trained/model.pt outputs/sample_f1/finetuned

@@ -12,10 +12,10 @@ out=${MMCS_RUN_DIR:-$repo/runs/generalist}
 cd "$repo"
 mkdir -p "$out/phase1" "$out/phase2"
 "$py" -m monai.bundle run training --bundle_root bundle --logging_file bundle/configs/logging.conf \
-    --config_file "['bundle/configs/train.json','configs/generalist_data.json','configs/generalist_cpu.json']" \
+    --config_file "['bundle/configs/train.json','experiments/recipes/generalist_data.json','experiments/recipes/generalist_cpu.json']" \
     --ckpt_dir "$out/phase1" --output_dir "$out/phase1/tensorboard" "$@" 2>&1 | tee "$out/phase1/train.log"
 "$py" -m monai.bundle run training --bundle_root bundle --logging_file bundle/configs/logging.conf \
-    --config_file "['bundle/configs/train.json','bundle/configs/semi.json','configs/generalist_data.json','configs/generalist_cpu_semi.json']" \
+    --config_file "['bundle/configs/train.json','bundle/configs/semi.json','experiments/recipes/generalist_data.json','experiments/recipes/generalist_cpu_semi.json']" \
     --pretrained "$out/phase1/model.pt" \
     --ckpt_dir "$out/phase2" --output_dir "$out/phase2/tensorboard" "$@" 2>&1 | tee "$out/phase2/train.log"
 echo "phase 1: $out/phase1/model.pt; phase 2: $out/phase2/model.pt"

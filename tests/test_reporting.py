@@ -53,7 +53,7 @@ def test_summary_parts():
 
 def test_quiet_run_hides_the_trust_warning_for_shipped_configs_only_and_undoes_itself():
     shipped = [str(BUNDLE / "configs" / "inference.json")]
-    user = [*shipped, str(REPO / "configs" / "cpu.json")]
+    user = [*shipped, str(REPO / "experiments" / "recipes" / "dev_data.json")]
     for files, hidden in ((shipped, True), (user, False)):
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")

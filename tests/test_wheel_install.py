@@ -1,4 +1,5 @@
-"""A wheel install works away from the checkout: the bundle travels as package data, ``mmcs infer`` finds it."""
+"""A wheel install works away from the checkout: the bundle travels as package data (its recipes too), ``mmcs infer``
+finds it."""
 
 import shutil
 import subprocess
@@ -47,6 +48,12 @@ def test_wheel_install_segments_the_sample_images_from_another_folder(tmp_path, 
     )  # fmt: skip
     package, bundle = where.stdout.split()
     assert package.startswith(site) and bundle == f"{site}/mmcs_monai/bundle"  # not the checkout
+    # a user recipe by name (mmcs train --recipe finetune): the installed bundle's, from any folder
+    recipe = subprocess.run(
+        [python, "-c", "from mmcs_monai.workflows import resolve_recipe; print(resolve_recipe('finetune'))"],
+        cwd=elsewhere, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert recipe.stdout.strip() == f"{bundle}/configs/recipes/finetune.json"
     # the installed bundle's own sample images, segmented with the library's default configs
     result = subprocess.run(
         [python, "-m", "mmcs_monai.cli", "infer", f"{bundle}/sample_data/images", "out", "--model", str(tiny_model)],

@@ -1,0 +1,47 @@
+"""User recipes ship in the bundle (``configs/recipes/``) and are chosen by name: ``mmcs train --recipe finetune``."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from helpers import BUNDLE, REPO, subprocess_env
+from mmcs_monai.io import InputError
+from mmcs_monai.workflows import bundle_recipes, resolve_recipe, shipped_configs, workflow_config_files
+
+RECIPES = BUNDLE / "configs" / "recipes"
+
+
+def test_a_recipe_name_resolves_to_the_bundle_file_and_a_path_still_works(tmp_path, monkeypatch):
+    assert set(bundle_recipes(BUNDLE)) >= {"cpu", "finetune", "paper_pretrain", "paper_semi"}
+    assert resolve_recipe("finetune") == resolve_recipe("finetune.json") == RECIPES / "finetune.json"
+    mine = tmp_path / "mine.json"
+    mine.write_text("{}")
+    assert resolve_recipe(mine) == mine.resolve()
+    monkeypatch.chdir(tmp_path)  # a file of the checkout, named from another folder
+    assert resolve_recipe("experiments/recipes/dev_data.json") == REPO / "experiments" / "recipes" / "dev_data.json"
+    files = workflow_config_files("training", BUNDLE, ["cpu", str(mine)], distributed=False)
+    assert files == [str(BUNDLE / "configs" / "train.json"), str(RECIPES / "cpu.json"), str(mine.resolve())]
+    assert shipped_configs(files[:2]) and not shipped_configs(files)  # the bundle's recipes are trusted like its configs
+
+
+def test_an_unknown_recipe_is_an_error_that_lists_the_known_names():
+    with pytest.raises(InputError, match=r"nosuch: no such recipe file or recipe name \(the bundle's recipes: cpu, finetune, "):
+        resolve_recipe("nosuch")
+    result = subprocess.run(
+        [sys.executable, "-m", "mmcs_monai.cli", "train", "--recipe", "configs/finetune.json"],
+        capture_output=True, text=True, timeout=120, env=subprocess_env(), cwd=BUNDLE,
+    )  # fmt: skip
+    assert result.returncode == 2 and "finetune" in result.stderr.strip().splitlines()[-1], result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", sorted(bundle_recipes(BUNDLE)))
+def test_every_recipe_sets_only_options_of_the_training_configs(name):
+    """A misspelt key in a recipe would be ignored silently: each names an option of train.json (+ semi.json)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE / "configs" / f) for f in ("train.json", "semi.json")])
+    keys = json.loads((RECIPES / f"{name}.json").read_text())
+    assert [key for key in keys if key not in parser] == []
