@@ -1,7 +1,7 @@
 """Training in fp32 vs bf16 autocast + channels_last through the bundle: loss curves and step time.
 
-    python benchmarks/bench_training_precision.py [--data ../shared/data/dev/manifest.csv] [--steps 300]
-        [--train_images 64] [--plot benchmarks/training_loss_fp32_vs_bf16.png]
+    python -m experiments.training_speed.precision [--data ../shared/data/dev/manifest.csv] [--steps 300]
+        [--train_images 64] [--plot experiments/training_speed/training_loss_fp32_vs_bf16.png]
 
 Both runs: the same bundle config, seed, images and augmentations (``set_determinism``), full-size
 CPnet, batch 8, 128 px patches, SGD with the default schedule, only ``--precision`` and
@@ -19,7 +19,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from bundle_runs import DEV_MANIFEST, REPO, engine_seconds, python_module, training_command
+
+from benchmarks.common import DEV_MANIFEST, REPO, engine_seconds, python_module, training_command
 
 
 def train(out: Path, precision: str, channels_last: bool, args) -> tuple[np.ndarray, float]:
@@ -49,7 +50,7 @@ def main() -> None:
     parser.add_argument("--data", default=str(DEV_MANIFEST))
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--train_images", type=int, default=64)
-    parser.add_argument("--plot", default=str(REPO / "benchmarks" / "training_loss_fp32_vs_bf16.png"))
+    parser.add_argument("--plot", default=str(REPO / "experiments" / "training_speed" / "training_loss_fp32_vs_bf16.png"))
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench_precision_"))

@@ -1,6 +1,6 @@
 """One table, same inputs, one run: ours vs Cellpose 3.1.1.3 on this machine's CPU.
 
-    python benchmarks/bench_table.py [--data ../shared/data/dev] [--model bundle/models/model.pt] [--limit N]
+    python -m benchmarks.table [--data ../shared/data/dev] [--model bundle/models/model.pt] [--limit N]
         [--no-training] [--no-inference] [--no-flows] [--slide] [--slide-size 10000] [--cellpose-slide-timeout 5400]
 
 Rows:
@@ -10,13 +10,13 @@ Rows:
 - end-to-end inference on dev val (gt_complete yes/mostly; image in memory -> label mask; same weights,
   the model's stored diameter): Cellpose fp32; ours fp32 eager; ours at ``precision auto`` (bf16 +
   channels_last where the CPU has native bf16, else fp32: the row names say which) eager with the tiling
-  of issue 18 (224 px tiles, not fitted); ours auto eager and ours auto compiled with the current tiling
+  of before (224 px tiles, not fitted); ours auto eager and ours auto compiled with the current tiling
   defaults.
   The images are interleaved (each image goes through every variant, in rotating order), so load from
   other work on the machine falls on all of them alike. The one-time compile is timed apart (warm-up)
   and also shown spread over dev val. F1 at IoU 0.5 against the labels (2 px border) for every variant;
 - labels -> flows and flows -> masks s/MPix on dev-val labels;
-- ``--slide``: the 100-megapixel slide of ``bench_wholeslide.py`` (10,000 x 10,000 mosaic of dev
+- ``--slide``: the 100-megapixel slide of ``benchmarks.wholeslide`` (10,000 x 10,000 mosaic of dev
   fluorescence images): ours compiled (the slide default, ``compile auto``; ``--slide-eager`` adds ours eager), Cellpose
   ``CellposeModel.eval`` on the whole image; each in its own process: wall time, peak RSS, F1 against
   the label mosaic; ours compiled with a profile of its steps.
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -37,14 +36,11 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
-
-import bench_flows  # noqa: E402
-import bench_speed  # noqa: E402
-import bench_tiling  # noqa: E402
-import bench_wholeslide  # noqa: E402
+from benchmarks import flows as bench_flows
+from benchmarks import speed as bench_speed
+from benchmarks import tiling as bench_tiling
+from benchmarks import wholeslide as bench_wholeslide
+from benchmarks.common import DEV_MANIFEST, REPO
 
 EAGER = "ours {auto}, eager"
 COMPILED = "ours {auto}, compiled"
@@ -57,10 +53,10 @@ def inference_rows(items, model_path: str):
     """
     from cellpose import models
 
-    from mmcs_monai.inference import resolve_precision
     from mmcs_monai.io import read_image, read_labels
     from mmcs_monai.metrics import f1_score
     from mmcs_monai.networks import load_cellpose_checkpoint
+    from mmcs_monai.precision import resolve_precision
     from mmcs_monai.segmentation import segmenter_from_options
     from mmcs_monai.transforms import NormalizePercentile, StackNucleusChannel
 
@@ -86,9 +82,9 @@ def inference_rows(items, model_path: str):
     auto = f"auto = {resolve_precision('auto', 'cpu')} here"
     variants = {
         "cellpose": cellpose,
-        # where auto is fp32 (no native bf16), this row is the issue-18 row below and is left out
+        # where auto is fp32 (no native bf16), this row is the old-tiling row below and is left out
         **({"ours fp32 eager": ours(precision="fp32", compile=False)} if resolve_precision("auto", "cpu") != "fp32" else {}),
-        f"ours {auto}, eager, 224 px tiles not fitted (issue 18)": ours(precision="auto", compile=False, roi_size=224, fit_tiles=False),
+        f"ours {auto}, eager, 224 px tiles not fitted (old tiling)": ours(precision="auto", compile=False, roi_size=224, fit_tiles=False),
         EAGER.format(auto=auto): ours(precision="auto", compile=False),
         COMPILED.format(auto=auto): ours(precision="auto", compile=True),
     }
@@ -175,8 +171,8 @@ def slide_rows(args) -> list[tuple]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(HERE.parent.parent / "shared" / "data" / "dev"))
-    parser.add_argument("--model", default=str(HERE.parent / "bundle" / "models" / "model.pt"))
+    parser.add_argument("--data", default=str(DEV_MANIFEST.parent))
+    parser.add_argument("--model", default=str(REPO / "bundle" / "models" / "model.pt"))
     parser.add_argument("--limit", type=int, default=None, help="first N dev-val images for inference and flows")
     parser.add_argument("--no-training", action="store_true", help="leave out the training-step rows")
     parser.add_argument("--no-inference", action="store_true", help="leave out the dev-val inference rows")
@@ -185,7 +181,7 @@ def main() -> None:
     parser.add_argument("--slide-eager", action="store_true", help="with --slide: also our slide path without compiling")
     parser.add_argument("--slide-size", type=int, default=10000)
     parser.add_argument("--cellpose-slide-timeout", type=float, default=5400)
-    parser.add_argument("--work", default=str(HERE.parent / "runs" / "wholeslide"))
+    parser.add_argument("--work", default=str(REPO / "runs" / "wholeslide"))
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
 

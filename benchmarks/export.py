@@ -1,6 +1,6 @@
 """Exported (TorchScript) vs eager model: speed, F1 and mask identity on dev val; Deploy app vs mmcs infer.
 
-    python benchmarks/bench_export.py [--model runs/.../model_final.pt] [--data ../shared/data/dev/manifest.csv]
+    python -m benchmarks.export [--model runs/.../model_final.pt] [--data ../shared/data/dev/manifest.csv]
         [--limit 20] [--deploy_python ~/.venvs/mmcs-deploy/bin/python]
 
 For each of eager/TorchScript x fp32/bf16: seconds per megapixel (image in memory -> masks, the
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.common import REPO
 
 
 def same_cells(a: np.ndarray, b: np.ndarray) -> bool:

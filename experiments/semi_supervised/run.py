@@ -1,6 +1,6 @@
 """Does the semi-supervised phase help? 10% labels, the rest unlabelled, equal CPU time, two seeds.
 
-    python benchmarks/semi_experiment.py --seeds 0 1 [--fraction 0.1] [--pretrain_minutes 5]
+    python -m experiments.semi_supervised.run --seeds 0 1 [--fraction 0.1] [--pretrain_minutes 5]
         [--phase2_minutes 6] [--unlabelled 100] [--out runs/semi_experiment]
 
 For each seed, on ``../shared/data/dev``:
@@ -25,12 +25,9 @@ import random
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from bench_same_budget import DEV, _run_with_budget, ours_masks_fn, score  # noqa: E402
-
-from mmcs_monai.workflows import bundle_command  # noqa: E402
+from benchmarks.common import REPO
+from experiments.same_budget.run import DEV, _run_with_budget, ours_masks_fn, score
+from mmcs_monai.workflows import bundle_command
 
 
 def split_labels(seed: int, fraction: float, n_unlabelled: int):

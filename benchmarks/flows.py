@@ -1,6 +1,6 @@
 """Flows: ours (mmcs_monai.flows) vs Cellpose 3.1.1.3 (cellpose.dynamics) on the CPU, same inputs.
 
-    python benchmarks/bench_flows.py [--data ../shared/data/dev] [--split val] [--limit N] [--repeats R]
+    python -m benchmarks.flows [--data ../shared/data/dev] [--split val] [--limit N] [--repeats R]
 
 - labels -> flows: ``labels_to_flows(gt)`` vs ``cellpose.dynamics.masks_to_flows(gt, device=cpu)``;
   quality = cosine of the flow vectors inside cells (per image, and over all cell pixels).
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import sys
 import time
 import warnings
 from collections import defaultdict
@@ -30,11 +29,9 @@ import numpy as np
 import tifffile
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from mmcs_monai.flows import flows_to_masks, labels_to_flows  # noqa: E402
-from mmcs_monai.metrics import f1_score  # noqa: E402
+from benchmarks.common import REPO
+from mmcs_monai.flows import flows_to_masks, labels_to_flows
+from mmcs_monai.metrics import f1_score
 
 CPU = torch.device("cpu")
 

@@ -1,6 +1,6 @@
 """Training curves of the shipped model from its TensorBoard scalars (phase 1, then phase 2), as one PNG.
 
-python benchmarks/plot_training_curves.py runs/generalist --output bundle/docs/training_curves.png
+python -m experiments.recipes.plot_training_curves runs/generalist --output bundle/docs/training_curves.png
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+import matplotlib.pyplot as plt
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 
 def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:

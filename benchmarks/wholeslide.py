@@ -1,6 +1,6 @@
 """Whole-slide inference: a 10,000 x 10,000 mosaic of real dev images, ours vs Cellpose 3.1.1.3.
 
-    python benchmarks/bench_wholeslide.py --model runs/same_budget/ours/models/model_final.pt \
+    python -m benchmarks.wholeslide --model runs/same_budget/ours/models/model_final.pt \
         [--size 10000] [--crop 2000] [--cellpose] [--cellpose-timeout 3600] [--work runs/wholeslide]
 
 1. Builds the slide once: dev fluorescence images (grey, train and val, CC0 DSB) packed row by row
@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.common import REPO
+
 DEV = REPO.parent / "shared" / "data" / "dev"
 
 
@@ -136,8 +137,9 @@ def profile_steps(compiled: bool) -> StepTimes:
 
 
 def child_ours(args) -> dict:
-    from mmcs_monai.inference import CellInferer, parse_compile
+    from mmcs_monai.inference import CellInferer
     from mmcs_monai.networks import load_cellpose_checkpoint
+    from mmcs_monai.precision import parse_compile
     from mmcs_monai.wholeslide import SlideSegmenter
 
     net = load_cellpose_checkpoint(args.model).eval()
@@ -179,7 +181,8 @@ def child_cellpose(args) -> dict:
 def run_child(kind: str, image: Path, out: Path, args, timeout: float | None = None) -> dict | None:
     cmd = [
         sys.executable,
-        __file__,
+        "-m",
+        "benchmarks.wholeslide",
         "--child",
         kind,
         "--image",
@@ -199,7 +202,7 @@ def run_child(kind: str, image: Path, out: Path, args, timeout: float | None = N
     ] + (["--profile"] if args.profile else [])
     start = time.perf_counter()
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     except subprocess.TimeoutExpired:
         print(f"{kind} on {image.name}: did not finish in {timeout:.0f} s", flush=True)
         return None

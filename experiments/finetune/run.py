@@ -12,7 +12,7 @@ modality of ``../shared/data/extra`` (default: phase-contrast whole cells, MIT l
 Each model is then scored by ``evaluate.json`` (default settings: ``auto`` diameter) on that modality's
 val images, next to the shipped model as it is. Prints a Markdown table.
 
-    python benchmarks/bench_finetune.py
+    python -m experiments.finetune.run
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.common import REPO
 from mmcs_monai.data import load_datalist
 from mmcs_monai.workflows import bundle_command
 
-REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
 
 

@@ -1,6 +1,6 @@
 """Images per second with 1 and N processes (``torchrun``): training through the bundle, folder inference.
 
-    python benchmarks/bench_scaling.py [--data ../shared/data/dev/manifest.csv] [--nproc 2]
+    python -m benchmarks.scaling [--data ../shared/data/dev/manifest.csv] [--nproc 2]
         [--model runs/.../model_final.pt] [--train_images 32] [--epochs 3] [--infer_images 16]
 
 - Training: full-size CPnet, batch 8 per process, 128 px patches, fp32, ``--train_images`` dev-train
@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bundle_runs import BUNDLE, DEV_MANIFEST, REPO, engine_seconds, training_command
+from benchmarks.common import BUNDLE, DEV_MANIFEST, REPO, engine_seconds, training_command
 
 
 def _run(command: list[str], nproc: int, threads: int) -> tuple[str, float]:

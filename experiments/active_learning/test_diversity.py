@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import disk_labels
+from experiments.active_learning.diversity import image_style, pick_diverse, select_by_clusters, select_diverse, style_distances
 from mmcs_monai.inference import CellInferer
-from mmcs_monai.label.diversity import image_style, pick_diverse, select_by_clusters, select_diverse, style_distances
 from mmcs_monai.networks import CPnet
+from tests.helpers import disk_labels  # the experiments are not on the suite's path: run from the repository root
 
 
 def two_clusters(n_a=6, n_b=6, seed=0):

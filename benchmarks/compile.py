@@ -1,7 +1,7 @@
-"""The network alone: eager vs compiled, with and without weight freezing (issue 19), one process.
+"""The network alone: eager vs compiled, with and without weight freezing, one process.
 
-    python benchmarks/bench_compile.py [--model bundle/models/model.pt] [--batch 8] [--tile 224] [--rounds 6]
-    TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python benchmarks/bench_compile.py     # a cold compile cache
+    python -m benchmarks.compile [--model bundle/models/model.pt] [--batch 8] [--tile 224] [--rounds 6]
+    TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python -m benchmarks.compile     # a cold compile cache
 
 Full CPnet on a batch of random tiles, under ``torch.no_grad()``, for bf16 autocast + channels_last (the
 ``precision auto`` path on this CPU) and fp32: eager, ``CompiledNetwork(freezing=False)`` and
@@ -16,20 +16,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+from benchmarks.common import REPO
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(HERE.parent / "bundle" / "models" / "model.pt"))
+    parser.add_argument("--model", default=str(REPO / "bundle" / "models" / "model.pt"))
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tile", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=6)
@@ -39,9 +36,9 @@ def main() -> None:
 
     from torch._dynamo.utils import counters
 
-    from mmcs_monai.inference import autocast_context
     from mmcs_monai.networks import load_model
     from mmcs_monai.networks.compiled import CompiledNetwork
+    from mmcs_monai.precision import autocast_context
 
     load_before = os.getloadavg()
     rows = []

@@ -10,10 +10,10 @@ on the sample images, with their labels in the datastore, and measures over HTTP
   child process the server starts (1 torch thread at nice 10 on 2 cores: ``--conf child_threads``).
 
 In every phase a fifth thread asks ``GET /info/`` every 0.25 s. The table gives median and max seconds,
-errors, and the median against idle. Targets (issue 18): infer median during training at most 2x idle,
+errors, and the median against idle. Targets: infer median during training at most 2x idle,
 ``/info/`` under 0.5 s.
 
-    ~/.venvs/mmcs/bin/python benchmarks/bench_label_server.py [--model tests/data/tiny_cpnet.pt] [--requests 20]
+    ~/.venvs/mmcs/bin/python -m benchmarks.label_server [--model tests/data/tiny_cpnet.pt] [--requests 20]
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from pathlib import Path
 
 import requests
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.common import REPO
+
 SAMPLE = REPO / "bundle" / "sample_data"
 
 

@@ -15,7 +15,7 @@ diameter a user who knows the size would give). To keep 4x affordable on a CPU e
 to at most ``--crop`` pixels a side (1024 px at 4x for the default 256), and ``--per_subset`` images of
 each modality are used (all with 0).
 
-    python benchmarks/bench_diameter.py --model bundle/models/model.pt
+    python -m benchmarks.diameter --model bundle/models/model.pt
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ import math
 import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import REPO
 from mmcs_monai.data import load_datalist
 from mmcs_monai.diameters import median_diameter
 from mmcs_monai.inference import CellInferer
@@ -40,7 +40,6 @@ from mmcs_monai.networks import load_model
 from mmcs_monai.segmentation import CellSegmenter
 from mmcs_monai.transforms import inference_preprocessing
 
-REPO = Path(__file__).resolve().parents[1]
 SCALES = (0.25, 0.5, 1.0, 2.0, 3.0, 4.0)
 METHODS = ("stored", "refine", "auto", "true")
 

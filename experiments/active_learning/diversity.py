@@ -16,7 +16,8 @@ Distances are cosine distances ``1 - s.t`` between unit style vectors (in [0, 2]
 distance among the candidates and the labelled images, so the diversity term is in [0, 1] like the
 uncertainty score and ``weight`` means the same for any model.
 
-No MONAI Label import here: the label app and ``benchmarks/active_learning.py`` share it.
+Used by the active-learning study (``python -m experiments.active_learning.run``), not by the label app: it
+learnt no more than uncertainty alone there (``README.md`` beside this file).
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Same wall-time budget: ours vs Cellpose 3.1.1.3 trained from scratch on dev train, scored on dev val.
 
-    python benchmarks/bench_same_budget.py --minutes 15 [--out runs/same_budget] [--only ours|cellpose]
+    python -m experiments.same_budget.run --minutes 15 [--out runs/same_budget] [--only ours|cellpose]
 
 Each side trains with its own default recipe on ``../shared/data/dev`` train (378 images):
 
-- ours: the bundle, ``train.json + configs/dev_data.json + configs/cpu.json`` (SGD lr 0.1, 10-epoch
+- ours: the bundle, ``train.json + experiments/recipes/dev_data.json + recipes/cpu.json`` (SGD lr 0.1, 10-epoch
   warm-up, halving over the last epochs, full CPnet, 128 px patches, batch 8, precision auto), its
   epochs sized to the budget, with the ``time_budget_minutes`` handler as the hard stop;
 - Cellpose: ``cellpose.train.train_seg`` defaults (AdamW lr 0.005, batch 8, 224 px patches,
@@ -28,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common import DEV_MANIFEST, REPO
 from mmcs_monai.workflows import bundle_command
 
-REPO = Path(__file__).resolve().parents[1]
-DEV = REPO.parent / "shared" / "data" / "dev"
+DEV = DEV_MANIFEST.parent
 
 CELLPOSE_TRAIN = r"""
 import sys, numpy as np, torch
@@ -63,7 +63,11 @@ def _run_with_budget(cmd: list[str], minutes: float, log: Path, env=None) -> flo
 
 
 def train_ours(out: Path, minutes: float) -> Path:
-    configs = [str(REPO / "bundle/configs/train.json"), str(REPO / "configs/dev_data.json"), str(REPO / "configs/cpu.json")]
+    configs = [
+        str(REPO / "bundle/configs/train.json"),
+        str(REPO / "experiments/recipes/dev_data.json"),
+        str(REPO / "bundle/configs/recipes/cpu.json"),
+    ]
     overrides = {"ckpt_dir": out / "models", "output_dir": out / "eval", "time_budget_minutes": minutes, "val_interval": 100000}
     # the recipe's own epochs and learning-rate halving; the budget stops it if the machine is slower
     cmd = [sys.executable, "-m", *bundle_command("training", configs, REPO / "bundle", overrides)]

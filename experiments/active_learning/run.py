@@ -25,13 +25,13 @@ central ``--crop`` x ``--crop`` crop, so uncertainty scoring stays affordable on
 under ``<out>/data``. Images are read as the label server reads datastore images: no ``nucleus_channel``
 (a 2-channel image's channels are averaged into the first network channel), in training and validation alike.
 
-Run it in the label environment (it imports MONAI Label); the defaults are the run in ``benchmarks/README.md``
+Run it in the label environment (it imports MONAI Label); the defaults are the run in its ``README.md``
 (5 strategies x 5 seeds, about 40 min on one CPU thread)::
 
-    OMP_NUM_THREADS=1 nice -n 15 ~/.venvs/mmcs-label/bin/python benchmarks/active_learning.py
+    OMP_NUM_THREADS=1 nice -n 15 ~/.venvs/mmcs-label/bin/python -m experiments.active_learning.run
 
 Writes ``<out>/active_learning.csv`` (one row per seed, strategy and round) and ``--plot``, and prints
-the tables of ``benchmarks/README.md``.
+the tables of its ``README.md``.
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ import csv
 import logging
 import random
 import shutil
-import sys
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -49,22 +48,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from benchmarks.bundle_runs import DEV_MANIFEST  # noqa: E402
-from mmcs_monai.data import load_datalist  # noqa: E402
-from mmcs_monai.diameters import median_diameter  # noqa: E402
-from mmcs_monai.evaluation import diameter_sweep  # noqa: E402
-from mmcs_monai.inference import CellInferer  # noqa: E402
-from mmcs_monai.io import read_labels  # noqa: E402
-from mmcs_monai.label.activelearning import SCORE_KEY, MostUncertain, UncertaintyScoring  # noqa: E402
-from mmcs_monai.label.datastore import CellDatastore  # noqa: E402
-from mmcs_monai.label.diversity import image_style, pick_diverse, select_by_clusters  # noqa: E402
-from mmcs_monai.label.model import ServedModel  # noqa: E402
-from mmcs_monai.label.train import CellTrainTask  # noqa: E402
-from mmcs_monai.label.uncertainty import rank_by_uncertainty  # noqa: E402
-from mmcs_monai.transforms import inference_preprocessing  # noqa: E402
+from benchmarks.common import (
+    DEV_MANIFEST,  # noqa: E402
+    REPO,
+)
+from experiments.active_learning.diversity import image_style, pick_diverse, select_by_clusters
+from mmcs_monai.data import load_datalist
+from mmcs_monai.diameters import median_diameter
+from mmcs_monai.evaluation import diameter_sweep
+from mmcs_monai.inference import CellInferer
+from mmcs_monai.io import read_labels
+from mmcs_monai.label.activelearning import SCORE_KEY, MostUncertain, UncertaintyScoring
+from mmcs_monai.label.datastore import CellDatastore
+from mmcs_monai.label.model import ServedModel
+from mmcs_monai.label.train import CellTrainTask
+from mmcs_monai.label.uncertainty import rank_by_uncertainty
+from mmcs_monai.transforms import inference_preprocessing
 
 EXTRA_MANIFEST = DEV_MANIFEST.parent.parent / "extra" / "manifest.csv"
 SAMPLE_IDS = {p.stem for p in (REPO / "bundle" / "sample_data" / "images").glob("*")}  # the start model saw these
@@ -420,7 +419,7 @@ def main() -> None:
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--out", default=str(REPO / "runs" / "active_learning"))
-    parser.add_argument("--plot", default=str(REPO / "benchmarks" / "active_learning.png"))
+    parser.add_argument("--plot", default=str(REPO / "experiments" / "active_learning" / "active_learning.png"))
     args = parser.parse_args()
     args.strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     unknown = sorted(set(args.strategies) - set(STRATEGIES))

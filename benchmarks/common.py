@@ -1,4 +1,5 @@
-"""Shared by the benchmark scripts: the bundle training command they time, and the engines' own clocks."""
+"""The one helper the benchmarks (and the experiments) share: where the checkout and the dev data are, the bundle
+training command they time (:func:`mmcs_monai.workflows.bundle_command`), and the engines' own clocks."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Tiling sweep on dev val: tile size, overlap, tile fitting and batch size, s/MPix and F1 (issue 19).
+"""Tiling sweep on dev val: tile size, overlap, tile fitting and batch size, s/MPix and F1.
 
-    python benchmarks/bench_tiling.py [--data ../shared/data/dev] [--model bundle/models/model.pt] [--limit N]
+    python -m benchmarks.tiling [--data ../shared/data/dev] [--model bundle/models/model.pt] [--limit N]
         [--every 2] [--tiles 224,320,448] [--overlaps 0.05,0.1,0.2] [--batches 8] [--fit both] [--compile True]
 
 Every configuration segments the same dev-val images (gt_complete yes/mostly) in memory -> label masks with
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -25,8 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+from benchmarks.common import DEV_MANIFEST, REPO
 
 
 def load_images(data: Path, limit: int | None, every: int = 1):
@@ -82,8 +80,8 @@ def run_config(net, images, diameter: float, **options) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=HERE.parent.parent / "shared" / "data" / "dev")
-    parser.add_argument("--model", default=str(HERE.parent / "bundle" / "models" / "model.pt"))
+    parser.add_argument("--data", type=Path, default=DEV_MANIFEST.parent)
+    parser.add_argument("--model", default=str(REPO / "bundle" / "models" / "model.pt"))
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--every", type=int, default=1, help="every N-th image (a spread subset)")
     parser.add_argument("--tiles", default="224,320,448")
@@ -95,8 +93,8 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
 
-    from mmcs_monai.inference import parse_compile
     from mmcs_monai.networks import load_model
+    from mmcs_monai.precision import parse_compile
 
     net = load_model(args.model).eval()
     diameter = float(net.diam_labels)

@@ -1,6 +1,6 @@
 """Does the input pipeline starve the step? Training s/step with batch loading in 0, 1 or 2 worker processes.
 
-    python benchmarks/bench_pipeline.py [--data ../shared/data/dev/manifest.csv] [--train_images 64]
+    python -m experiments.training_speed.pipeline [--data ../shared/data/dev/manifest.csv] [--train_images 64]
         [--epochs 4] [--precision bf16] [--workers 0,1,2]
 
 Flow targets are cached once (``SkippingCacheDataset``: read, normalise, labels -> flows, excluded
@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from bundle_runs import DEV_MANIFEST, REPO, engine_seconds, python_module, training_command
+from benchmarks.common import DEV_MANIFEST, REPO, engine_seconds, python_module, training_command
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Training step and end-to-end inference: ours vs Cellpose 3.1.1.3, same machine, same inputs, one run.
 
-    python benchmarks/bench_speed.py [--data ../shared/data/dev] [--model bundle/models/model.pt] [--limit N]
+    python -m benchmarks.speed [--data ../shared/data/dev] [--model bundle/models/model.pt] [--limit N]
 
 - Training step: CPnet of the same size (default full, nbase 2-32-64-128-256), batch 8, 128 px
   patches, SGD; ours = dataset augmentation (RandCellAffined on cached flows) + forward/backward/step;
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.common import REPO
 
 
 def _timed(fn, repeats: int = 1) -> float:
@@ -46,9 +46,9 @@ def training_step_times(items, nbase, batch=8, patch=128, steps=5, precision="fp
     from monai.data import list_data_collate
     from monai.transforms import Compose
 
-    from mmcs_monai.inference import PrecisionInferer
     from mmcs_monai.losses import CellposeLoss
     from mmcs_monai.networks import CPnet
+    from mmcs_monai.precision import PrecisionInferer
     from mmcs_monai.transforms import (
         CellDiameterd,
         LabelsToFlowsd,

@@ -1,6 +1,6 @@
 """Profile a bundle training run with py-spy and print where the time goes.
 
-    python benchmarks/profile_epoch.py [--data ../shared/data/dev/manifest.csv] [--train_images 64]
+    python -m experiments.training_speed.profile_epoch [--data ../shared/data/dev/manifest.csv] [--train_images 64]
         [--epochs 2] [--precision bf16] [--num_workers 0] [--top 15]
 
 Samples the whole process tree (``py-spy record --subprocesses``, 100 Hz) while the bundle trains
@@ -18,7 +18,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from bundle_runs import DEV_MANIFEST, REPO, python_module, training_command
+from benchmarks.common import DEV_MANIFEST, REPO, python_module, training_command
 
 # (name, substrings of a frame that put a sample in it), first match from the innermost frame wins
 LOOP_PARTS = [
