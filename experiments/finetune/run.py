@@ -4,7 +4,7 @@ Both runs go through the bundle (``python -m monai.bundle run training``) for th
 optimiser steps (``--steps``, batch 8, 128 px patches, bf16 on CPU) on the first N train images of one
 modality of ``../shared/data/extra`` (default: phase-contrast whole cells, MIT licensed):
 
-- fine-tuned: ``bundle/configs/train.json`` + ``configs/finetune.json`` (starts from ``bundle/models/model.pt``,
+- fine-tuned: ``bundle/configs/train.json`` + ``bundle/configs/recipes/finetune.json`` (starts from ``bundle/models/model.pt``,
   learning rate 0.02, halved over the last quarter);
 - from scratch: ``bundle/configs/train.json`` with the same step count (learning rate 0.1, 10 % warm-up,
   halved over the last quarter).
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
         common.update(halving_start=int(epochs * 0.75), halving_every=max(1, epochs // 12))
         result = {"n": min(n, len(train)), "epochs": epochs}
         for name, config, extra in (
-            ("finetuned", ["bundle/configs/train.json", "configs/finetune.json"], {"pretrained": args.model}),
+            ("finetuned", ["bundle/configs/train.json", "bundle/configs/recipes/finetune.json"], {"pretrained": args.model}),
             ("scratch", ["bundle/configs/train.json"], {"warmup_epochs": max(1, epochs // 10)}),
         ):
             run = work / f"{name}_{n}"
