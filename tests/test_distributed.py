@@ -12,7 +12,7 @@ import torch
 
 from helpers import subprocess_env
 from mmcs_monai import distributed
-from mmcs_monai.engines import handlers
+from mmcs_monai.engines import checkpointing
 from mmcs_monai.io import read_image, read_labels
 from mmcs_monai.networks import CPnet
 from mmcs_monai.workflows import bundle_command
@@ -60,17 +60,17 @@ def test_only_rank_zero_writes_checkpoints_and_best_models(tmp_path, monkeypatch
     from ignite.engine import Engine
 
     net = CPnet(nbase=[2, 8, 16])
-    checkpoint = handlers.CheckpointHandler(str(tmp_path), {"network": net})
-    best = handlers.BestModelSaver(net, str(tmp_path / "model.pt"))
+    checkpoint = checkpointing.CheckpointHandler(str(tmp_path), {"network": net})
+    best = checkpointing.BestModelSaver(net, str(tmp_path / "model.pt"))
     engine = Engine(lambda e, b: None)
     engine.state.metrics = {"val_f1": 0.5}
-    monkeypatch.setattr(handlers, "is_main_process", lambda: False)
+    monkeypatch.setattr(checkpointing, "is_main_process", lambda: False)
     checkpoint.save_dict.setdefault("trainer", engine)
     checkpoint.save(engine)
     checkpoint.save_final(engine)
     best(engine)
     assert list(tmp_path.iterdir()) == [] and best.best == 0.5  # tracked on every rank, written by none here
-    monkeypatch.setattr(handlers, "is_main_process", lambda: True)
+    monkeypatch.setattr(checkpointing, "is_main_process", lambda: True)
     checkpoint.save_final(engine)
     assert {p.name for p in tmp_path.iterdir()} == {"checkpoint.pt", "model_final.pt", "model.pt"}
 
@@ -80,7 +80,7 @@ def test_only_rank_zero_writes_checkpoints_and_best_models(tmp_path, monkeypatch
 
 def _rank_dump_config(tmp_path, with_store=False):
     """Extra config: at the end each rank saves its weights (and pseudo-label store) as rank<r>.pt."""
-    save = {"network": "$mmcs_monai.engines.handlers.unwrap(@network).state_dict()"}
+    save = {"network": "$mmcs_monai.engines.utils.unwrap(@network).state_dict()"}
     if with_store:
         save["store"] = "$@pseudo_store.state_dict()"
         save["teacher"] = "$@teacher.state_dict()"

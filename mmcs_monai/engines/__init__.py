@@ -1,20 +1,8 @@
-"""Ignite engines' building blocks: batch preparation, handlers, schedules and the semi-supervised phase."""
+"""Ignite engines' building blocks: batch preparation (``utils``), checkpoints and resume (``checkpointing``),
+training-time handlers (``training``), run reports (``reports``), schedules and the semi-supervised phase (``semi``)."""
 
-from mmcs_monai.engines.handlers import (
-    BadSampleReport,
-    BestModelSaver,
-    CheckpointHandler,
-    F1ReportHandler,
-    LearningRateLogger,
-    ModelFileLoader,
-    SegmentationReport,
-    SyncBuffersHandler,
-    TimeBudgetHandler,
-    TrainingDiameterHandler,
-    TrainingReport,
-    TransformRandomState,
-    save_atomic,
-)
+from mmcs_monai.engines.checkpointing import BestModelSaver, CheckpointHandler, ModelFileLoader, TransformRandomState
+from mmcs_monai.engines.reports import F1ReportHandler, ImageRunReport, SegmentationReport, TrainingReport
 from mmcs_monai.engines.schedules import WarmupHalvingSchedule
 from mmcs_monai.engines.semi import (
     MixedBatchLoader,
@@ -24,4 +12,11 @@ from mmcs_monai.engines.semi import (
     prediction_to_pseudo,
     sigmoid_rampup,
 )
-from mmcs_monai.engines.utils import PrepareFlowBatch, TeacherValidationHandler, run_if_any, use_handler
+from mmcs_monai.engines.training import (
+    BadSampleReport,
+    LearningRateLogger,
+    SyncBuffersHandler,
+    TimeBudgetHandler,
+    TrainingDiameterHandler,
+)
+from mmcs_monai.engines.utils import PrepareFlowBatch, TeacherValidationHandler, run_if_any, save_atomic, unwrap, use_handler

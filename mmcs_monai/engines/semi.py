@@ -28,7 +28,7 @@ from ignite.engine import Engine, Events
 from skimage.segmentation import find_boundaries
 
 from mmcs_monai.distributed import all_gather_objects, set_sampler_epoch, shard
-from mmcs_monai.engines.handlers import unwrap
+from mmcs_monai.engines.utils import unwrap
 from mmcs_monai.flows import FLOW_SCALE, flows_to_masks
 
 logger = logging.getLogger(__name__)

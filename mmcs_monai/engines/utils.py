@@ -1,15 +1,32 @@
-"""Batch preparation for the engines, and running an evaluator over a data list that may be empty."""
+"""Batch preparation for the engines, running an evaluator over a data list that may be empty, the bare network
+inside a DDP wrapper, and atomic ``torch.save``."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sized
+from pathlib import Path
+from typing import Any
 
 import torch
 from monai.engines.utils import PrepareBatch
 from monai.handlers import ValidationHandler
 
+from mmcs_monai.io import atomic_path
+
 logger = logging.getLogger(__name__)
+
+
+def unwrap(network: torch.nn.Module) -> torch.nn.Module:
+    """The bare network inside DataParallel/DistributedDataParallel wrappers."""
+    return getattr(network, "module", network)
+
+
+def save_atomic(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to a temporary file beside ``path``, then rename: never a half-written file."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
 
 
 class PrepareFlowBatch(PrepareBatch):
