@@ -3,12 +3,12 @@
 :class:`CellInferer` is a MONAI ``Inferer``: trainers' validation, the bundle's inference config, the
 CLI and the apps all call it, so there is one prediction path. It resizes the image so cells reach
 the network's training diameter, runs MONAI's sliding-window inferer (overlapping tiles blended with
-Gaussian weights), and resizes the flows back to the input's size.
+Gaussian weights), and resizes the flows back to the input's size. Precision and compile policy live in
+:mod:`mmcs_monai.precision`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import time
 from typing import Any
@@ -19,12 +19,11 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer, SlidingWindowInferer
 
 from mmcs_monai import size_estimate
-from mmcs_monai.diameters import median_diameter, scale_to_target
+from mmcs_monai.diameters import DEFAULT_TARGET_DIAMETER, median_diameter, scale_to_target
 from mmcs_monai.flows import MaskSettings
-from mmcs_monai.networks.compiled import compile_unavailable, compiled_forward
+from mmcs_monai.networks.compiled import compiled_forward
+from mmcs_monai.precision import autocast_context, parse_compile, resolve_compile, resolve_precision
 from mmcs_monai.size_estimate import DiameterSearch
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 # Tiling defaults (network pixels), written once: configs, the apps and the command line refer to these.
 ROI_SIZE = 224
@@ -34,119 +33,12 @@ SW_BATCH_SIZE = 8
 # val 28% fewer network pixels (1.25 vs 1.73 per image pixel) at the same F1 (0.7221 vs 0.7223) and 1.3x
 # faster; larger tiles or less overlap did not win beyond noise (benchmarks/README.md, "Tiling sweep")
 FIT_TILES = True
-# ``compile="auto"`` compiles CPU inference of at least this many image megapixels (a folder's images, a
-# slide), by the precision the network runs in: below it the one-time compile (50-130 s on 2 cores) costs
-# more than it saves. fp32 (AVX2 CPU): it saves 5.7 s/MPix, so it pays from ~14 MPix; bf16 (AVX-512 BF16
-# CPU, where the network already runs near the CPU's bf16 peak): it saves 0.5-0.9 s/MPix and pays from
-# 65-110 MPix (benchmarks/README.md, "Compiled inference")
-AUTO_COMPILE_MEGAPIXELS = {"fp32": 20.0, "bf16": 100.0}
 
 # Where CellInferer's output carries the diameter each image was segmented at (MetaTensor meta).
 CELL_DIAMETER_KEY = "cell_diameter"
 
 # Diameters estimated per image from the image itself (see CellInferer.estimate_diameter).
 ESTIMATED_DIAMETERS = ("auto", "refine")
-
-
-def native_bf16(device: torch.device | str) -> bool:
-    """Whether ``device`` computes bf16 natively (AVX512-BF16/AMX on CPU, Ampere+ on GPU).
-
-    Elsewhere bf16 autocast is emulated and slower than fp32, so ``auto`` precision keeps fp32.
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_precision(precision: str, device: torch.device | str) -> str:
-    """``auto`` -> ``bf16`` where the device has native bf16, else ``fp32``; other names unchanged.
-
-    bf16 + channels_last inference on dev val: F1 0.7139 vs 0.7145 in fp32, 2.2x faster on a
-    2-core AVX512-BF16 CPU (``benchmarks/README.md``).
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "auto":
-        return "bf16" if native_bf16(device) else "fp32"
-    return precision
-
-
-def autocast_context(device: torch.device | str, precision: str = "fp32"):
-    """Autocast for ``precision`` on ``device`` (``fp32``: no autocast). fp16 is refused on CPU.
-
-    Flows -> masks never run under it: callers cast the network output to float32 first.
-    """
-    precision = resolve_precision(precision, device)
-    device_type = torch.device(device).type
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "fp16" and device_type != "cuda":
-        raise ValueError("fp16 autocast needs a GPU; use bf16 on CPU")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device_type, dtype=dtype)
-
-
-def parse_compile(value: Any) -> bool | str:
-    """``compile`` as commands and configs give it -> True, False or ``"auto"``.
-
-    Accepts booleans, None (``"auto"``) and the strings ``auto``, ``true``/``false``, ``on``/``off``,
-    ``yes``/``no``, ``1``/``0`` in any case (a command line's lowercase ``false`` arrives as a string).
-    """
-    if value is None or isinstance(value, bool):
-        return "auto" if value is None else value
-    text = str(value).strip().lower()
-    if text == "auto":
-        return "auto"
-    if text in ("true", "on", "yes", "1"):
-        return True
-    if text in ("false", "off", "no", "0"):
-        return False
-    raise ValueError(f"compile must be True, False or 'auto', got {value!r}")
-
-
-def workload_megapixels(images: Any) -> float:
-    """Image megapixels of a data list (items with an ``image`` path, or paths), read from file headers
-    where the format allows (TIFF, npy); unreadable files count as nothing (they are screened elsewhere)."""
-    from mmcs_monai.io import InputError, open_regions
-
-    total = 0.0
-    for item in images or ():
-        path = item.get("image") if isinstance(item, dict) else item
-        try:
-            with open_regions(path) as regions:
-                total += regions.shape[0] * regions.shape[1] / 1e6
-        except (InputError, OSError, ValueError, TypeError):
-            continue
-    return total
-
-
-def resolve_compile(
-    compile: Any = "auto",
-    device: torch.device | str = "cpu",
-    images: Any = None,
-    megapixels: float | None = None,
-    precision: str = "auto",
-) -> bool:
-    """Whether to compile the network for a job: ``compile`` True/False as given; ``"auto"``: on a CPU, when
-    the job has at least :data:`AUTO_COMPILE_MEGAPIXELS` image megapixels for the precision the network runs
-    in (``precision``, resolved for ``device``; ``megapixels``, else counted from ``images``, a data list)
-    and compiling is available; on a GPU ``auto`` stays off (not measured there).
-    """
-    choice = parse_compile(compile)
-    if choice != "auto":
-        return choice
-    if torch.device(device).type != "cpu" or compile_unavailable(None, device) is not None:
-        return False
-    threshold = AUTO_COMPILE_MEGAPIXELS.get(resolve_precision(precision, device))
-    if threshold is None:
-        return False
-    if megapixels is None:
-        megapixels = workload_megapixels(images)
-    return megapixels >= threshold
 
 
 def fitted_tile(size: int, roi: int, overlap: float) -> int:
@@ -171,10 +63,18 @@ def _windows_along(size: int, roi: int, overlap: float) -> int:
 
 
 def model_diameters(network: torch.nn.Module) -> tuple[float, float]:
-    """(diam_mean, diam_labels) of a CPnet: the training target diameter and the training set's mean."""
-    diam_mean = float(getattr(network, "diam_mean", torch.tensor(30.0)))
+    """(diam_mean, diam_labels) of a CPnet: the training target diameter (30 px when the model has none) and the
+    training set's mean (``diam_mean`` when the model has none)."""
+    diam_mean = float(getattr(network, "diam_mean", torch.tensor(DEFAULT_TARGET_DIAMETER)))
+    diam_mean = diam_mean if diam_mean > 0 else DEFAULT_TARGET_DIAMETER
     diam_labels = float(getattr(network, "diam_labels", torch.tensor(diam_mean)))
     return diam_mean, diam_labels if diam_labels > 0 else diam_mean
+
+
+def diameter_zoom(network: torch.nn.Module, diameter: float) -> float:
+    """Factor by which an image with cells of ``diameter`` pixels is resized before ``network``, so its cells
+    reach the network's training diameter: the one zoom rule of inference, whole slides and the label tools."""
+    return scale_to_target(diameter, model_diameters(network)[0])
 
 
 def resolve_diameter(network: torch.nn.Module, diameter: float | str | None) -> float:
@@ -223,7 +123,9 @@ class CellInferer(Inferer):
             (CPU/GPU autocast) or ``fp16`` (GPU).
         channels_last: run the network in channels-last memory layout (faster with bf16 on CPU);
             None: on when the resolved precision is bf16.
-        mask_settings: thresholds of the masks that ``auto`` measures (default :class:`MaskSettings`()).
+        mask_settings: thresholds of the masks that ``auto``/``refine`` measure when the inferer is called on its
+            own (an engine's evaluator; default :class:`MaskSettings`()). A
+            :class:`~mmcs_monai.segmentation.CellSegmenter` passes its own to :meth:`estimate_diameter` instead.
         search: settings of the ``auto`` search (default :class:`~mmcs_monai.size_estimate.DiameterSearch`()).
         compile: run the network compiled (:mod:`mmcs_monai.networks.compiled`: inductor, once per process
             and network; falls back to eager with one log line where it cannot): True, False, or ``"auto"``,
@@ -258,7 +160,7 @@ class CellInferer(Inferer):
         self.diameter = diameter
         self.precision = precision
         self.channels_last = channels_last
-        self.mask_settings = mask_settings or MaskSettings()
+        self.mask_settings = mask_settings
         self.roi_size = roi_size
         self.overlap = overlap
         self.sw_batch_size = sw_batch_size
@@ -296,8 +198,7 @@ class CellInferer(Inferer):
 
     def zoom_for(self, network: torch.nn.Module, diameter: float | str | None = None) -> float:
         """Factor by which input images are resized before the network (``auto`` counts as the stored mean)."""
-        diam_mean, _ = model_diameters(network)
-        return scale_to_target(resolve_diameter(network, diameter if diameter is not None else self.diameter), diam_mean)
+        return diameter_zoom(network, resolve_diameter(network, diameter if diameter is not None else self.diameter))
 
     def __call__(
         self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, diameter: float | str | None = None, **kwargs
@@ -327,31 +228,35 @@ class CellInferer(Inferer):
             outputs.append(self._predict(image, network, estimate, *args, **kwargs))
         return torch.cat(outputs), used
 
-    def estimate_diameter(self, image: torch.Tensor, network: torch.nn.Module, method: str = "auto") -> float:
+    def estimate_diameter(
+        self, image: torch.Tensor, network: torch.nn.Module, method: str = "auto", mask_settings: MaskSettings | None = None
+    ) -> float:
         """Cell diameter (pixels) of one image ``[2, H, W]`` float32, estimated with ``network``.
 
         ``auto``: the multi-scale search of :func:`~mmcs_monai.size_estimate.estimate_diameter` (works from
         any starting size, 0.25x-4x the stored mean). ``refine``: segment the whole image at the stored
         mean, measure the cells found (the stored mean when none), which works only for cells near the
-        training size.
+        training size. Both measure masks made with ``mask_settings`` (default: the inferer's, else
+        :class:`MaskSettings`()).
         """
+        settings = mask_settings or self.mask_settings or MaskSettings()
         stored = resolve_diameter(network, None)
         if method == "refine":
             first = self._predict(image[None], network, stored)
-            measured = median_diameter(self.mask_settings.masks(first[0].cpu().numpy()))
+            measured = median_diameter(settings.masks(first[0].cpu().numpy()))
             return measured if measured > 0 else stored
         if method != "auto":
             raise ValueError(f"unknown diameter estimate {method!r}; use one of {', '.join(ESTIMATED_DIAMETERS)}")
         diam_mean, _ = model_diameters(network)
         estimate, _ = size_estimate.estimate_diameter(
-            image, lambda x: self._run(x, network), self.mask_settings.masks, stored, diam_mean, self.search
+            image, lambda x: self._run(x, network), settings.masks, stored, diam_mean, self.search
         )
         return estimate
 
     def _predict(self, inputs: torch.Tensor, network: torch.nn.Module, diameter: float, *args: Any, **kwargs) -> torch.Tensor:
         """Flows at the inputs' size for cells of ``diameter`` pixels: resize, run tile by tile, resize back."""
         height, width = inputs.shape[-2:]
-        zoom = scale_to_target(diameter, model_diameters(network)[0])
+        zoom = diameter_zoom(network, diameter)
         x = torch.as_tensor(inputs, dtype=torch.float32)
         if abs(zoom - 1.0) > 1e-3:
             size = (max(int(round(height * zoom)), 1), max(int(round(width * zoom)), 1))
@@ -374,31 +279,3 @@ class CellInferer(Inferer):
         with torch.no_grad(), autocast_context(x.device, precision):
             flows = self._window(*x.shape[-2:])(x, forward, *args, **kwargs)
         return torch.as_tensor(flows).float()
-
-
-class PrecisionInferer(Inferer):
-    """Call the network on a batch under the chosen precision and memory layout; outputs float32.
-
-    Used by the trainer (patches already at network scale), so the loss is always computed in float32.
-    bf16 needs no loss scaler (same exponent range as fp32); for fp16 (GPU) the bundle turns on MONAI's
-    ``amp=True``, whose gradient scaler scales the loss.
-
-    Args:
-        precision: ``auto`` (bf16 where the device has native bf16, else fp32), ``fp32``, ``bf16``, ``fp16``.
-        channels_last: channels-last memory layout; None: on when the resolved precision is bf16.
-    """
-
-    def __init__(self, precision: str = "fp32", channels_last: bool | None = False):
-        super().__init__()
-        resolve_precision(precision, "cpu")  # validates the name early
-        self.precision = precision
-        self.channels_last = channels_last
-
-    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
-        precision = resolve_precision(self.precision, inputs.device)
-        if self.channels_last or (self.channels_last is None and precision == "bf16"):
-            network.to(memory_format=torch.channels_last)
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        with autocast_context(inputs.device, precision):
-            out = network(inputs, *args, **kwargs)
-        return out.float()

@@ -5,13 +5,17 @@ and flows -> masks with one :class:`~mmcs_monai.flows.MaskSettings`. The command
 evaluation and sweep, whole slides, the label server and the Deploy app segment through it, so the same
 image at the same settings gives the same masks everywhere.
 
+It also answers which diameter an image is segmented at (:meth:`CellSegmenter.diameter_for`: a number, the
+stored mean, a subset's stored diameter, or ``auto``/``refine`` estimated on the image with the segmenter's
+own thresholds) and the zoom that diameter means (:meth:`CellSegmenter.zoom_for`), for callers that cut an
+image themselves (whole slides, the label server's regions).
+
 It keeps no per-call state: a server may use one segmenter for concurrent requests, each getting its
 own :class:`Segmentation` (masks, flows and the diameter used).
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +23,7 @@ import numpy as np
 import torch
 
 from mmcs_monai.flows import MaskSettings
-from mmcs_monai.inference import CellInferer
+from mmcs_monai.inference import ESTIMATED_DIAMETERS, CellInferer, diameter_zoom, resolve_diameter
 
 
 @dataclass(frozen=True)
@@ -67,36 +71,78 @@ class CellSegmenter:
         diameter: float | str | None = None,
     ) -> None:
         self.network = network
-        self.mask_settings = mask_settings or MaskSettings()
-        inferer = inferer or CellInferer()
-        # auto measures the cells with the same thresholds the masks are made with
-        self.inferer = inferer if inferer.mask_settings == self.mask_settings else _with_mask_settings(inferer, self.mask_settings)
+        self.mask_settings = mask_settings or MaskSettings()  # the masks' thresholds, and those auto measures with
+        self.inferer = inferer or CellInferer()
         self.diameter = diameter
 
     @property
     def device(self) -> torch.device:
         return next(iter(self.network.parameters()), torch.empty(0)).device
 
+    @property
+    def compiles(self) -> bool:
+        """Whether the network is asked to run compiled (it falls back to eager where it cannot)."""
+        return self.inferer.compile is True
+
+    def for_workload(self, megapixels: float | None = None, images: Any = None) -> CellSegmenter:
+        """This segmenter, or one whose ``compile="auto"`` is decided for a job of ``megapixels`` image megapixels
+        (else counted from ``images``, a data list) on its device (:meth:`CellInferer.for_workload`)."""
+        inferer = self.inferer.for_workload(megapixels=megapixels, images=images, device=self.device)
+        return self if inferer is self.inferer else CellSegmenter(self.network, inferer, self.mask_settings, self.diameter)
+
+    def requested_diameter(self, diameter: float | str | None = None) -> float | str | None:
+        """The diameter option a call means: ``diameter``, else the segmenter's default, else the inferer's."""
+        return next((d for d in (diameter, self.diameter, self.inferer.diameter) if d is not None), None)
+
+    def diameter_for(self, image: torch.Tensor | np.ndarray | None = None, diameter: float | str | None = None) -> float:
+        """The cell diameter (pixels) ``image`` is segmented at for ``diameter`` (default: the segmenter's, else
+        the inferer's): a number as given; None or ``"stored"``: the model's stored mean; a subset name: the
+        diameter the model stored for it; ``"auto"``/``"refine"``: estimated on ``image`` ([2, H, W] or
+        [1, 2, H, W] float32, only read for these two), measuring masks made with this segmenter's thresholds.
+
+        Raises:
+            ValueError: a subset the model stored no diameter for, a diameter that is not positive, or an
+                estimate without an image.
+        """
+        diameter = self.requested_diameter(diameter)
+        if diameter not in ESTIMATED_DIAMETERS:
+            return float(resolve_diameter(self.network, diameter))
+        if image is None:
+            raise ValueError(f"diameter {diameter!r} is estimated on the image: give one")
+        x = _as_images(image)
+        if len(x) != 1:
+            raise ValueError(f"diameter_for estimates on one image, got {len(x)}")
+        estimate = self.inferer.estimate_diameter(x[0].to(self.device), self.network, method=diameter, mask_settings=self.mask_settings)
+        return float(estimate)
+
+    def zoom_for(self, diameter: float) -> float:
+        """Factor by which an image with cells of ``diameter`` pixels is resized before the network."""
+        return diameter_zoom(self.network, diameter)
+
     def segment_batch(self, images: torch.Tensor | np.ndarray, diameter: float | str | None = None) -> list[Segmentation]:
-        """Segment ``images`` [B, 2, H, W] float32; one :class:`Segmentation` per image."""
-        x = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images, dtype=torch.float32)
-        if x.ndim != 4 or x.shape[1] != 2:
-            raise ValueError(f"images must be [B, 2, H, W] (cytoplasm, nucleus), got {tuple(x.shape)}")
-        diameter = diameter if diameter is not None else self.diameter
-        flows, used = self.inferer.predict(x.to(self.device), self.network, diameter=diameter)
+        """Segment ``images`` [B, 2, H, W] float32; one :class:`Segmentation` per image, each at
+        :meth:`diameter_for` of it (an estimate per image; a batch at one diameter otherwise)."""
+        x = _as_images(images).to(self.device)
+        diameter = self.requested_diameter(diameter)
+        if diameter in ESTIMATED_DIAMETERS:
+            used = [self.diameter_for(image, diameter) for image in x]
+            flows = torch.cat([self.inferer.predict(image[None], self.network, diameter=d)[0] for image, d in zip(x, used)])
+        else:
+            flows, used = self.inferer.predict(x, self.network, diameter=self.diameter_for(None, diameter))
         flows = flows.float().cpu()
-        return [Segmentation(np.asarray(self.mask_settings.masks(f.numpy()), dtype=np.int32), f, float(d)) for f, d in zip(flows, used)]
+        return [Segmentation(np.asarray(self.mask_settings.masks(f.numpy()), dtype=np.int32), f, d) for f, d in zip(flows, used)]
 
     def __call__(self, image: torch.Tensor | np.ndarray, diameter: float | str | None = None) -> Segmentation:
-        x = torch.as_tensor(np.asarray(image) if not torch.is_tensor(image) else image, dtype=torch.float32)
-        return self.segment_batch(x[None] if x.ndim == 3 else x, diameter)[0]
+        return self.segment_batch(_as_images(image), diameter)[0]
 
 
-def _with_mask_settings(inferer: CellInferer, settings: MaskSettings) -> CellInferer:
-    """A copy of ``inferer`` whose ``auto`` measures masks made with ``settings`` (the caller's is left as it is)."""
-    inferer = copy.copy(inferer)
-    inferer.mask_settings = settings
-    return inferer
+def _as_images(images: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """``images`` [2, H, W] or [B, 2, H, W], numpy or torch, as a float32 tensor [B, 2, H, W]."""
+    x = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images, dtype=torch.float32)
+    x = x[None] if x.ndim == 3 else x
+    if x.ndim != 4 or x.shape[1] != 2:
+        raise ValueError(f"images must be [B, 2, H, W] (cytoplasm, nucleus), got {tuple(x.shape)}")
+    return x
 
 
 def segmenter_from_options(network: torch.nn.Module, diameter: Any = None, **options: Any) -> CellSegmenter:
@@ -116,7 +162,7 @@ def segmenter_from_options(network: torch.nn.Module, diameter: Any = None, **opt
         raise ValueError(f"unknown segmentation option(s) {unknown}")
     masks = MaskSettings.from_options(**{k: v for k, v in options.items() if k in mask_names})
     inferer_args = {k: v for k, v in options.items() if k in inferer_names and v is not None}
-    return CellSegmenter(network, CellInferer(mask_settings=masks, **inferer_args), masks, diameter)
+    return CellSegmenter(network, CellInferer(**inferer_args), masks, diameter)
 
 
 __all__ = ["CellSegmenter", "Segmentation", "segmenter_from_options"]

@@ -34,10 +34,9 @@ import numpy as np
 import torch
 
 from mmcs_monai.cells import finalize_labels, write_cell_table
-from mmcs_monai.diameters import DEFAULT_TARGET_DIAMETER, scale_to_target
 from mmcs_monai.distributed import barrier, broadcast_object, get_rank, is_distributed, is_main_process, shard
 from mmcs_monai.flows import MaskSettings
-from mmcs_monai.inference import ESTIMATED_DIAMETERS, CellInferer, model_diameters, resolve_diameter
+from mmcs_monai.inference import ESTIMATED_DIAMETERS, CellInferer
 from mmcs_monai.io import ImageRegions, atomic_path, open_regions
 from mmcs_monai.reporting import Progress
 from mmcs_monai.segmentation import CellSegmenter
@@ -114,7 +113,7 @@ class SlideSegmenter:
         network: a CPnet in eval mode (on its device).
         inferer: the per-window inferer (default: tiles of up to 224 px fitted to the window, 10% overlap,
             auto precision, ``compile="auto"``: the network is compiled for a slide of at least
-            :data:`~mmcs_monai.inference.AUTO_COMPILE_MEGAPIXELS` for its precision).
+            :data:`~mmcs_monai.precision.AUTO_COMPILE_MEGAPIXELS` for its precision).
         block_size: block side in pixels at network scale (input pixels = this / zoom); bounds memory.
         halo: context around each block in input pixels; default ``max(64, 4 * diameter)``. Cells larger
             than the halo can be cut at block borders.
@@ -169,16 +168,16 @@ class SlideSegmenter:
         return percentile_bounds(np.concatenate([s.reshape(2, -1) for s in samples], axis=1))
 
     def slide_diameter(self, regions: ImageRegions, bounds, segmenter: CellSegmenter | None = None) -> float:
-        """The diameter (pixels) every block is segmented at; ``auto`` is measured on a central crop
-        (with ``segmenter``, default this slide segmenter's own)."""
-        if self.diameter not in ESTIMATED_DIAMETERS:
-            return resolve_diameter(self.network, self.diameter)
-        h, w = regions.shape
-        cy, cx, half = h // 2, w // 2, self.auto_crop // 2
-        window = (max(cy - half, 0), min(cy + half, h), max(cx - half, 0), min(cx + half, w))
-        crop = torch.as_tensor(np.asarray(self.read_window(regions, window, bounds)), dtype=torch.float32)
-        segmenter = segmenter or self.segmenter
-        return segmenter.inferer.estimate_diameter(crop.to(segmenter.device), self.network, method=self.diameter)
+        """The diameter (pixels) every block is segmented at (:meth:`CellSegmenter.diameter_for`, with ``segmenter``,
+        default this slide segmenter's own); ``auto`` is measured on a central crop."""
+        diameter = "stored" if self.diameter is None else self.diameter
+        crop = None
+        if diameter in ESTIMATED_DIAMETERS:  # only an estimate reads the crop
+            h, w = regions.shape
+            cy, cx, half = h // 2, w // 2, self.auto_crop // 2
+            window = (max(cy - half, 0), min(cy + half, h), max(cx - half, 0), min(cx + half, w))
+            crop = self.read_window(regions, window, bounds)
+        return (segmenter or self.segmenter).diameter_for(crop, diameter)
 
     def segment_block(
         self, regions: ImageRegions, block: Block, bounds, diameter: float, segmenter: CellSegmenter | None = None
@@ -188,18 +187,11 @@ class SlideSegmenter:
         masks = segmenter(self.read_window(regions, block.window, bounds), diameter=diameter).masks
         return owned_cells(masks, block, margin=0.5 * diameter)
 
-    @property
-    def _device(self) -> torch.device:
-        return next(self.network.parameters()).device
-
     def segmenter_for(self, shape: tuple[int, int]) -> CellSegmenter:
         """The segmenter of one slide of ``shape`` (H, W): ``compile="auto"`` decided by its size
-        (:meth:`CellInferer.for_workload`), so a large slide runs every block, and the diameter estimate,
+        (:meth:`CellSegmenter.for_workload`), so a large slide runs every block, and the diameter estimate,
         through the one compiled network. A new object per slide: this one is never changed by a call."""
-        if self.inferer.compile != "auto":
-            return self.segmenter
-        inferer = self.inferer.for_workload(megapixels=shape[0] * shape[1] / 1e6, device=self._device)
-        return CellSegmenter(self.network, inferer, self.segmenter.mask_settings)
+        return self.segmenter.for_workload(megapixels=shape[0] * shape[1] / 1e6)
 
     # ------------------------------------------------------------------ whole slide
     def __call__(self, image_path, labels_path, table_path=None) -> SlideResult:
@@ -212,7 +204,7 @@ class SlideSegmenter:
             if is_main_process():
                 diameter = self.slide_diameter(regions, bounds, segmenter)
             diameter = broadcast_object(diameter)
-            zoom = scale_to_target(diameter, model_diameters(self.network)[0] or DEFAULT_TARGET_DIAMETER)
+            zoom = segmenter.zoom_for(diameter)
             halo = self.halo if self.halo is not None else max(64, int(math.ceil(4 * diameter)))
             block_px = max(int(self.block_size / zoom), 2 * halo)
             blocks = plan_blocks(regions.shape, block_px, halo)
@@ -251,7 +243,7 @@ class SlideSegmenter:
             block_px,
             halo,
             copies,
-            segmenter.inferer.compile is True,
+            segmenter.compiles,
         )
 
     def _segment_shard(self, regions, blocks, bounds, diameter, labels_path: Path, segmenter: CellSegmenter) -> Path:

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from helpers import OracleNet, RecordingNet
-from mmcs_monai.inference import CellInferer, PrecisionInferer, autocast_context, resolve_diameter
+from mmcs_monai.inference import CellInferer, resolve_diameter
 from mmcs_monai.networks import CPnet
+from mmcs_monai.precision import PrecisionInferer, autocast_context
 
 
 def test_zoom_uses_stored_diameter_then_given_one():
@@ -42,7 +43,7 @@ def test_tiled_output_is_close_to_whole_image_forward_inside():
 
 
 def test_auto_precision_and_bf16_close_to_fp32():
-    from mmcs_monai.inference import native_bf16, resolve_precision
+    from mmcs_monai.precision import native_bf16, resolve_precision
 
     assert resolve_precision("auto", "cpu") == ("bf16" if native_bf16("cpu") else "fp32")
     assert resolve_precision("fp32", "cpu") == "fp32"
@@ -67,7 +68,7 @@ def test_precision_names_are_checked():
 
 def test_training_inferer_auto_precision_and_layout():
     """``auto`` resolves per device; channels_last None follows the resolved precision; the output is fp32."""
-    from mmcs_monai.inference import resolve_precision
+    from mmcs_monai.precision import resolve_precision
 
     net = CPnet(nbase=(2, 8, 16)).eval()
     x = torch.rand(2, 2, 32, 32)

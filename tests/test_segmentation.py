@@ -42,8 +42,8 @@ def test_thresholds_are_the_segmenters_and_auto_measures_with_them(tiny_model):
     strict = segmenter_from_options(network, cellprob_threshold=2.0, min_size=60, precision="fp32")
     assert loose.mask_settings == MaskSettings(cellprob_threshold=-2.0, min_size=0)
     assert loose(image).cells > strict(image).cells
-    # auto's first pass measures the masks made with the segmenter's thresholds, not the defaults
-    assert loose.inferer.mask_settings == loose.mask_settings and strict.inferer.mask_settings == strict.mask_settings
+    # one MaskSettings per segmenter: the inferer carries none of its own, auto measures with the segmenter's
+    assert loose.inferer.mask_settings is None and strict.inferer.mask_settings is None
     with pytest.raises(ValueError, match="unknown"):
         segmenter_from_options(network, flow_treshold=0.5)
     with pytest.raises(ValueError, match="min_size must be a number"):
@@ -67,3 +67,35 @@ def test_concurrent_calls_get_their_own_diameters():
         t.join()
     assert results["fixed"] == [20.0] * 3 and results["stored"] == [12.0] * 3
     assert all(d == pytest.approx(36, rel=0.1) for d in results["auto"])
+
+
+def _disk_image():
+    labels = disk_labels(shape=(96, 96), centers=((25, 25), (70, 68), (25, 72)), radii=(18, 18, 18))
+    return torch.stack([torch.as_tensor(labels > 0, dtype=torch.float32), torch.zeros(96, 96)])
+
+
+def test_diameter_for_is_the_diameter_the_segmentation_used():
+    """CellSegmenter.diameter_for answers for an image what segmenting it uses: a number, stored, a subset, auto."""
+    network = OracleNet(diam_mean=30.0, diam_labels=12.0)
+    network.subset_diameters = {"large": 40.0}
+    segmenter = CellSegmenter(network, CellInferer(precision="fp32"))
+    image = _disk_image()
+    for diameter, expected in ((20.0, 20.0), ("stored", 12.0), (None, 12.0), ("large", 40.0), ("auto", None)):
+        used = segmenter.diameter_for(image, diameter)
+        assert segmenter(image, diameter=diameter).diameter == used, diameter
+        assert expected is None or used == expected, diameter
+        assert segmenter.zoom_for(used) == pytest.approx(30.0 / used)
+    assert segmenter.diameter_for(image, "auto") == pytest.approx(36, rel=0.1)
+    assert CellSegmenter(network, CellInferer(precision="fp32", diameter="large")).diameter_for(image) == 40.0
+    with pytest.raises(ValueError, match="no stored diameter"):
+        segmenter.diameter_for(image, "medium")
+    with pytest.raises(ValueError, match="give one"):
+        segmenter.diameter_for(None, "auto")
+
+
+def test_auto_measures_with_the_segmenters_thresholds():
+    """The same inferer in two segmenters: auto measures masks made with each segmenter's own thresholds."""
+    network, inferer, image = OracleNet(diam_mean=30.0, diam_labels=12.0), CellInferer(precision="fp32"), _disk_image()
+    assert CellSegmenter(network, inferer).diameter_for(image, "auto") == pytest.approx(36, rel=0.1)
+    # no mask survives a minimum size above the image's area: nothing measured, the stored diameter is kept
+    assert CellSegmenter(network, inferer, MaskSettings(min_size=10**7)).diameter_for(image, "auto") == 12.0

@@ -132,9 +132,9 @@ class RecordingInferer(CellInferer):
         self.inputs.append(tuple(inputs.shape[-2:]))
         return super().predict(inputs, network, *args, **kwargs)
 
-    def estimate_diameter(self, image, network, method="auto"):
+    def estimate_diameter(self, image, network, *args, **kwargs):
         self.estimated.append(tuple(image.shape[-2:]))
-        return super().estimate_diameter(image, network, method)
+        return super().estimate_diameter(image, network, *args, **kwargs)
 
 
 def test_network_never_sees_more_than_one_window(tmp_path):

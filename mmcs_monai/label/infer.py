@@ -18,7 +18,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from mmcs_monai.data import root_cause
 from mmcs_monai.flows import MaskSettings
-from mmcs_monai.inference import ESTIMATED_DIAMETERS, ROI_SIZE, CellInferer, resolve_diameter
+from mmcs_monai.inference import ROI_SIZE, CellInferer, resolve_diameter
 from mmcs_monai.io import InputError, atomic_path, write_labels
 from mmcs_monai.label.asap import cells_to_asap, cells_to_dsa, region_cells
 from mmcs_monai.label.datastore import UploadRejected
@@ -199,10 +199,7 @@ class CellInferTask(InferTask):
         segmenter, diameter = self.segmenter(values)
         x, y, w, h = region
         height, width = image.shape[-2:]
-        if diameter in ESTIMATED_DIAMETERS:
-            used = segmenter.inferer.estimate_diameter(image[:, y : y + h, x : x + w], segmenter.network, method=diameter)
-        else:
-            used = resolve_diameter(segmenter.network, diameter)
+        used = segmenter.diameter_for(image[:, y : y + h, x : x + w], diameter)  # auto: estimated on the region
         margin = int(math.ceil(used))
         x0, y0 = max(x - margin, 0), max(y - margin, 0)
         x1, y1 = min(x + w + margin, width), min(y + h + margin, height)

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from helpers import BUNDLE
-from mmcs_monai.inference import CellInferer, fitted_tile, parse_compile, resolve_compile
+from mmcs_monai.inference import CellInferer, fitted_tile
 from mmcs_monai.metrics import f1_score
 from mmcs_monai.networks import CPnet, compiled, load_model
+from mmcs_monai.precision import parse_compile, resolve_compile
 from mmcs_monai.segmentation import segmenter_from_options
 
 COMPILE_LOGGER = "mmcs_monai.networks.compiled"

@@ -1,0 +1,155 @@
+"""Precision and compile policy: which number format the network runs in, and whether it runs compiled.
+
+:func:`resolve_precision` turns ``auto`` into ``bf16`` or ``fp32`` by the device, :func:`autocast_context`
+gives the autocast for a precision, :class:`PrecisionInferer` runs the trainer's network under it, and
+:func:`resolve_compile` decides ``compile="auto"`` by the job's size (:data:`AUTO_COMPILE_MEGAPIXELS`).
+:class:`~mmcs_monai.inference.CellInferer` and the bundle's configs use them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from monai.inferers import Inferer
+
+from mmcs_monai.networks.compiled import compile_unavailable
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+# ``compile="auto"`` compiles CPU inference of at least this many image megapixels (a folder's images, a
+# slide), by the precision the network runs in: below it the one-time compile (50-130 s on 2 cores) costs
+# more than it saves. fp32 (AVX2 CPU): it saves 5.7 s/MPix, so it pays from ~14 MPix; bf16 (AVX-512 BF16
+# CPU, where the network already runs near the CPU's bf16 peak): it saves 0.5-0.9 s/MPix and pays from
+# 65-110 MPix (benchmarks/README.md, "Compiled inference")
+AUTO_COMPILE_MEGAPIXELS = {"fp32": 20.0, "bf16": 100.0}
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` computes bf16 natively (AVX512-BF16/AMX on CPU, Ampere+ on GPU).
+
+    Elsewhere bf16 autocast is emulated and slower than fp32, so ``auto`` precision keeps fp32.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """``auto`` -> ``bf16`` where the device has native bf16, else ``fp32``; other names unchanged.
+
+    bf16 + channels_last inference on dev val: F1 0.7139 vs 0.7145 in fp32, 2.2x faster on a
+    2-core AVX512-BF16 CPU (``benchmarks/README.md``).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
+
+
+def autocast_context(device: torch.device | str, precision: str = "fp32"):
+    """Autocast for ``precision`` on ``device`` (``fp32``: no autocast). fp16 is refused on CPU.
+
+    Flows -> masks never run under it: callers cast the network output to float32 first.
+    """
+    precision = resolve_precision(precision, device)
+    device_type = torch.device(device).type
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "fp16" and device_type != "cuda":
+        raise ValueError("fp16 autocast needs a GPU; use bf16 on CPU")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device_type, dtype=dtype)
+
+
+def parse_compile(value: Any) -> bool | str:
+    """``compile`` as commands and configs give it -> True, False or ``"auto"``.
+
+    Accepts booleans, None (``"auto"``) and the strings ``auto``, ``true``/``false``, ``on``/``off``,
+    ``yes``/``no``, ``1``/``0`` in any case (a command line's lowercase ``false`` arrives as a string).
+    """
+    if value is None or isinstance(value, bool):
+        return "auto" if value is None else value
+    text = str(value).strip().lower()
+    if text == "auto":
+        return "auto"
+    if text in ("true", "on", "yes", "1"):
+        return True
+    if text in ("false", "off", "no", "0"):
+        return False
+    raise ValueError(f"compile must be True, False or 'auto', got {value!r}")
+
+
+def workload_megapixels(images: Any) -> float:
+    """Image megapixels of a data list (items with an ``image`` path, or paths), read from file headers
+    where the format allows (TIFF, npy); unreadable files count as nothing (they are screened elsewhere)."""
+    from mmcs_monai.io import InputError, open_regions
+
+    total = 0.0
+    for item in images or ():
+        path = item.get("image") if isinstance(item, dict) else item
+        try:
+            with open_regions(path) as regions:
+                total += regions.shape[0] * regions.shape[1] / 1e6
+        except (InputError, OSError, ValueError, TypeError):
+            continue
+    return total
+
+
+def resolve_compile(
+    compile: Any = "auto",
+    device: torch.device | str = "cpu",
+    images: Any = None,
+    megapixels: float | None = None,
+    precision: str = "auto",
+) -> bool:
+    """Whether to compile the network for a job: ``compile`` True/False as given; ``"auto"``: on a CPU, when
+    the job has at least :data:`AUTO_COMPILE_MEGAPIXELS` image megapixels for the precision the network runs
+    in (``precision``, resolved for ``device``; ``megapixels``, else counted from ``images``, a data list)
+    and compiling is available; on a GPU ``auto`` stays off (not measured there).
+    """
+    choice = parse_compile(compile)
+    if choice != "auto":
+        return choice
+    if torch.device(device).type != "cpu" or compile_unavailable(None, device) is not None:
+        return False
+    threshold = AUTO_COMPILE_MEGAPIXELS.get(resolve_precision(precision, device))
+    if threshold is None:
+        return False
+    if megapixels is None:
+        megapixels = workload_megapixels(images)
+    return megapixels >= threshold
+
+
+class PrecisionInferer(Inferer):
+    """Call the network on a batch under the chosen precision and memory layout; outputs float32.
+
+    Used by the trainer (patches already at network scale), so the loss is always computed in float32.
+    bf16 needs no loss scaler (same exponent range as fp32); for fp16 (GPU) the bundle turns on MONAI's
+    ``amp=True``, whose gradient scaler scales the loss.
+
+    Args:
+        precision: ``auto`` (bf16 where the device has native bf16, else fp32), ``fp32``, ``bf16``, ``fp16``.
+        channels_last: channels-last memory layout; None: on when the resolved precision is bf16.
+    """
+
+    def __init__(self, precision: str = "fp32", channels_last: bool | None = False):
+        super().__init__()
+        resolve_precision(precision, "cpu")  # validates the name early
+        self.precision = precision
+        self.channels_last = channels_last
+
+    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+        precision = resolve_precision(self.precision, inputs.device)
+        if self.channels_last or (self.channels_last is None and precision == "bf16"):
+            network.to(memory_format=torch.channels_last)
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with autocast_context(inputs.device, precision):
+            out = network(inputs, *args, **kwargs)
+        return out.float()
