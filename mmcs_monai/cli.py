@@ -1,13 +1,16 @@
 """The ``mmcs`` command: train, infer, evaluate, measure diameters, sweep the inference diameter, export.
 
-Every sub-command runs the bundle's configs (``bundle/configs/*.json``) through
-``monai.bundle.run``, so the CLI and ``python -m monai.bundle run ...`` are the same code path;
-options are bundle config overrides (``--epochs 10``, ``--data_source path``...).
+``train``, ``infer`` and ``evaluate`` run the bundle's workflows (``bundle/configs/*.json``) through
+``monai.bundle.run`` (:func:`~mmcs_monai.workflows.run_workflow`), so they and ``python -m monai.bundle run ...``
+are the same code path, and their options are bundle config overrides (``--epochs 10``, ``--data_source
+path``...). ``infer-slide``, ``diameter``, ``diameter-sweep`` and ``export`` call the library directly
+(:class:`~mmcs_monai.wholeslide.SlideSegmenter`, :mod:`~mmcs_monai.diameters`, :mod:`~mmcs_monai.evaluation`,
+:mod:`~mmcs_monai.networks`) and take the options their functions below list.
 
 Examples::
 
     mmcs train                                     # sample data, default recipe
-    mmcs train --data_source ../shared/data/dev/manifest.csv --recipe configs/cpu.json
+    mmcs train --data_source ../shared/data/dev/manifest.csv --recipe cpu
     mmcs infer images/ outputs/ --model bundle/models/model.pt --diameter 25
     mmcs evaluate --data_source ../shared/data/dev/manifest.csv
     mmcs diameter labels/
@@ -41,12 +44,13 @@ def _model_path(model: str | None, bundle_root: str | None) -> Path:
 
 def _load_network(model: str | None, bundle_root: str | None, device: str | None = None):
     """The network in ``model`` (default ``<bundle_root>/models/model.pt``): a checkpoint or an exported
-    TorchScript model, in eval mode on ``device`` (default: the GPU if any)."""
+    TorchScript model, in eval mode on ``device`` (default :func:`~mmcs_monai.distributed.local_device`)."""
     import torch
 
+    from mmcs_monai.distributed import local_device
     from mmcs_monai.networks import load_model
 
-    device = torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device) if device is not None else local_device()
     return load_model(_model_path(model, bundle_root), map_location=device)
 
 
@@ -54,7 +58,7 @@ def train(recipe: str | list[str] | None = None, bundle_root: str | None = None,
     """Train a model (supervised) with ``bundle/configs/train.json``.
 
     Args:
-        recipe: extra config(s) merged over train.json (e.g. ``configs/cpu.json``).
+        recipe: extra config(s) merged over train.json (a recipe name, e.g. ``cpu`` or ``finetune``, or a file).
         bundle_root: bundle folder (default: the repository's ``bundle/``).
         overrides: config values, e.g. ``--data_source manifest.csv --epochs 50 --resume True``.
             Models are written to ``<bundle_root>/trained`` unless ``--ckpt_dir`` is given (the shipped
@@ -169,11 +173,11 @@ def infer_slide(
     from mmcs_monai import distributed
     from mmcs_monai.flows import MaskSettings
     from mmcs_monai.inference import CellInferer
-    from mmcs_monai.io import masks_filename
+    from mmcs_monai.io import image_stem, masks_filename
     from mmcs_monai.wholeslide import SlideSegmenter
 
     out = Path(output)
-    stem = Path(image).name.split(".")[0]
+    stem = image_stem(image)
     labels_path = out if out.suffix.lower() in (".tif", ".tiff") else out / masks_filename(stem)
     table_path = None
     if table:
@@ -323,12 +327,9 @@ def user_error(error: BaseException) -> str | None:
     and its problem, model files included) first, else a ``ValueError``/``KeyError`` (a bad option value,
     an unknown subset name).
     """
-    from mmcs_monai.io import InputError
+    from mmcs_monai.io import InputError, exception_chain
 
-    chain, cause = [], error
-    while cause is not None and cause not in chain:
-        chain.append(cause)
-        cause = cause.__cause__ or cause.__context__
+    chain = exception_chain(error)
     for kind in (InputError, FileNotFoundError, ValueError, KeyError):
         for link in chain:
             if isinstance(link, kind):

@@ -29,17 +29,12 @@ from typing import Any
 
 from monai.data import CacheDataset
 
-from mmcs_monai.io import InputError, atomic_path, is_image_file, masks_filename
+from mmcs_monai.io import InputError, atomic_path, image_stem, is_image_file, masks_filename
 
 logger = logging.getLogger(__name__)
 
 # Decathlon JSONs name their splits differently from manifests.
 _DECATHLON_KEYS = {"train": "training", "val": "validation", "validation": "validation", "test": "test"}
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else path.stem
 
 
 def _resolve(base: Path, value: str | None) -> str | None:
@@ -58,7 +53,7 @@ def _normalise_row(row: dict[str, Any], base: Path) -> dict[str, Any]:
     label = _resolve(base, row.get("label"))
     if label is not None:
         item["label"] = label
-    item["id"] = row.get("id") or _stem(Path(image))
+    item["id"] = row.get("id") or image_stem(Path(image))
     item["subset"] = row.get("subset") or row.get("modality") or "default"
     nucleus = row.get("nucleus_channel")
     item["nucleus_channel"] = None if nucleus in (None, "") else int(nucleus)
@@ -78,12 +73,12 @@ def _from_folder(folder: Path) -> list[dict[str, Any]]:
     folder = folder.resolve()
     images_dir, labels_dir = folder / "images", folder / "labels"
     if images_dir.is_dir():
-        labels = {_stem(p): p for p in labels_dir.iterdir() if is_image_file(p)} if labels_dir.is_dir() else {}
+        labels = {image_stem(p): p for p in labels_dir.iterdir() if is_image_file(p)} if labels_dir.is_dir() else {}
         rows = []
         for image in sorted(p for p in images_dir.iterdir() if is_image_file(p)):
             row = {"image": str(image)}
-            if _stem(image) in labels:
-                row["label"] = str(labels[_stem(image)])
+            if image_stem(image) in labels:
+                row["label"] = str(labels[image_stem(image)])
             rows.append(row)
     else:
         rows = [{"image": str(p)} for p in sorted(folder.iterdir()) if is_image_file(p)]

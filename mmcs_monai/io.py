@@ -32,6 +32,17 @@ class InputError(ValueError):
         super().__init__(f"{self.path}: {problem}")
 
 
+def exception_chain(error: BaseException) -> list[BaseException]:
+    """``error`` and the exceptions behind it (each one's ``__cause__``, else its ``__context__``), outermost first,
+    each once. MONAI's config evaluation and ``Compose`` wrap the error a user can act on (an :class:`InputError`,
+    a bad option value) in a ``RuntimeError``: callers look for it here."""
+    chain: list[BaseException] = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
 def _suffix(path: Path) -> str:
     name = path.name.lower()
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
@@ -207,6 +218,21 @@ def write_overlay(path: str | os.PathLike, image: np.ndarray, labels: np.ndarray
     with atomic_path(path) as tmp:
         Image.fromarray(rgb).save(tmp, format="PNG")
     return path
+
+
+# extensions of more than one part, longest first: the stem drops all of it
+_COMPOUND_EXTENSIONS = (".ome.tiff", ".ome.tif", ".ome.zarr", ".nii.gz")
+
+
+def image_stem(path: str | os.PathLike) -> str:
+    """An image file's name without its extension: the id of its outputs (``<stem>_masks.tif``) and of its
+    label file in a folder pair. ``a.tif`` -> ``a``; ``cells.v2.png`` -> ``cells.v2``; ``scan.nii.gz``,
+    ``slide.ome.tif`` -> ``scan``, ``slide`` (compound extensions, any case)."""
+    name = Path(path).name
+    for extension in _COMPOUND_EXTENSIONS:
+        if name.lower().endswith(extension) and len(name) > len(extension):
+            return name[: -len(extension)]
+    return Path(name).stem
 
 
 def masks_filename(stem: str) -> str:

@@ -15,6 +15,7 @@ import torch
 from monai.inferers import Inferer
 
 from mmcs_monai.networks.compiled import compile_unavailable
+from mmcs_monai.options import parse_bool
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -71,19 +72,15 @@ def autocast_context(device: torch.device | str, precision: str = "fp32"):
 def parse_compile(value: Any) -> bool | str:
     """``compile`` as commands and configs give it -> True, False or ``"auto"``.
 
-    Accepts booleans, None (``"auto"``) and the strings ``auto``, ``true``/``false``, ``on``/``off``,
-    ``yes``/``no``, ``1``/``0`` in any case (a command line's lowercase ``false`` arrives as a string).
+    Accepts None and ``auto`` (any case) for ``"auto"``, and whatever :func:`~mmcs_monai.options.parse_bool` reads
+    (a command line's lowercase ``false`` arrives as a string).
     """
-    if value is None or isinstance(value, bool):
-        return "auto" if value is None else value
-    text = str(value).strip().lower()
-    if text == "auto":
+    if value is None or str(value).strip().lower() == "auto":
         return "auto"
-    if text in ("true", "on", "yes", "1"):
-        return True
-    if text in ("false", "off", "no", "0"):
-        return False
-    raise ValueError(f"compile must be True, False or 'auto', got {value!r}")
+    try:
+        return parse_bool(value, "compile")
+    except ValueError:
+        raise ValueError(f"compile must be True, False or 'auto', got {value!r}") from None
 
 
 def workload_megapixels(images: Any) -> float:

@@ -41,8 +41,9 @@ SOURCE_ROOT = Path(__file__).resolve().parents[1]  # the checkout (or site-packa
 # what a quiet run leaves out: MONAI's trust warning (a message prefix) and ignite's lines, per engine logger
 TRUST_WARNING = "parsing config_file "
 ENGINE_NOISE: dict[str, tuple[str, ...]] = {
-    # monai.bundle.run's "input summary" block (nine lines before a mistake's one error line)
+    # monai.bundle.run's "input summary" block and logging-file line (ten lines before a mistake's one error line)
     "monai.bundle.scripts": ("--- input summary of ", "> ", "---"),
+    "monai.bundle.workflows": ("Setting logging properties based on config",),
     # an evaluator's every run starts "resuming" and ends its one epoch (inference, evaluation, each validation)
     "ignite.engine.engine.SupervisedEvaluator": ("Engine run resuming from iteration 0,", "Epoch[", "Engine run finished"),
     "ignite.engine.engine.SupervisedTrainer": ("Engine run resuming from iteration 0, epoch 0 ",),

@@ -167,3 +167,18 @@ def test_region_reader_errors_name_the_file(tmp_path):
         regions.read(0, 16, 0, 16)  # the clean part reads
         with pytest.raises(InputError, match="NaN.*rows 32:50"):
             regions.read(32, 50, 32, 60)
+
+
+@pytest.mark.parametrize(
+    ("name", "stem"),
+    [
+        ("a.tif", "a"),
+        ("cells.v2.png", "cells.v2"),
+        ("scan.nii.gz", "scan"),
+        ("SLIDE.OME.TIFF", "SLIDE"),
+        ("x/slide.ome.tif", "slide"),
+        ("my cells (1).tif", "my cells (1)"),
+    ],
+)
+def test_image_stem_drops_the_whole_extension(name, stem):
+    assert io.image_stem(name) == stem

@@ -24,6 +24,7 @@ LAYERS = [
         "networks.padding",
         "networks.torchscript",
         "reporting",
+        "options",
     },
     {
         "networks.cpnet",

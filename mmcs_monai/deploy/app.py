@@ -14,7 +14,7 @@ Settings (environment variables, as a packaged app takes them):
 variable                   meaning                                                             default
 =========================  ==================================================================  ==============================
 MMCS_DIAMETER              pixels, a stored subset name, ``stored`` (the mean) or ``auto``      ``auto`` (estimated per image)
-MMCS_PRECISION             ``fp32``, ``bf16``, ``fp16`` (GPU), ``auto``                         ``fp32``
+MMCS_PRECISION             ``auto``, ``fp32``, ``bf16``, ``fp16`` (GPU)                         ``auto`` (as ``mmcs infer``)
 MMCS_NUCLEUS_CHANNEL       channel index of the nucleus stain in multi-channel images          none
 MMCS_CYTO_CHANNEL          channel index of the cytoplasm stain                                mean
 MMCS_FLOW_THRESHOLD        mask post-processing, as in Cellpose                                0.4
@@ -25,8 +25,10 @@ MMCS_OVERLAY               ``1`` also writes ``<name>_overlay.png``             
 MMCS_DEVICE                torch device                                                        GPU if any
 =========================  ==================================================================  ==============================
 
-``fp32`` is the default because it gives exactly ``mmcs infer --precision fp32``'s masks: TorchScript
-applies bf16 autocast to a different set of ops than eager PyTorch does.
+``auto`` is the default, as for every other entry point: bf16 where the device computes it natively,
+else fp32. ``MMCS_PRECISION=fp32`` gives exactly ``mmcs infer --precision fp32``'s masks; in bf16 the
+masks may differ from ``mmcs infer``'s in a few pixels, since TorchScript applies bf16 autocast to a
+different set of ops than eager PyTorch does.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from mmcs_monai.cells import SEGMENTATION_SUMMARY, write_segmentation_summary
 from mmcs_monai.data import BadSampleLog, load_datalist, readable_images
 from mmcs_monai.deploy.operators import CellOutputWriterOperator, CellSegmentationOperator, MicroscopyLoaderOperator
 from mmcs_monai.io import InputError, is_image_file
+from mmcs_monai.options import parse_bool
 
 logger = logging.getLogger("mmcs_monai.deploy")
 
@@ -97,7 +100,7 @@ class CellSegmentationApp(Application):
             model_path=context.model_path,
             device=_setting("DEVICE"),
             diameter=_diameter(_setting("DIAMETER")),
-            precision=_setting("PRECISION", "fp32"),
+            precision=_setting("PRECISION", "auto"),
             roi_size=_setting("ROI_SIZE", None, int),
             flow_threshold=_setting("FLOW_THRESHOLD", None, float),
             cellprob_threshold=_setting("CELLPROB_THRESHOLD", None, float),
@@ -115,7 +118,7 @@ class CellSegmentationApp(Application):
             name="loader",
         )
         self.writer = CellOutputWriterOperator(
-            self, output_path=self.output_path, bad_samples=self.bad_samples, overlay=bool(_setting("OVERLAY", 0, int)), name="writer"
+            self, output_path=self.output_path, bad_samples=self.bad_samples, overlay=_setting("OVERLAY", False, parse_bool), name="writer"
         )
         self.add_flow(loader, segmenter, {("sample", "sample")})
         self.add_flow(segmenter, self.writer, {("segmented", "segmented")})

@@ -18,8 +18,9 @@ import torch
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
 from mmcs_monai.data import BadSampleLog
+from mmcs_monai.distributed import local_device
 from mmcs_monai.inference import resolve_diameter
-from mmcs_monai.io import InputError
+from mmcs_monai.io import InputError, image_stem
 from mmcs_monai.networks.model_files import load_torchscript
 from mmcs_monai.segmentation import segmenter_from_options
 from mmcs_monai.transforms import SaveCellOutputsd, inference_preprocessing
@@ -62,9 +63,10 @@ class CellSegmentationOperator(Operator):
     Args:
         fragment: the application.
         model_path: exported model (``.ts``) or a folder holding exactly one.
-        device: torch device (default: the first GPU, else CPU).
+        device: torch device (default :func:`~mmcs_monai.distributed.local_device`: the GPU if any, else the CPU).
         diameter: cell diameter in the images: pixels, a stored subset name, ``auto`` or None (stored mean).
-        precision: ``fp32`` (default: masks identical to ``mmcs infer --precision fp32``), ``bf16``, ``fp16``, ``auto``.
+        precision: ``auto`` (default, as everywhere), ``fp32`` (masks identical to ``mmcs infer --precision fp32``),
+            ``bf16``, ``fp16``.
         roi_size: tile size at network scale (None: the library's).
         flow_threshold, cellprob_threshold, min_size: mask post-processing, as in Cellpose (None: the
             library's defaults, :class:`~mmcs_monai.flows.MaskSettings`).
@@ -77,14 +79,14 @@ class CellSegmentationOperator(Operator):
         model_path: str | Path,
         device: str | None = None,
         diameter: float | str | None = None,
-        precision: str = "fp32",
+        precision: str = "auto",
         roi_size: int | None = None,
         flow_threshold: float | None = None,
         cellprob_threshold: float | None = None,
         min_size: int | None = None,
         **kwargs,
     ):
-        self.torch_device = torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
+        self.torch_device = torch.device(device) if device is not None else local_device()
         self.model, self.model_metadata = load_torchscript(model_file(model_path), map_location=self.torch_device)
         resolve_diameter(self.model, diameter)  # an unknown subset name stops the app here, not per image
         self.segmenter = segmenter_from_options(
@@ -148,7 +150,7 @@ class CellOutputWriterOperator(Operator):
         diameter = round(float(sample["diameter"]), 1)
         self.summary.append(
             {
-                "id": sample.get("id", Path(str(sample["image_file"])).stem),
+                "id": sample.get("id", image_stem(str(sample["image_file"]))),
                 "image": sample["image_file"],
                 "cells": cells,
                 "diameter_px": diameter,

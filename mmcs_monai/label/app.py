@@ -52,6 +52,7 @@ from mmcs_monai.label.datastore import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_UPL
 from mmcs_monai.label.infer import INFER_PARAMETERS, CellInferTask
 from mmcs_monai.label.model import ServedModel
 from mmcs_monai.label.train import TRAIN_PARAMETERS, CellTrainTask
+from mmcs_monai.options import parse_bool
 from mmcs_monai.workflows import shipped_model
 
 logger = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def _typed(value: str, default: Any) -> Any:
     if value in ("None", "none", "null"):
         return None
     if isinstance(default, bool):
-        return value.lower() in ("1", "true", "yes", "on")
+        return parse_bool(value)
     if isinstance(default, int):
         return int(value)
     if isinstance(default, float):
@@ -109,7 +110,7 @@ class MMCSLabelApp(MONAILabelApp):
         )
         # the train task refreshes the scores itself; MONAI Label's default would also rescore after every
         # "next sample" request, which costs four segmentations per unlabelled image each time
-        self._auto_update_scoring = conf.get("auto_update_scoring", "false").lower() == "true"
+        self._auto_update_scoring = parse_bool(conf.get("auto_update_scoring", "false"), "auto_update_scoring")
 
     def init_datastore(self) -> CellDatastore:
         if self.studies.startswith(("http://", "https://")):

@@ -19,7 +19,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from mmcs_monai.data import root_cause
 from mmcs_monai.flows import MaskSettings
 from mmcs_monai.inference import ROI_SIZE, CellInferer, resolve_diameter
-from mmcs_monai.io import InputError, atomic_path, write_labels
+from mmcs_monai.io import InputError, atomic_path, exception_chain, write_labels
 from mmcs_monai.label.asap import cells_to_asap, cells_to_dsa, region_cells
 from mmcs_monai.label.datastore import UploadRejected
 from mmcs_monai.label.geojson import masks_to_geojson
@@ -45,12 +45,8 @@ INFER_PARAMETERS: dict[str, Any] = {
 
 def input_problem(error: BaseException) -> str:
     """The first :class:`InputError`'s problem in ``error``'s chain (MONAI wraps transform errors), else the root cause."""
-    cause: BaseException | None = error
-    while cause is not None:
-        if isinstance(cause, InputError):
-            return cause.problem
-        cause = cause.__cause__ or cause.__context__
-    return str(root_cause(error))
+    found = [e for e in exception_chain(error) if isinstance(e, InputError)]
+    return found[0].problem if found else str(root_cause(error))
 
 
 # WSI requests (QuPath): output formats and the largest region segmented in one request, pixels

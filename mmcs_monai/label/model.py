@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from mmcs_monai.distributed import local_device
 from mmcs_monai.io import InputError, atomic_path
 from mmcs_monai.networks import load_model
 
@@ -27,12 +28,12 @@ class ServedModel:
 
     Args:
         path: the served file (``<app>/model/mmcs.pt`` by default).
-        device: torch device (default: the first GPU, else CPU).
+        device: torch device (default :func:`~mmcs_monai.distributed.local_device`: the GPU if any, else the CPU).
     """
 
     def __init__(self, path: str | os.PathLike, device: str | torch.device | None = None):
         self.path = Path(path)
-        self.device = torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(device) if device is not None else local_device()
         self._lock = threading.Lock()
         self._stamp: tuple[int, int] | None = None
         self._network: torch.nn.Module | None = None

@@ -6,12 +6,6 @@ No MONAI Label import here, so the rules are tested in the main environment.
 from __future__ import annotations
 
 import random
-from typing import Any
-
-
-def as_bool(value: Any) -> bool:
-    """A request value as a boolean: ``True``/``"true"``/``"1"``/``"yes"``/``"on"`` are true."""
-    return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
 
 
 def split_labelled(items: list[dict], val_fraction: float, min_val_images: int, seed: int) -> tuple[list[dict], list[dict]]:

@@ -32,7 +32,9 @@ from mmcs_monai.io import atomic_path
 from mmcs_monai.label.activelearning import UncertaintyScoring
 from mmcs_monai.label.datastore import CellDatastore
 from mmcs_monai.label.model import ServedModel
-from mmcs_monai.label.publishing import as_bool, should_publish, split_labelled
+from mmcs_monai.label.publishing import should_publish, split_labelled
+from mmcs_monai.options import parse_bool
+from mmcs_monai.precision import PRECISIONS
 from mmcs_monai.workflows import resolve_bundle_root, run_workflow
 
 logger = logging.getLogger(__name__)
@@ -61,7 +63,6 @@ TRAIN_PARAMETERS: dict[str, Any] = {
 TRAIN_ALIASES = {"max_epochs": "epochs", "train_batch_size": "batch_size"}
 # keys clients send that this task has no use for (validation runs one whole image at a time)
 TRAIN_IGNORED = {"val_batch_size", "model", "client_id", "bundle_path", "name"}
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def _number(key: str, value: Any, kind: type, low: float | None = None, high: float | None = None) -> int | float:
@@ -108,9 +109,7 @@ def check_train_parameters(values: dict[str, Any]) -> dict[str, Any]:
         elif key == "time_budget_minutes":
             value = _number(key, value if value is not None else 0, float, low=0.0)
         elif key in ("semi", "score_after"):
-            if str(value).lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(f"{key} {value!r}: expected true or false")
-            value = as_bool(value)
+            value = parse_bool(value, key)
         elif key == "publish" and value not in ("if_better", "always"):
             raise ValueError(f"publish {value!r}: use 'if_better' or 'always'")
         elif key == "precision" and value not in PRECISIONS:
@@ -196,7 +195,7 @@ class CellTrainTask(TrainTask):
         labelled = datastore.labelled_items()
         if not labelled:
             raise MONAILabelException(MONAILabelError.INVALID_INPUT, "no labelled images yet: save labels (PUT /datastore/label) first")
-        unlabelled = datastore.unlabelled_items() if as_bool(values["semi"]) else []
+        unlabelled = datastore.unlabelled_items() if parse_bool(values["semi"], "semi") else []
         train_items, val_items = split_labelled(labelled, float(values["val_fraction"]), int(values["min_val_images"]), int(values["seed"]))
 
         run_dir = self.model_dir / "runs" / datetime.now().strftime("%Y%m%d_%H%M%S_%f")
@@ -269,7 +268,7 @@ class CellTrainTask(TrainTask):
             "finished": datetime.now().isoformat(timespec="seconds"),
             "model": self.model.describe(),
         }
-        if publish and self.scoring is not None and as_bool(values["score_after"]):
+        if publish and self.scoring is not None and parse_bool(values["score_after"], "score_after"):
             summary["scoring"] = self.scoring(request, datastore)
         with atomic_path(self.model_dir / "last_train.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=2))

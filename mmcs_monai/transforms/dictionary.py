@@ -12,7 +12,7 @@ from monai.transforms import Compose, MapTransform, Randomizable
 
 from mmcs_monai.cells import measure_cells, write_cell_table
 from mmcs_monai.diameters import DEFAULT_TARGET_DIAMETER
-from mmcs_monai.io import InputError, masks_filename, overlay_filename, write_labels, write_overlay
+from mmcs_monai.io import InputError, image_stem, masks_filename, overlay_filename, write_labels, write_overlay
 from mmcs_monai.transforms.array import (
     CellDiameter,
     FlowsToMasks,
@@ -269,8 +269,7 @@ class SaveCellOutputsd(MapTransform):
     def output_stem(d: Mapping[Hashable, object]) -> str:
         if d.get("id"):
             return str(d["id"])
-        name = Path(str(d.get("image_file", "image"))).name
-        return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else Path(name).stem
+        return image_stem(str(d.get("image_file", "image")))
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)

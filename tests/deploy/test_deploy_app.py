@@ -68,7 +68,9 @@ def test_app_masks_equal_mmcs_infer_and_tables_match_masks(deploy_python, tiny_m
     from_ts = tmp_path / "mmcs_infer_ts"
     cli.infer(str(SAMPLE_IMAGES), str(from_ts), model=str(exported), precision="fp32", overlay=False, diameter="stored")
     out = tmp_path / "app"
-    result = run_app(deploy_python, "-i", SAMPLE_IMAGES, "-o", out, "-m", exported, env={"MMCS_DIAMETER": "stored"})
+    result = run_app(
+        deploy_python, "-i", SAMPLE_IMAGES, "-o", out, "-m", exported, env={"MMCS_DIAMETER": "stored", "MMCS_PRECISION": "fp32"}
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     images = sorted(SAMPLE_IMAGES.glob("*.tif"))

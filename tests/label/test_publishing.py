@@ -2,7 +2,7 @@
 
 import pytest
 
-from mmcs_monai.label.publishing import as_bool, should_publish, split_labelled
+from mmcs_monai.label.publishing import should_publish, split_labelled
 
 
 def items(n):
@@ -35,8 +35,3 @@ def test_publish_only_when_not_worse_unless_always():
     assert should_publish("always", 0.1, 0.9) and should_publish("always", None, None)
     with pytest.raises(ValueError, match="if_better"):
         should_publish("sometimes", 0.9, 0.1)
-
-
-def test_request_booleans():
-    assert [as_bool(v) for v in (True, "true", "1", "YES", "on")] == [True] * 5
-    assert [as_bool(v) for v in (False, "false", "0", "no", "", None)] == [False] * 6
