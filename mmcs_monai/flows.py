@@ -28,7 +28,7 @@ centre for ``labels_to_flows``, and Euler integration + convergence histogram fo
 
 Both use torch's current thread setting: they never change the process-wide thread count (doing so
 inside CacheDataset's caching threads left whole training runs single-threaded).  Measured on the
-68 dev-val label images (2-core CPU, ``benchmarks/bench_flows.py``): labels -> flows 0.06 s/MP vs
+68 dev-val label images (2-core CPU, ``python -m benchmarks.flows``): labels -> flows 0.06 s/MP vs
 0.40 for Cellpose 3.1.1.3 (mean cosine 0.99999), flows -> masks 0.21 s/MP vs 0.72 (F1 of the
 ground-truth round trip 0.9996 for both).
 """

@@ -5,5 +5,5 @@
 - :mod:`.infer`, :mod:`.train`, :mod:`.activelearning`: the tasks;
 - :mod:`.model`: the served model file, reloaded when training replaces it;
 - :mod:`.uncertainty`, :mod:`.geojson`, :mod:`.asap`, :mod:`.publishing`: plain functions (no MONAI Label import)
-  also used by benchmarks and tested in the main environment.
+  also used by experiments/active_learning and tested in the main environment.
 """

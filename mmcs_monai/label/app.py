@@ -156,7 +156,7 @@ class MMCSLabelApp(MONAILabelApp):
 
             return AsyncTask.run("scoring", request={"method": SCORE_KEY}, enqueue=False)[0]
 
-        # random is listed first, so QuPath's dialog offers it by default: in benchmarks/active_learning.py (5 seeds,
+        # random is listed first, so QuPath's dialog offers it by default: in experiments/active_learning (5 seeds,
         # modality-balanced validation) no uncertainty strategy beat random picks
         return {"random": RandomSample(), SCORE_KEY: MostUncertain(self._scoring(), start_scoring, self.inference_lock)}
 

@@ -13,7 +13,7 @@ at a size it was not trained for) has the most to learn from its label. ``prob_s
 pixels of the standard deviation of the cell probability across the variants, is reported too and breaks
 ties.
 
-No MONAI Label import here: the label app's scoring method and ``benchmarks/active_learning.py`` share it.
+No MONAI Label import here: the label app's scoring method and ``experiments/active_learning/run.py`` share it.
 """
 
 from __future__ import annotations

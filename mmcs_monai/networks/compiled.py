@@ -10,7 +10,7 @@ How it is compiled (``benchmarks/README.md`` has the measurements behind each ch
 - inductor with weight **freezing**: parameters become constants, so batch norm and the additions after a
   convolution fold into it and convolution weights are packed once for oneDNN. Full CPnet, batch of 8 tiles
   of 224 px on a 2-core AVX2 CPU (AMD EPYC, fp32): 2.07x faster than eager with freezing, 1.80x without
-  (``benchmarks/bench_compile.py``); where bf16 is emulated (no AVX-512 BF16) compiling gains almost
+  (``python -m benchmarks.compile``); where bf16 is emulated (no AVX-512 BF16) compiling gains almost
   nothing (1.07x), which is why ``precision auto`` keeps fp32 there.
   Frozen weights are copies: when the network's weights change (training, ``load_state_dict``) the next call
   notices (parameter versions and storages are checked on every call, a few microseconds) and recompiles.
