@@ -143,12 +143,11 @@ class SlideSegmenter:
         auto_crop: int = 1024,
     ):
         self.network = network
-        self.inferer = inferer or CellInferer()
         self.block_size = block_size
         self.halo = halo
         self.diameter = diameter
         self.stack = StackNucleusChannel(cyto_channel, nucleus_channel)
-        self.segmenter = CellSegmenter(network, self.inferer, mask_settings)
+        self.segmenter = CellSegmenter(network, inferer or CellInferer(), mask_settings)
         self.intensity_samples = intensity_samples
         self.auto_crop = auto_crop
 

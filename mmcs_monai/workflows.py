@@ -199,7 +199,6 @@ def bundle_command(
     config_files: Sequence[str | os.PathLike] | None = None,
     bundle_root: str | os.PathLike | None = None,
     overrides: Mapping[str, object] | None = None,
-    logging_file: bool = False,
 ) -> list[str]:
     """The arguments of ``python -m monai.bundle run WORKFLOW ...`` (from ``monai.bundle`` on: prefix them with
     ``[sys.executable, "-m"]``, or give them to ``torchrun``), for the same run :func:`run_workflow` makes.
@@ -211,7 +210,6 @@ def bundle_command(
         bundle_root: the bundle (default :func:`default_bundle_root`).
         overrides: config values, in order: strings as they are, lists, tuples and dicts as JSON, others
             with ``str`` (``True`` -> ``"True"``, which ``monai.bundle``'s parser reads back as a bool).
-        logging_file: add the bundle's ``configs/logging.conf`` (as :func:`run_workflow` does).
 
     Returns:
         ``["monai.bundle", "run", workflow, "--config_file", "[...]", "--meta_file", ..., "--bundle_root", ...,
@@ -220,12 +218,12 @@ def bundle_command(
     import json
 
     root = resolve_bundle_root(bundle_root)
-    names = list(config_files) if config_files is not None else WORKFLOW_CONFIGS[workflow]
-    files = [str(f) if Path(f).is_absolute() else str(root / "configs" / f) for f in names]
-    command = ["monai.bundle", "run", workflow, "--config_file", json.dumps(files), "--meta_file", str(root / "configs" / "metadata.json")]
-    if logging_file:
-        command += ["--logging_file", str(root / "configs" / "logging.conf")]
-    command += ["--bundle_root", str(root)]
+    if config_files is None:
+        files = workflow_config_files(workflow, root, distributed=False)
+    else:
+        files = [str(f) if Path(f).is_absolute() else str(root / "configs" / f) for f in config_files]
+    meta_file = str(root / "configs" / "metadata.json")
+    command = ["monai.bundle", "run", workflow, "--config_file", json.dumps(files), "--meta_file", meta_file, "--bundle_root", str(root)]
     for key, value in (overrides or {}).items():
         text = value if isinstance(value, str) else json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
         command += [f"--{key}", text]
