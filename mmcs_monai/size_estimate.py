@@ -47,6 +47,9 @@ class DiameterSearch:
         tolerance: largest ``|log2(measured / candidate)|`` that counts as agreement.
         refine_above: refine when the chosen candidate's ``|log2(measured / candidate)|`` exceeds this.
         refinements: at most this many refinements (each segments the crop at the last measured diameter).
+        follow_within: a candidate with ``min_cells`` cells that disagrees by at most this much is followed at
+            once (the crop segmented at its measured diameter), and the follow-up taken if it agrees: cells
+            between two grid points are found at their size instead of at a finer grid point, in pieces.
     """
 
     factors: tuple[float, ...] = (4.0, 2.0, 1.0, 0.5, 0.25)
@@ -55,6 +58,7 @@ class DiameterSearch:
     tolerance: float = 0.75
     refine_above: float = 0.25
     refinements: int = 2
+    follow_within: float = 1.5
 
     def __post_init__(self):
         if not self.factors or any(not f > 0 for f in self.factors):
@@ -141,6 +145,13 @@ def estimate_diameter(
         if candidate.cells >= search.min_cells and candidate.disagreement <= search.tolerance:
             chosen = candidate
             break
+        if candidate.cells >= search.min_cells and candidate.disagreement <= search.follow_within:
+            # enough cells, measured off the candidate (cells between two grid points): follow the measurement
+            followed = _try(image, candidate.measured, run_network, masks, diam_mean, side)
+            candidates.append(followed)
+            if followed.cells >= search.min_cells and followed.disagreement <= search.tolerance:
+                chosen = followed
+                break
     if chosen is None:
         # too few cells everywhere (a small or sparse image): the largest agreeing candidate that found
         # any, else the one closest to agreeing, else the stored diameter

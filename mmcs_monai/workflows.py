@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import json
 import logging
 import os
 import warnings
@@ -88,9 +89,37 @@ def under_torchrun() -> bool:
 
 
 def bundle_recipes(bundle_root: str | os.PathLike | None = None) -> dict[str, Path]:
-    """The recipes ``bundle_root`` ships (default :func:`default_bundle_root`): name -> ``configs/recipes/NAME.json``."""
-    folder = resolve_bundle_root(bundle_root) / "configs" / RECIPES
-    return {path.stem: path for path in sorted(folder.glob("*.json"))}
+    """The recipes ``bundle_root`` ships (default :func:`default_bundle_root`): name -> ``configs/recipes/NAME.json``,
+    and ``semi`` -> ``configs/semi.json`` (phase 2, merged over ``train.json`` like a recipe)."""
+    configs = resolve_bundle_root(bundle_root) / "configs"
+    return {"semi": configs / "semi.json", **{path.stem: path for path in sorted((configs / RECIPES).glob("*.json"))}}
+
+
+RECIPE_BASE = "recipe_base"  # a recipe's key naming the recipes it is merged over (names or files)
+
+
+def recipe_files(recipe: str | os.PathLike, bundle_root: str | os.PathLike | None = None, _seen: tuple = ()) -> list[Path]:
+    """The config files ``recipe`` stands for, in merge order: the recipes named by its ``"recipe_base"`` key (each
+    expanded the same way), then the recipe itself. ``finetune_semi`` -> ``semi.json``, ``finetune.json``,
+    ``finetune_semi.json``.
+
+    Raises:
+        InputError: an unknown recipe (:func:`resolve_recipe`), a ``recipe_base`` that is not a list of names, or a
+            recipe that builds on itself.
+    """
+    path = resolve_recipe(recipe, bundle_root)
+    if path in _seen:
+        raise InputError(path, "recipe builds on itself through recipe_base")
+    try:
+        base = json.loads(path.read_text()).get(RECIPE_BASE, []) if path.suffix == ".json" else []
+    except (OSError, ValueError, AttributeError):
+        base = []  # not a JSON object: MONAI's parser reports it
+    if not isinstance(base, list) or not all(isinstance(b, str) for b in base):
+        raise InputError(path, f"{RECIPE_BASE} must be a list of recipe names or files")
+    files: list[Path] = []
+    for name in base:
+        files += [f for f in recipe_files(name, bundle_root, (*_seen, path)) if f not in files]
+    return [*files, path]
 
 
 def resolve_recipe(recipe: str | os.PathLike, bundle_root: str | os.PathLike | None = None) -> Path:
@@ -109,7 +138,7 @@ def resolve_recipe(recipe: str | os.PathLike, bundle_root: str | os.PathLike | N
         return shipped[name]
     if (SOURCE_ROOT / path).is_file():
         return (SOURCE_ROOT / path).resolve()  # a file of the checkout (experiments/recipes/...), named from another folder
-    known = ", ".join(shipped) or "none"
+    known = ", ".join(sorted(shipped)) or "none"
     raise InputError(recipe, f"no such recipe file or recipe name (the bundle's recipes: {known})")
 
 
@@ -126,7 +155,8 @@ def workflow_config_files(
         raise ValueError(f"unknown workflow {workflow!r}; known: {sorted(WORKFLOW_CONFIGS)}")
     files = [str(bundle_root / "configs" / name) for name in WORKFLOW_CONFIGS[workflow]]
     recipes = [recipe] if isinstance(recipe, (str, os.PathLike)) else list(recipe or [])
-    files += [str(resolve_recipe(r, bundle_root)) for r in recipes]
+    for r in recipes:
+        files += [str(f) for f in recipe_files(r, bundle_root) if str(f) not in files]
     if (under_torchrun() if distributed is None else distributed) and workflow in DISTRIBUTED_CONFIGS:
         # after the recipes: the distributed wiring (DDP, samplers) must win over a recipe's settings
         files.append(str(bundle_root / "configs" / DISTRIBUTED_CONFIGS[workflow]))

@@ -8,7 +8,7 @@ import pytest
 
 from helpers import BUNDLE, REPO, subprocess_env
 from mmcs_monai.io import InputError
-from mmcs_monai.workflows import bundle_recipes, resolve_recipe, shipped_configs, workflow_config_files
+from mmcs_monai.workflows import RECIPE_BASE, bundle_recipes, recipe_files, resolve_recipe, shipped_configs, workflow_config_files
 
 RECIPES = BUNDLE / "configs" / "recipes"
 
@@ -36,7 +36,7 @@ def test_an_unknown_recipe_is_an_error_that_lists_the_known_names():
     assert result.returncode == 2 and "finetune" in result.stderr.strip().splitlines()[-1], result.stderr[-2000:]
 
 
-@pytest.mark.parametrize("name", sorted(bundle_recipes(BUNDLE)))
+@pytest.mark.parametrize("name", sorted(p.stem for p in RECIPES.glob("*.json")))
 def test_every_recipe_sets_only_options_of_the_training_configs(name):
     """A misspelt key in a recipe would be ignored silently: each names an option of train.json (+ semi.json)."""
     from monai.bundle import ConfigParser
@@ -44,4 +44,20 @@ def test_every_recipe_sets_only_options_of_the_training_configs(name):
     parser = ConfigParser()
     parser.read_config([str(BUNDLE / "configs" / f) for f in ("train.json", "semi.json")])
     keys = json.loads((RECIPES / f"{name}.json").read_text())
-    assert [key for key in keys if key not in parser] == []
+    assert [key for key in keys if key not in parser and key != RECIPE_BASE] == []
+
+
+def test_a_recipe_is_merged_over_the_recipes_it_names_as_its_base(tmp_path):
+    """``finetune_semi`` builds on ``semi`` (phase 2) and ``finetune``: the files come in that order, each once."""
+    configs = BUNDLE / "configs"
+    assert recipe_files("finetune_semi", BUNDLE) == [configs / "semi.json", RECIPES / "finetune.json", RECIPES / "finetune_semi.json"]
+    files = workflow_config_files("training", BUNDLE, ["finetune", "finetune_semi"], distributed=False)
+    assert files == [str(configs / f) for f in ("train.json", "recipes/finetune.json", "semi.json", "recipes/finetune_semi.json")]
+    loop = tmp_path / "loop.json"
+    loop.write_text(json.dumps({RECIPE_BASE: [str(loop)]}))
+    with pytest.raises(InputError, match="builds on itself"):
+        recipe_files(loop)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({RECIPE_BASE: "semi"}))
+    with pytest.raises(InputError, match="must be a list"):
+        recipe_files(bad)

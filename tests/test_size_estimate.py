@@ -110,9 +110,10 @@ def _ids_as_masks(output: np.ndarray) -> np.ndarray:
 
 
 def test_refinement_steps_toward_the_true_size():
-    """Cells of 12 px, stored 30: the 1x candidate measures sqrt(12 * 30) = 18.97 px (agrees within the tolerance,
-    0.66 < 0.75); the first refinement measures sqrt(12 * 18.97) = 15.09 (still 0.33 off its candidate, above
-    ``refine_above`` 0.25), the second sqrt(12 * 15.09) = 13.46: the estimate after two refinements."""
+    """Cells of 12 px, stored 30, a network that sees cells of D px at candidate c as sqrt(D * c). Without
+    following (``follow_within`` 0): 4x and 2x disagree, the 1x candidate measures sqrt(12 * 30) = 18.97 px (agrees
+    within the tolerance, 0.66 < 0.75); the first refinement measures sqrt(12 * 18.97) = 15.09 (still 0.33 off its
+    candidate, above ``refine_above`` 0.25), the second sqrt(12 * 15.09) = 13.46."""
     true = 12.0
     labels = _disc_grid(true, side=512)
     image = torch.stack([torch.as_tensor(labels > 0, dtype=torch.float32), torch.zeros(labels.shape)])
@@ -120,15 +121,34 @@ def test_refinement_steps_toward_the_true_size():
     for k in (1, 2, 3):
         expected[k] = math.sqrt(true * expected[k - 1])
     for refinements in (0, 1, 2):
-        search = DiameterSearch(refinements=refinements)
+        search = DiameterSearch(refinements=refinements, follow_within=0.0)
         estimate, candidates = estimate_diameter(image, CompressingNetwork(), _ids_as_masks, 30.0, 30.0, search)
         assert estimate == pytest.approx(expected[refinements], rel=0.04), (refinements, candidates)
-    # the default search refines twice, then stops: the second refinement agreed within refine_above
-    estimate, candidates = estimate_diameter(image, CompressingNetwork(), _ids_as_masks, 30.0, 30.0)
+    # refining twice, then stopping: the second refinement agreed within refine_above
+    search = DiameterSearch(follow_within=0.0)
+    estimate, candidates = estimate_diameter(image, CompressingNetwork(), _ids_as_masks, 30.0, 30.0, search)
     assert estimate == pytest.approx(expected[2], rel=0.04) and len(candidates) == 3 + 2, candidates
     # a search that may refine more stops by itself once the last step agreed within refine_above
-    estimate, candidates = estimate_diameter(image, CompressingNetwork(), _ids_as_masks, 30.0, 30.0, DiameterSearch(refinements=5))
+    search = DiameterSearch(refinements=5, follow_within=0.0)
+    estimate, candidates = estimate_diameter(image, CompressingNetwork(), _ids_as_masks, 30.0, 30.0, search)
     assert math.log2(expected[2] / expected[3]) < DiameterSearch().refine_above and len(candidates) == 3 + 2
+
+
+def test_a_candidate_with_many_cells_off_its_size_is_followed_to_their_size():
+    """Cells of 12 px, stored 30. The 2x candidate (60 px) finds many cells measured at about 21 px (merged
+    discs at that zoom): 1.5 off, outside the tolerance 0.75 but within ``follow_within``, so the search follows
+    it at once (segments the crop as 21 px cells) instead of going on to the 1x grid point; the follow-up agrees
+    and is refined once: 4 network runs instead of the grid path's 5, both within 20 % of 12 px."""
+    true = 12.0
+    labels = _disc_grid(true, side=512)
+    image = torch.stack([torch.as_tensor(labels > 0, dtype=torch.float32), torch.zeros(labels.shape)])
+    estimate, candidates = estimate_diameter(image, CompressingNetwork(), _ids_as_masks, 30.0, 30.0)
+    grid, followed = candidates[1], candidates[2]
+    assert grid.diameter == 60.0 and DiameterSearch().tolerance < grid.disagreement <= DiameterSearch().follow_within
+    assert followed.diameter == grid.measured and followed.disagreement <= DiameterSearch().tolerance, candidates
+    no_follow, grid_path = estimate_diameter(image, CompressingNetwork(), _ids_as_masks, 30.0, 30.0, DiameterSearch(follow_within=0))
+    assert len(candidates) == 4 < len(grid_path) == 5  # 120, 60, followed at 21.4, one refinement
+    assert estimate == pytest.approx(true, rel=0.2) and no_follow == pytest.approx(true, rel=0.2), candidates
 
 
 def test_no_cells_anywhere_keeps_the_stored_diameter():

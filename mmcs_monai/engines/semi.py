@@ -156,8 +156,8 @@ class PseudoLabelRefresher:
             for index in shard(range(len(self.dataset))):
                 item = self.dataset[index]
                 image = torch.as_tensor(item["image"], dtype=torch.float32)[None].to(device)
-                pred = self.inferer(image, network)[0].cpu()
-                diameter = network.diam_mean.item() / self.inferer.zoom_for(network)
+                flows, used = self.inferer.predict(image, network)  # at the inferer's diameter: pixels, stored or auto
+                pred, diameter = flows[0].cpu(), used[0]
                 predictions.append((str(item["id"]), prediction_to_pseudo(pred), diameter))
                 self.predicted_ids.append(str(item["id"]))
         finally:
