@@ -77,6 +77,19 @@ def test_refreshed_pseudo_labels_are_targets_at_the_loss_scale():
     torch.testing.assert_close(CellposeLoss()(prediction, target[None]), CellposeLoss()(prediction, perfect), atol=1e-4, rtol=1e-3)
 
 
+def test_pseudo_labels_record_the_diameter_the_teacher_segmented_at():
+    """With ``auto`` (the phase-2 default, ``unlabelled_diameter``) each unlabelled image is segmented at its own
+    estimate, and that diameter (not the model's stored mean) is what the store keeps for augmenting its targets."""
+    labels = disk_labels()
+    image = torch.as_tensor(np.stack([labels > 0, np.zeros_like(labels)]), dtype=torch.float32)
+    teacher = OracleNet(diam_mean=30.0, diam_labels=90.0)  # a stored mean 3x off the discs
+    store = PseudoLabelStore(alpha=0.6)
+    inferer = CellInferer(precision="fp32", roi_size=128, diameter="auto")
+    PseudoLabelRefresher(store, teacher, teacher, [{"id": "u1", "image": image}], inferer).fill_if_empty(Engine(lambda e, b: None))
+    _, used = inferer.predict(image[None], teacher)
+    assert store.diameter("u1") == pytest.approx(used[0]) and abs(used[0] - 90.0) > 30.0, used
+
+
 def test_pseudo_targets_rotate_with_the_image():
     labels = disk_labels()
     store = PseudoLabelStore(alpha=0.0)
