@@ -168,6 +168,7 @@ class MMCSWidget(QWidget):
         self.last_segmentation: dict = {}
         self.last_training: dict = {}
         self._segment_job: SegmentJob | None = None
+        self._drop_answer = False
 
         layout = QVBoxLayout(self)
         layout.addWidget(self._segment_box())
@@ -520,11 +521,12 @@ class MMCSWidget(QWidget):
         self.cancel_button.setEnabled(False)
 
     def cancel(self) -> None:
-        """Stop the running segmentation (within one network call) or server request (its answer is dropped)."""
+        """Stop the running segmentation (within one network call: it then returns nothing) or drop the answer of the
+        running server request."""
         if self._segment_job is not None:
             self._segment_job.cancel.set()
-        if self.worker is not None:
-            self.worker.quit()
+        else:
+            self._drop_answer = True
         self.status.setText("cancelling...")
 
     # -- correct & fine-tune ------------------------------------------------------------------------------------
@@ -707,9 +709,15 @@ class MMCSWidget(QWidget):
             show_warning("MMCS: segmentation or a server request is still running; wait for it or cancel it")
             return
         self._segment_job = None
+        self._drop_answer = False
         self._start(guarded(work), lambda result: self._server_answer(result, on_result), *args)
 
     def _server_answer(self, result, on_result) -> None:
+        if self._drop_answer:
+            self._drop_answer = False
+            self.status.setText("cancelled")
+            self.server_status_label.setText("request cancelled")
+            return
         if isinstance(result, Failure):
             self.server_status_label.setText(result.message)
             show_error(f"MMCS: {result.message}")
