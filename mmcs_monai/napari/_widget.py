@@ -702,6 +702,13 @@ class MMCSWidget(QWidget):
                 pass
         self.train_status.setText("cancelling fine-tuning...")
 
+    def closeEvent(self, event) -> None:  # Qt names it
+        """Closing the widget ends a fine-tuning child and the status polling (nothing keeps running unseen)."""
+        self.poll.stop()
+        if self.process is not None:
+            self.cancel_training()
+        super().closeEvent(event)
+
     # -- label server -------------------------------------------------------------------------------------------
     def _server_call(self, work, on_result, *args) -> None:
         """Run a server request in a worker (the viewer never waits on the network)."""
