@@ -4,7 +4,6 @@ are in ``test_loop.py``)."""
 
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -114,7 +113,10 @@ def test_training_command_and_progress_lines(tmp_path):
 
 def test_widget_from_npe2_segments_like_the_library(widget, viewer, qtbot, notifications):
     """Through the widget (found by npe2), a [C, H, W] layer with a cytoplasm channel chosen, at the stored diameter:
-    the masks of ``CellSegmenter`` on what ``mmcs infer`` reads; the diameter used is shown."""
+    the masks of ``CellSegmenter`` on what ``mmcs infer`` reads; the diameter used is shown. The sample data opens
+    through npe2 too."""
+    viewer.open_sample("mmcs-monai", RGB.stem)
+    assert viewer.layers[RGB.stem].rgb and np.array_equal(viewer.layers[RGB.stem].data, tifffile.imread(RGB))
     grey = tifffile.imread(GREY)
     stack = np.stack([np.flipud(grey), grey])  # channel 1 is the image; channel 0 a decoy
     viewer.add_image(stack, name="two channels")
@@ -193,10 +195,3 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def test_sample_data_opens_through_napari(viewer):
-    viewer.open_sample("mmcs-monai", RGB.stem)
-    layer = viewer.layers[RGB.stem]
-    assert layer.rgb and np.array_equal(layer.data, tifffile.imread(RGB))
-    assert Path(MANIFEST).is_file()
