@@ -4,6 +4,8 @@
 # (default ~/.venvs/mmcs-deploy) for the MONAI Deploy app, whose SDK makes every `import monai` load
 # holoscan (tests/deploy runs the app there as a subprocess); $MMCS_LABEL_VENV (default
 # ~/.venvs/mmcs-label) for the MONAI Label server, which holds numpy at 1.26 (tests/label starts it there).
+# The napari plugin's tests (tests/napari) run in the main environment (the dev extra includes napari) on a virtual
+# X display: napari draws with OpenGL, which Qt 6's offscreen platform lacks; tests/napari/conftest.py starts Xvfb.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 venv=${MMCS_VENV:-$HOME/.venvs/mmcs}
@@ -14,6 +16,12 @@ MMCS_VENV="$deploy_venv" bash "$repo/scripts/setup_env.sh" deploy
 MMCS_VENV="$label_venv" bash "$repo/scripts/setup_env.sh" label
 export MMCS_DEPLOY_PYTHON="$deploy_venv/bin/python" MMCS_REQUIRE_DEPLOY=1
 export MMCS_LABEL_PYTHON="$label_venv/bin/python" MMCS_REQUIRE_LABEL=1
+# Xvfb and the two xcb libraries Qt 6's xcb platform needs beyond the base image (root with apt-get only, e.g. CI)
+has_display_libs() { command -v Xvfb && ldconfig -p | grep -q libxcb-icccm.so.4 && ldconfig -p | grep -q libxcb-keysyms.so.1; }
+if ! has_display_libs >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq xvfb libxcb-icccm4 libxcb-keysyms1 libxcb-cursor0 >/dev/null
+fi
+export MMCS_REQUIRE_NAPARI=1
 # the Cellpose reference (dev extra) must be there: its parity tests fail instead of skipping
 export MMCS_REQUIRE_CELLPOSE=1
 # the shared data sits beside the checkout in this project's workspaces (../shared): where that folder

@@ -51,7 +51,7 @@ LAYERS = [
     {"evaluation", "wholeslide", "workflows"},
     {"cli"},
 ]
-APPS = ("label", "deploy")  # applications on top of the library: they may import anything but the CLI
+APPS = ("label", "deploy", "napari")  # applications on top of the library: they may import anything but the CLI
 
 
 def module_name(path: Path) -> str:

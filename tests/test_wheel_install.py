@@ -27,6 +27,12 @@ def test_wheel_install_segments_the_sample_images_from_another_folder(tmp_path, 
         check=True, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     wheel = next(wheels.glob("mmcs_monai-*.whl"))
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as archive:  # the napari plugin's manifest and the entry point napari finds it by
+        names = archive.namelist()
+        entry_points = archive.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
+    assert "mmcs_monai/napari/napari.yaml" in names and "mmcs-monai = mmcs_monai.napari:napari.yaml" in entry_points
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
