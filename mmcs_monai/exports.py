@@ -361,8 +361,8 @@ class CellExporter:
             shape: (H, W) of the label image.
             rows: ``rows(y0, y1)`` -> int [y1 - y0, W], the final ids (1..N) of those rows.
             bboxes: the cells table's ``id``, ``bbox_y0`` and ``bbox_y1`` (:func:`mmcs_monai.cells.finalize_labels`):
-                a cell is outlined with the band holding its top row, reading down to its bottom row. None: measured
-                here (an image in memory).
+                a cell is outlined with the band holding its top row, reading down to its bottom row. None: found
+                here (an image in memory, ids kept as they are).
             image_rows: ``image_rows(y0, y1)`` -> raw image rows [C, y1 - y0, W] for the mean intensities (None: none).
             band: rows per band (memory: a band plus the tallest cell).
 
@@ -372,10 +372,11 @@ class CellExporter:
         if not self.wanted:
             return []
         h, w = shape
-        if bboxes is None:
-            from mmcs_monai.cells import measure_cells
+        if bboxes is None:  # an image in memory: its own ids, whatever their numbering
+            from scipy import ndimage
 
-            _, bboxes = measure_cells(rows(0, h))
+            found = [(i, box) for i, box in enumerate(ndimage.find_objects(np.asarray(rows(0, h)).astype(np.int64)), start=1) if box]
+            bboxes = {"id": [i for i, _ in found], "bbox_y0": [b[0].start for _, b in found], "bbox_y1": [b[0].stop for _, b in found]}
         ids, tops, bottoms = (np.asarray(bboxes[k], np.int64) for k in ("id", "bbox_y0", "bbox_y1"))
         writers = []
         try:
