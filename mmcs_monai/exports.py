@@ -424,13 +424,16 @@ class CellExporter:
             raise
         return self.paths()
 
+    def write_array(self, labels: np.ndarray, image: np.ndarray | None = None) -> list[Path]:
+        """:meth:`write` for a label image in memory (``[H, W]`` int, any ids) and its raw image ([C, H, W])."""
+        labels = np.asarray(labels)
+        image_rows = (lambda y0, y1: image[:, y0:y1]) if image is not None else None
+        return self.write(labels.shape, lambda y0, y1: labels[y0:y1], None, image_rows)
+
 
 def export_cells(output_dir, stem: str, labels: np.ndarray, formats, image: np.ndarray | None = None, **options) -> list[Path]:
     """:class:`CellExporter` for a label image in memory (``[H, W]`` int, ids 1..N) and its raw image ([C, H, W])."""
-    labels = np.asarray(labels)
-    exporter = CellExporter(output_dir, stem, formats, **options)
-    image_rows = (lambda y0, y1: image[:, y0:y1]) if image is not None else None
-    return exporter.write(labels.shape, lambda y0, y1: labels[y0:y1], None, image_rows)
+    return CellExporter(output_dir, stem, formats, **options).write_array(labels, image)
 
 
 __all__ = [
