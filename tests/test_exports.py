@@ -15,8 +15,6 @@ from mmcs_monai.inference import CellInferer
 from mmcs_monai.metrics import f1_score
 from mmcs_monai.wholeslide import SlideSegmenter
 
-pytest.importorskip("ome_zarr")
-
 
 def rasterise(rings_with_ids, shape) -> np.ndarray:
     """Our own rasteriser: each ring ([[x, y], ...], pixel-corner coordinates: pixel (r, c) covers [c, c+1) x [r, r+1))

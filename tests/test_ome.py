@@ -4,6 +4,7 @@ by name, diameters in micrometres, one-line errors for bad input, and the overla
 import numpy as np
 import pytest
 import tifffile
+import zarr
 from PIL import Image
 
 from helpers import SAMPLE_IMAGES, TINY_MODEL, run_mmcs_batch
@@ -11,8 +12,6 @@ from mmcs_monai.data import check_image_options, load_datalist
 from mmcs_monai.io import InputError
 from mmcs_monai.ome import image_info, open_regions, read_image, resolve_channel
 from mmcs_monai.transforms import SaveCellOutputsd
-
-zarr = pytest.importorskip("zarr")
 
 
 def ome_tiff(path, image, names=("bright", "DAPI"), pixel_size=0.5, unit="µm"):
