@@ -89,6 +89,29 @@ def test_ngff_labels_in_a_new_ome_zarr_open_with_ome_zarr(tmp_path):
     assert label_node.metadata["coordinateTransformations"][0][0]["scale"] == [0.5, 0.5]
 
 
+def test_slide_streaming_outlines_each_cell_once_across_bands(tmp_path):
+    """As a slide writes them: final ids and the cells table (bounding boxes) from the streaming pass, bands of 37 rows,
+    so cells start on band edges (row 0, the border cell) and cross them; every cell comes out once and whole."""
+    from mmcs_monai.cells import measure_cells
+
+    labels = grid_labels()
+    lut, table = measure_cells(labels)
+    final = lut[labels]
+    reads = []
+
+    def rows(y0, y1):
+        reads.append(y1 - y0)
+        return final[y0:y1]
+
+    CellExporter(tmp_path, "s", ("geojson", "roi")).write(final.shape, rows, table, band=37)
+    features = geojson_cells(tmp_path / "s_cells.geojson")
+    ids = [int(f["properties"]["name"].split()[1]) for f in features]
+    assert sorted(ids) == list(range(1, int(final.max()) + 1))  # each once
+    assert np.array_equal(rasterise([(i, f["geometry"]["coordinates"][0]) for i, f in zip(ids, features)], final.shape), final)
+    assert np.array_equal(rasterise(roi_cells(tmp_path / "s_rois.zip"), final.shape), final)
+    assert max(reads) <= 37 + 26  # a band plus the tallest cell starting in it, never the image
+
+
 def test_a_failed_write_leaves_nothing_under_the_final_name(tmp_path):
     writer = GeoJSONWriter(tmp_path / "x.geojson")
     writer.add(1, [[0, 0], [1, 0], [1, 1], [0, 1], [0, 0]])
