@@ -79,13 +79,16 @@ def infer(
     """Segment every image in ``input_dir``; write ``<id>_masks.tif`` and ``<id>_overlay.png`` to ``output_dir``.
 
     Args:
-        input_dir: folder of images (TIFF, PNG, JPEG, NIfTI), or a data list.
+        input_dir: folder of images (TIFF, OME-TIFF, PNG, JPEG, NIfTI, OME-Zarr folders), one OME-Zarr, or a data list.
         output_dir: destination; images that already have masks there are skipped.
         model: model file (ours or a Cellpose 3 checkpoint); default ``<bundle_root>/models/model.pt``.
-        diameter: cell diameter in pixels in these images, a stored subset name, ``stored`` (the model's
-            training mean) or ``auto`` (the default: estimated per image, and reported per image in the log
-            and in ``segmentation_summary.csv``).
-        overrides: e.g. ``--nucleus_channel 1 --flow_threshold 0.4 --precision bf16``.
+        diameter: cell diameter in pixels in these images, in micrometres (``12um``: each image's pixel size from
+            its OME metadata, or ``--pixel_size``), a stored subset name, ``stored`` (the model's training mean) or
+            ``auto`` (the default: estimated per image, and reported per image in the log and in
+            ``segmentation_summary.csv``, in px and, where the pixel size is known, in µm).
+        overrides: e.g. ``--nucleus_channel 1 --flow_threshold 0.4 --precision bf16``; ``--formats tif,geojson,roi,zarr``
+            (outputs: label TIFF, QuPath GeoJSON, ImageJ ROI set, NGFF labels), ``--channels DAPI`` or
+            ``--channels cyto,DAPI`` (by OME channel name or index), ``--pixel_size 0.325`` (µm per pixel).
     """
     overrides.update(input_dir=str(input_dir), output_dir=str(output_dir))
     if diameter is not None:
