@@ -57,6 +57,34 @@ def test_ome_zarr_is_read_a_window_at_a_time_with_its_metadata(tmp_path):
     assert load_datalist(path)[0]["id"] == "s"
 
 
+def test_an_ome_zarr_window_asks_zarr_for_that_window_only(tmp_path):
+    """Lazy by block: a window read indexes level 0 with the window's slices (zarr then decodes only those chunks);
+    the whole array is never asked for."""
+    from test_exports import ome_zarr_slide
+
+    from mmcs_monai.ome import _open_zarr
+
+    labels = np.zeros((300, 260), np.int32)
+    labels[100:120, 100:130] = 1
+    image = _open_zarr(ome_zarr_slide(tmp_path / "s.ome.zarr", labels))
+    asked = []
+
+    class Recording:
+        def __init__(self, array):
+            self.array, self.shape, self.dtype, self.ndim = array, array.shape, array.dtype, array.ndim
+
+        def __getitem__(self, index):
+            asked.append(index)
+            return self.array[index]
+
+    from mmcs_monai.ome import ZarrRegions, _ZarrImage
+
+    regions = ZarrRegions(tmp_path / "s.ome.zarr", _ZarrImage(Recording(image.array), image.axes, image.info, image.attrs))
+    window = regions.read(90, 130, 95, 140)
+    assert asked == [(slice(None), slice(90, 130), slice(95, 140))]
+    assert (window[1] == (labels[90:130, 95:140] > 0) * 200).all()
+
+
 def test_bad_input_is_one_error_naming_the_file(tmp_path):
     path = ome_tiff(tmp_path / "a.ome.tif", np.zeros((2, 30, 40), np.uint8), unit=None)
     assert image_info(path).pixel_size == 0.5
