@@ -115,15 +115,16 @@ class ImageRunReport:
             row = self.row(out, item, masks)
             row["cells"] = int(masks.max()) if masks.numel() else 0
             row["diameter_px"] = used_diameter(out.get(self.pred_key))
-            size = item.get("pixel_size_um") if isinstance(item, dict) else None
-            size = float(size) if size is not None and float(size) == float(size) else None
-            row["pixel_size_um"] = round(size, 6) if size else ""
-            row["diameter_um"] = round(row["diameter_px"] * size, 2) if size and row["diameter_px"] != "" else ""
+            if isinstance(item, dict) and "pixel_size_um" in item:  # inference items (DiameterInPixelsd) carry it
+                size = float(item["pixel_size_um"])
+                size = size if size == size else None
+                row["pixel_size_um"] = round(size, 6) if size else ""
+                row["diameter_um"] = round(row["diameter_px"] * size, 2) if size and row["diameter_px"] != "" else ""
             self.recorded(row)
             self.done.append(row)
             self.megapixels += megapixels_of(masks)
             if self._progress is not None:
-                micrometres = f" ({row['diameter_um']} µm)" if row.get("diameter_um") != "" else ""
+                micrometres = f" ({row['diameter_um']} µm)" if row.get("diameter_um") not in ("", None) else ""
                 self._progress.step(f"{row['id']}: {self.note(row)}{row['cells']} cells at diameter {row['diameter_px']} px{micrometres}")
 
     def write(self, engine: Engine) -> None:
