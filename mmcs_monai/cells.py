@@ -116,7 +116,7 @@ def write_cell_table(path, table: dict[str, np.ndarray]) -> Path:
 
 # One row per segmented image: what the command line, the bundle and the Deploy app report.
 SEGMENTATION_SUMMARY = "segmentation_summary.csv"
-SEGMENTATION_SUMMARY_COLUMNS = ("id", "image", "cells", "diameter_px")
+SEGMENTATION_SUMMARY_COLUMNS = ("id", "image", "cells", "diameter_px", "diameter_um", "pixel_size_um")
 
 
 def read_segmentation_summary(path) -> dict[str, dict[str, str]]:
@@ -130,12 +130,13 @@ def read_segmentation_summary(path) -> dict[str, dict[str, str]]:
 
 def write_segmentation_summary(path, rows) -> Path:
     """Write ``rows`` (dicts with :data:`SEGMENTATION_SUMMARY_COLUMNS`: image id, image file, number of cells,
-    the cell diameter in pixels it was segmented at) as CSV, sorted by id, atomically."""
+    the cell diameter in pixels it was segmented at, and in micrometres with the pixel size where it is known; empty
+    otherwise) as CSV, sorted by id, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(SEGMENTATION_SUMMARY_COLUMNS), extrasaction="ignore")
+            writer = csv.DictWriter(f, fieldnames=list(SEGMENTATION_SUMMARY_COLUMNS), extrasaction="ignore", restval="")
             writer.writeheader()
             writer.writerows(sorted(rows, key=lambda r: str(r["id"])))
     return path

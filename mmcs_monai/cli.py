@@ -79,13 +79,16 @@ def infer(
     """Segment every image in ``input_dir``; write ``<id>_masks.tif`` and ``<id>_overlay.png`` to ``output_dir``.
 
     Args:
-        input_dir: folder of images (TIFF, PNG, JPEG, NIfTI), or a data list.
+        input_dir: folder of images (TIFF, OME-TIFF, PNG, JPEG, NIfTI, OME-Zarr folders), one OME-Zarr, or a data list.
         output_dir: destination; images that already have masks there are skipped.
         model: model file (ours or a Cellpose 3 checkpoint); default ``<bundle_root>/models/model.pt``.
-        diameter: cell diameter in pixels in these images, a stored subset name, ``stored`` (the model's
-            training mean) or ``auto`` (the default: estimated per image, and reported per image in the log
-            and in ``segmentation_summary.csv``).
-        overrides: e.g. ``--nucleus_channel 1 --flow_threshold 0.4 --precision bf16``.
+        diameter: cell diameter in pixels in these images, in micrometres (``12um``: each image's pixel size from
+            its OME metadata, or ``--pixel_size``), a stored subset name, ``stored`` (the model's training mean) or
+            ``auto`` (the default: estimated per image, and reported per image in the log and in
+            ``segmentation_summary.csv``, in px and, where the pixel size is known, in µm).
+        overrides: e.g. ``--nucleus_channel 1 --flow_threshold 0.4 --precision bf16``; ``--formats tif,geojson,roi,zarr``
+            (outputs: label TIFF, QuPath GeoJSON, ImageJ ROI set, NGFF labels), ``--channels DAPI`` or
+            ``--channels cyto,DAPI`` (by OME channel name or index), ``--pixel_size 0.325`` (µm per pixel).
     """
     overrides.update(input_dir=str(input_dir), output_dir=str(output_dir))
     if diameter is not None:
@@ -149,17 +152,27 @@ def infer_slide(
     cellprob_threshold: float | None = None,
     min_size: int | None = None,
     bundle_root: str | None = None,
+    formats: str = "tif",
+    channels: str | None = None,
+    pixel_size: float | str | None = None,
 ) -> str:
     """Segment one large image (whole slide, 10,000 x 10,000 px and more) block by block.
 
     Args:
-        image: TIFF (tiled, stripped or pyramidal; only the needed tiles are decoded), npy, PNG...
+        image: TIFF or OME-TIFF (tiled, stripped or pyramidal; only the needed tiles are decoded), OME-Zarr (level 0,
+            only the chunks a block touches), npy, PNG...
         output: label TIFF path, or a folder for ``<stem>_masks.tif``.
         model: model file; default ``<bundle_root>/models/model.pt``.
         table: write the per-cell CSV (id, centroid, area, bbox) beside the labels (``True``), to this
             path, or not (``False``).
-        diameter: cell diameter in pixels, a stored subset name, ``auto`` (the default: estimated once,
-            on a central crop, and used for every block) or ``stored`` (the model's mean).
+        diameter: cell diameter in pixels, in micrometres (``12um``: needs the pixel size, from the image's metadata
+            or ``pixel_size``), a stored subset name, ``auto`` (the default: estimated once, on a central crop, and
+            used for every block) or ``stored`` (the model's mean).
+        formats: outputs, comma-separated: ``tif`` (the label TIFF, the default), ``geojson`` (QuPath objects),
+            ``roi`` (ImageJ ROI set), ``zarr`` (NGFF labels: into the input OME-Zarr, else a new one).
+        channels: the channel to segment and, optionally, the nucleus channel, by name (OME metadata) or index:
+            ``DAPI``, ``cyto,DAPI``, ``0,2``.
+        pixel_size: micrometres per pixel (overrides the metadata).
         block_size: block side in network pixels; memory grows with its square.
         halo: context around each block in image pixels (default ``max(64, 4 * diameter)``).
         precision: inference precision (auto, fp32, bf16, fp16).
@@ -193,6 +206,9 @@ def infer_slide(
         cyto_channel=cyto_channel,
         nucleus_channel=nucleus_channel,
         mask_settings=MaskSettings.from_options(flow_threshold=flow_threshold, cellprob_threshold=cellprob_threshold, min_size=min_size),
+        channels=channels,
+        pixel_size=pixel_size,
+        formats=formats,
     )
     result = segmenter(image, labels_path, table_path)
     main_process = distributed.is_main_process()
@@ -206,9 +222,9 @@ def _slide_summary(image: str, result, model_path: Path) -> str:
     """``mmcs infer-slide``'s summary line from its :class:`~mmcs_monai.wholeslide.SlideResult`."""
     from mmcs_monai.reporting import diameter_note, model_note, timing_note
 
-    outputs = ", ".join(str(p) for p in (result.labels_path, result.table_path) if p)
+    outputs = ", ".join(str(p) for p in result.outputs)
     megapixels = result.shape[0] * result.shape[1] / 1e6
-    parts = [f"{image}: {result.cells} cells in {result.blocks} blocks", diameter_note([result.diameter])]
+    parts = [f"{image}: {result.cells} cells in {result.blocks} blocks", diameter_note([result.diameter], result.pixel_size)]
     parts += [timing_note(result.seconds, megapixels), f"outputs {outputs}", model_note(model_path)]
     return "; ".join(parts)
 

@@ -15,7 +15,7 @@ Accepted sources (:func:`load_datalist`):
 - a MONAI Decathlon-style JSON (``{"training": [...], "validation": [...]}``);
 - a JSON list of dicts;
 - a folder with ``images/`` and ``labels/`` subfolders (matched by file stem), or a folder of
-  images alone (unlabelled).
+  images alone (unlabelled); OME-Zarr folders (``*.zarr``) count as images, and one alone is a data list of one.
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ from typing import Any
 
 from monai.data import CacheDataset
 
-from mmcs_monai.io import InputError, atomic_path, image_stem, is_image_file, masks_filename
+from mmcs_monai.io import InputError, atomic_path, image_stem, masks_filename
+from mmcs_monai.ome import is_image as is_image_file
+from mmcs_monai.ome import is_zarr
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +120,9 @@ def load_datalist(
                 items.append(item)
         return items[:limit] if limit else items
     source = Path(source)
-    if source.is_dir():
+    if is_zarr(source):  # one OME-Zarr image
+        items = [_normalise_row({"image": str(source)}, source.parent)]
+    elif source.is_dir():
         items = _from_folder(source)
     elif not source.is_file():
         raise InputError(source, "data list not found")
@@ -301,19 +305,47 @@ class SkippingCacheDataset(CacheDataset):
         raise RuntimeError(f"every sample failed its transforms; {self.bad_samples.summary()}")
 
 
+def check_image_options(items: list[dict[str, Any]], channels=None, diameter=None, pixel_size=None) -> list[dict[str, Any]]:
+    """``items`` as they are, once every image's metadata (:func:`mmcs_monai.ome.image_info`, no pixels read) has what
+    the options need: each channel named in ``channels`` (``--channels DAPI``), and a pixel size for a ``diameter`` in
+    micrometres (``12um``) unless ``pixel_size`` gives one. Run before segmenting, so a mistake stops the run at once
+    with one line.
+
+    Raises:
+        InputError: naming the first image without the channel (and listing its channels) or the pixel size.
+    """
+    from mmcs_monai.ome import image_info, resolve_channel
+    from mmcs_monai.options import parse_channels, parse_micrometres, parse_pixel_size
+
+    names = [c for c in parse_channels(channels) or () if isinstance(c, str)]
+    needs_size = parse_micrometres(diameter) is not None and parse_pixel_size(pixel_size) is None
+    if not names and not needs_size:
+        return items
+    for item in items:
+        info = image_info(item["image"])
+        for name in names:
+            resolve_channel(item["image"], name, info, len(info.channel_names or ()))
+        if needs_size and not info.pixel_size:
+            raise InputError(
+                item["image"], f"diameter {diameter!r} is in micrometres but the image has no pixel size in its metadata; give --pixel_size"
+            )
+    return items
+
+
 def readable_images(items: list[dict[str, Any]], bad_samples: BadSampleLog | None = None) -> list[dict[str, Any]]:
     """The items whose image (and label, when given) can be read; the others go to ``bad_samples``.
 
     Inference over a folder calls this first so one broken file is reported and skipped instead of
     stopping the run; the check reads each file once, which costs far less than segmenting it.
     """
-    from mmcs_monai.io import read_image, read_labels
+    from mmcs_monai.io import read_labels
+    from mmcs_monai.ome import read_image
 
     bad_samples = bad_samples if bad_samples is not None else BadSampleLog(max_bad_fraction=1.0)
     good = []
     for item in items:
         try:
-            image = read_image(item["image"])
+            image, _ = read_image(item["image"])
             if item.get("label"):
                 read_labels(item["label"], image_shape=image.shape[1:])
         except InputError as err:

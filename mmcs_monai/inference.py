@@ -22,6 +22,7 @@ from mmcs_monai import size_estimate
 from mmcs_monai.diameters import DEFAULT_TARGET_DIAMETER, median_diameter, scale_to_target
 from mmcs_monai.flows import MaskSettings
 from mmcs_monai.networks.compiled import compiled_forward
+from mmcs_monai.options import parse_micrometres
 from mmcs_monai.precision import autocast_context, parse_compile, resolve_compile, resolve_precision
 from mmcs_monai.size_estimate import DiameterSearch
 
@@ -91,6 +92,10 @@ def resolve_diameter(network: torch.nn.Module, diameter: float | str | None) -> 
             return float(diameter)
         except ValueError:
             pass
+        if parse_micrometres(diameter) is not None:
+            raise ValueError(
+                f"diameter {diameter!r} is in micrometres: it needs each image's pixel size (mmcs infer and infer-slide convert it)"
+            )
         # the table, not ``diameter_for``: TorchScript models carry it too, and raise no KeyError
         stored = dict(getattr(network, "subset_diameters", None) or {})
         if diameter not in stored:
@@ -215,9 +220,17 @@ class CellInferer(Inferer):
     ) -> tuple[torch.Tensor, list[float]]:
         """Flows ``[B, 3, H, W]`` float32 and the cell diameter (pixels) each image was segmented at.
 
-        With ``auto`` or ``refine``, an image where the estimate finds no cell keeps the stored diameter.
+        With ``auto`` or ``refine``, an image where the estimate finds no cell keeps the stored diameter. ``diameter``
+        may also be a list with one diameter (pixels) per image.
         """
         diameter = diameter if diameter is not None else self.diameter
+        if isinstance(diameter, (list, tuple)):
+            if len(diameter) != len(inputs):
+                raise ValueError(f"{len(diameter)} diameters for {len(inputs)} images")
+            outputs = [
+                self._predict(image, network, resolve_diameter(network, d), *args, **kwargs) for image, d in zip(inputs.split(1), diameter)
+            ]
+            return torch.cat(outputs), [resolve_diameter(network, d) for d in diameter]
         if diameter not in ESTIMATED_DIAMETERS:
             used = resolve_diameter(network, diameter)
             return self._predict(inputs, network, used, *args, **kwargs), [used] * len(inputs)

@@ -144,11 +144,16 @@ def timing_note(seconds: float, megapixels: float = 0.0) -> str:
     return f"{seconds:.1f} s{rate}"
 
 
-def diameter_note(diameters: Iterable[float | str]) -> str:
-    """``diameter 17.4 px`` or ``diameter 8.0-35.5 px`` for the diameters used (empty values left out);
-    ``""`` when none was reported."""
+def diameter_note(diameters: Iterable[float | str], pixel_size: float | None = None) -> str:
+    """``diameter 17.4 px`` or ``diameter 8.0-35.5 px`` for the diameters used (empty values left out), with
+    ``(5.6 µm)`` / ``(2.6-11.5 µm)`` added where ``pixel_size`` (micrometres per pixel) is known; ``""`` when none
+    was reported."""
     values = [float(d) for d in diameters if d != "" and d is not None]
     if not values:
         return ""
     low, high = min(values), max(values)
-    return f"diameter {low:.1f} px" if high - low < 0.05 else f"diameter {low:.1f}-{high:.1f} px"
+    note = f"diameter {low:.1f} px" if high - low < 0.05 else f"diameter {low:.1f}-{high:.1f} px"
+    if pixel_size:
+        um_low, um_high = low * pixel_size, high * pixel_size
+        note += f" ({um_low:.1f} µm)" if um_high - um_low < 0.05 else f" ({um_low:.1f}-{um_high:.1f} µm)"
+    return note

@@ -20,6 +20,7 @@ a band of rows at a time.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -35,9 +36,12 @@ import torch
 
 from mmcs_monai.cells import finalize_labels, write_cell_table
 from mmcs_monai.distributed import barrier, broadcast_object, get_rank, is_distributed, is_main_process, shard
+from mmcs_monai.exports import CellExporter
 from mmcs_monai.flows import MaskSettings
 from mmcs_monai.inference import ESTIMATED_DIAMETERS, CellInferer
-from mmcs_monai.io import ImageRegions, atomic_path, open_regions
+from mmcs_monai.io import ImageRegions, InputError, atomic_path
+from mmcs_monai.ome import ImageInfo, open_regions, resolve_channel
+from mmcs_monai.options import DEFAULT_FORMATS, parse_channels, parse_formats, parse_micrometres, parse_pixel_size
 from mmcs_monai.reporting import Progress
 from mmcs_monai.segmentation import CellSegmenter
 from mmcs_monai.transforms.array import StackNucleusChannel, percentile_bounds, scale_to_bounds
@@ -104,6 +108,13 @@ class SlideResult:
     halo: int  # context around each block, image pixels
     border_copies: int = 0  # cells on a block border kept by both blocks; the second copy was dropped
     compiled: bool = False  # the network was asked to run compiled (it falls back to eager where it cannot)
+    pixel_size: float | None = None  # micrometres per pixel (metadata or the option), None when unknown
+    outputs: tuple = ()  # every file and folder written (labels TIFF, table, GeoJSON, ROI set, NGFF labels)
+
+    @property
+    def diameter_um(self) -> float | None:
+        """The diameter used in micrometres, where the pixel size is known."""
+        return self.diameter * self.pixel_size if self.pixel_size else None
 
 
 class SlideSegmenter:
@@ -120,6 +131,13 @@ class SlideSegmenter:
         diameter: cell diameter in the slide (pixels), a stored subset name, None (the model's mean) or
             ``"auto"`` (measured on a central crop of ``auto_crop`` pixels, then used for every block).
         cyto_channel, nucleus_channel: channel choice as in :class:`StackNucleusChannel`.
+        channels: or the channels by index or by the names in the image's OME metadata
+            (:func:`~mmcs_monai.options.parse_channels`: ``"DAPI"``, ``"cyto,DAPI"``, ``"0,2"``): the channel to
+            segment (cytoplasm, or a nuclear stain alone), then the nucleus channel.
+        pixel_size: micrometres per pixel, overriding the image's metadata (needed for a diameter in µm, ``"12um"``,
+            when the file has none).
+        formats: outputs (:data:`~mmcs_monai.options.OUTPUT_FORMATS`: ``tif``, ``geojson``, ``roi``, ``zarr``;
+            :mod:`mmcs_monai.exports`), written from the label canvas a band at a time.
         mask_settings: flows -> masks thresholds (default :class:`~mmcs_monai.flows.MaskSettings`()).
         intensity_samples: number of windows (spread over the slide) whose pixels set the 1-99
             percentile intensity range used for every block.
@@ -141,8 +159,16 @@ class SlideSegmenter:
         mask_settings: MaskSettings | None = None,
         intensity_samples: int = 64,
         auto_crop: int = 1024,
+        channels=None,
+        pixel_size: float | str | None = None,
+        formats=DEFAULT_FORMATS,
     ):
         self.network = network
+        self.channels = parse_channels(channels)
+        if self.channels is not None and (cyto_channel is not None or nucleus_channel is not None):
+            raise ValueError("give channels or cyto_channel/nucleus_channel, not both")
+        self.pixel_size = parse_pixel_size(pixel_size)
+        self.formats = parse_formats(formats)
         self.block_size = block_size
         self.halo = halo
         self.diameter = diameter
@@ -165,6 +191,25 @@ class SlideSegmenter:
         xs = np.unique(np.linspace(0, max(w - size, 0), per_side).astype(int))
         samples = [self.stack(regions.read(y, min(y + size, h), x, min(x + size, w))) for y in ys for x in xs]
         return percentile_bounds(np.concatenate([s.reshape(2, -1) for s in samples], axis=1))
+
+    def for_image(self, path, regions: ImageRegions) -> SlideSegmenter:
+        """This segmenter, or a copy for one image: channels named in ``channels`` found in its metadata, and a
+        diameter in µm turned into pixels with its pixel size. Raises :class:`InputError` naming the file."""
+        info = getattr(regions, "info", None)
+        pixel_size = self.pixel_size or (info.pixel_size if info is not None else None)
+        slide = copy.copy(self)
+        slide.pixel_size = pixel_size
+        if self.channels is not None:
+            picked = [resolve_channel(path, c, info or ImageInfo(), regions.channels) for c in self.channels]
+            slide.stack = StackNucleusChannel(picked[0], picked[1] if len(picked) > 1 else None)
+        micrometres = parse_micrometres(self.diameter)
+        if micrometres is not None:
+            if not pixel_size:
+                raise InputError(
+                    path, f"diameter {self.diameter!r} is in micrometres but the image has no pixel size in its metadata; give --pixel_size"
+                )
+            slide.diameter = micrometres / pixel_size
+        return slide
 
     def slide_diameter(self, regions: ImageRegions, bounds, segmenter: CellSegmenter | None = None) -> float:
         """The diameter (pixels) every block is segmented at (:meth:`CellSegmenter.diameter_for`, with ``segmenter``,
@@ -194,45 +239,61 @@ class SlideSegmenter:
 
     # ------------------------------------------------------------------ whole slide
     def __call__(self, image_path, labels_path, table_path=None) -> SlideResult:
-        start = time.perf_counter()
-        labels_path = Path(labels_path)
+        """Segment ``image_path``; ``labels_path`` is the label TIFF (written with ``tif`` in ``formats``), and its
+        folder and the image's name place the other formats' outputs (``<stem>_cells.geojson``...)."""
         with open_regions(image_path) as regions:
-            segmenter = self.segmenter_for(regions.shape)
-            # under torchrun rank 0 measures the intensity range and the diameter, and every rank uses them
-            bounds, diameter = self.intensity_bounds(regions), None
+            return self.for_image(image_path, regions)._segment(image_path, regions, Path(labels_path), table_path)
+
+    def _segment(self, image_path, regions: ImageRegions, labels_path: Path, table_path) -> SlideResult:
+        start = time.perf_counter()
+        segmenter = self.segmenter_for(regions.shape)
+        # under torchrun rank 0 measures the intensity range and the diameter, and every rank uses them
+        bounds, diameter = self.intensity_bounds(regions), None
+        if is_main_process():
+            diameter = self.slide_diameter(regions, bounds, segmenter)
+        diameter = broadcast_object(diameter)
+        zoom = segmenter.zoom_for(diameter)
+        halo = self.halo if self.halo is not None else max(64, int(math.ceil(4 * diameter)))
+        block_px = max(int(self.block_size / zoom), 2 * halo)
+        blocks = plan_blocks(regions.shape, block_px, halo)
+        logger.info(
+            "%s: %d x %d px, diameter %.1f px, %d blocks of %d px + %d px halo",
+            image_path,
+            *regions.shape,
+            diameter,
+            len(blocks),
+            block_px,
+            halo,
+        )
+        labels_path.parent.mkdir(parents=True, exist_ok=True)
+        block_files = None
+        if is_distributed():
+            block_files = self._segment_shard(regions, blocks, bounds, diameter, labels_path, segmenter)
+            owned_blocks = (np.load(block_files / f"block_{block.index}.npy").astype(np.int32) for block in blocks)
+        else:
+            owned_blocks = (self.segment_block(regions, block, bounds, diameter, segmenter) for block in blocks)
+        try:
+            cells, copies = 0, 0
             if is_main_process():
-                diameter = self.slide_diameter(regions, bounds, segmenter)
-            diameter = broadcast_object(diameter)
-            zoom = segmenter.zoom_for(diameter)
-            halo = self.halo if self.halo is not None else max(64, int(math.ceil(4 * diameter)))
-            block_px = max(int(self.block_size / zoom), 2 * halo)
-            blocks = plan_blocks(regions.shape, block_px, halo)
-            logger.info(
-                "%s: %d x %d px, diameter %.1f px, %d blocks of %d px + %d px halo",
-                image_path,
-                *regions.shape,
-                diameter,
-                len(blocks),
-                block_px,
-                halo,
-            )
-            labels_path.parent.mkdir(parents=True, exist_ok=True)
-            block_files = None
-            if is_distributed():
-                block_files = self._segment_shard(regions, blocks, bounds, diameter, labels_path, segmenter)
-                owned_blocks = (np.load(block_files / f"block_{block.index}.npy").astype(np.int32) for block in blocks)
-            else:
-                owned_blocks = (self.segment_block(regions, block, bounds, diameter, segmenter) for block in blocks)
-            try:
-                cells, copies = 0, 0
-                if is_main_process():
-                    cells, copies = assemble_slide_labels(regions.shape, blocks, owned_blocks, labels_path, table_path)
-                cells, copies = broadcast_object((cells, copies))
-            finally:
-                if block_files is not None and is_main_process():
-                    shutil.rmtree(block_files, ignore_errors=True)
+                exporter = self.exporter(image_path, regions, labels_path.parent)
+                cells, copies = assemble_slide_labels(
+                    regions.shape,
+                    blocks,
+                    owned_blocks,
+                    labels_path if "tif" in self.formats else None,
+                    table_path,
+                    exporter=exporter,
+                    image_rows=lambda y0, y1: regions.read(y0, y1, 0, regions.shape[1]),
+                )
+            cells, copies = broadcast_object((cells, copies))
+        finally:
+            if block_files is not None and is_main_process():
+                shutil.rmtree(block_files, ignore_errors=True)
+        outputs = [labels_path] if "tif" in self.formats else []
+        outputs += [Path(table_path)] if table_path else []
+        outputs += self.exporter(image_path, regions, labels_path.parent).paths()
         return SlideResult(
-            labels_path,
+            labels_path if "tif" in self.formats else None,
             Path(table_path) if table_path else None,
             regions.shape,
             cells,
@@ -243,7 +304,24 @@ class SlideSegmenter:
             halo,
             copies,
             segmenter.compiles,
+            self.pixel_size,
+            tuple(outputs),
         )
+
+    def exporter(self, image_path, regions: ImageRegions, output_dir: Path) -> CellExporter:
+        """The writer of this slide's GeoJSON, ROI set and NGFF labels (those in ``formats``); NGFF labels go into the
+        input when it is an OME-Zarr."""
+        from mmcs_monai.io import image_stem
+
+        info = getattr(regions, "info", None)
+        zarr_image = getattr(regions, "image", None)
+        options = {}
+        if zarr_image is not None:
+            dataset = zarr_image.attrs["multiscales"][0]["datasets"][0]
+            scales = [t["scale"] for t in dataset.get("coordinateTransformations", []) if t.get("type") == "scale"]
+            options = {"zarr_image": regions.path, "zarr_axes": zarr_image.axes, "zarr_scale": scales[0] if scales else None}
+        names = info.channel_names if info is not None else None
+        return CellExporter(output_dir, image_stem(image_path), self.formats, names, self.pixel_size, **options)
 
     def _segment_shard(self, regions, blocks, bounds, diameter, labels_path: Path, segmenter: CellSegmenter) -> Path:
         """Distributed: each rank segments every world-size-th block into ``block_<index>.npy`` in a scratch
@@ -266,21 +344,26 @@ class SlideSegmenter:
         return folder
 
 
-def assemble_slide_labels(shape, blocks, owned_blocks, labels_path, table_path=None) -> tuple[int, int]:
-    """Paste the blocks' owned cells in block order, renumber, write the label TIFF (and the cell table).
+def assemble_slide_labels(shape, blocks, owned_blocks, labels_path, table_path=None, exporter=None, image_rows=None) -> tuple[int, int]:
+    """Paste the blocks' owned cells in block order, renumber, write the label TIFF (and the cell table, and the
+    formats of ``exporter``, a :class:`~mmcs_monai.exports.CellExporter`, a band at a time from the canvas).
 
     Args:
         shape: (height, width) of the slide.
         blocks: the :class:`Block` plan, in index order.
         owned_blocks: for each block, its owned cells (:func:`owned_cells`: int [window h, window w], ids 1..n).
-        labels_path: the label TIFF to write (uint16, or uint32 past 65,535 cells), atomically.
+        labels_path: the label TIFF to write (uint16, or uint32 past 65,535 cells), atomically; None: none (the
+            scratch canvas goes beside ``table_path``, else in the exporter's folder).
         table_path: optional per-cell CSV.
+        exporter: optional writer of GeoJSON / ROI set / NGFF labels; ``image_rows(y0, y1)`` gives the raw image
+            rows [C, h, W] for its mean intensities.
 
     Returns:
         ``(cells, copies dropped)``.
     """
-    labels_path = Path(labels_path)
-    fd, scratch = tempfile.mkstemp(prefix=f".{labels_path.name}.", suffix=".u32", dir=labels_path.parent)
+    where = Path(labels_path) if labels_path else Path(table_path) if table_path else Path(exporter.output_dir) / "slide"
+    where.parent.mkdir(parents=True, exist_ok=True)
+    fd, scratch = tempfile.mkstemp(prefix=f".{where.name}.", suffix=".u32", dir=where.parent)
     os.close(fd)
     try:
         canvas = LabelCanvas(Path(scratch), shape)
@@ -291,9 +374,12 @@ def assemble_slide_labels(shape, blocks, owned_blocks, labels_path, table_path=N
                 copies += dropped
                 progress.step(f"block {block.index + 1}: {next_id - 1} cells so far")
         lut, table = finalize_labels(canvas)
-        write_label_tiff(labels_path, canvas, lut)
+        if labels_path:
+            write_label_tiff(labels_path, canvas, lut)
         if table_path is not None:
             write_cell_table(table_path, table)
+        if exporter is not None and exporter.wanted:
+            exporter.write(shape, lambda y0, y1: lut[np.asarray(canvas.rows(y0, y1, mode="r"))], table, image_rows)
     finally:
         Path(scratch).unlink(missing_ok=True)
     return len(table["id"]), copies

@@ -25,6 +25,9 @@ LAYERS = [
         "networks.torchscript",
         "reporting",
         "options",
+        "outlines",
+        "ome",
+        "exports",
     },
     {
         "networks.cpnet",

@@ -19,4 +19,12 @@ from mmcs_monai.engines.training import (
     TimeBudgetHandler,
     TrainingDiameterHandler,
 )
-from mmcs_monai.engines.utils import PrepareFlowBatch, TeacherValidationHandler, run_if_any, save_atomic, unwrap, use_handler
+from mmcs_monai.engines.utils import (
+    PrepareFlowBatch,
+    PrepareImageBatch,
+    TeacherValidationHandler,
+    run_if_any,
+    save_atomic,
+    unwrap,
+    use_handler,
+)

@@ -115,11 +115,17 @@ class ImageRunReport:
             row = self.row(out, item, masks)
             row["cells"] = int(masks.max()) if masks.numel() else 0
             row["diameter_px"] = used_diameter(out.get(self.pred_key))
+            if isinstance(item, dict) and "pixel_size_um" in item:  # inference items (DiameterInPixelsd) carry it
+                size = float(item["pixel_size_um"])
+                size = size if size == size else None
+                row["pixel_size_um"] = round(size, 6) if size else ""
+                row["diameter_um"] = round(row["diameter_px"] * size, 2) if size and row["diameter_px"] != "" else ""
             self.recorded(row)
             self.done.append(row)
             self.megapixels += megapixels_of(masks)
             if self._progress is not None:
-                self._progress.step(f"{row['id']}: {self.note(row)}{row['cells']} cells at diameter {row['diameter_px']} px")
+                micrometres = f" ({row['diameter_um']} µm)" if row.get("diameter_um") not in ("", None) else ""
+                self._progress.step(f"{row['id']}: {self.note(row)}{row['cells']} cells at diameter {row['diameter_px']} px{micrometres}")
 
     def write(self, engine: Engine) -> None:
         seconds = self._progress.elapsed if self._progress is not None else 0.0
@@ -135,6 +141,10 @@ class ImageRunReport:
         """``head``, then the cells found in ``rows``, their diameters, the timing, ``outputs`` and the model, joined by "; "."""
         rows = list(rows)
         parts = [*head, f"{sum(r['cells'] for r in rows)} cells", diameter_note(r["diameter_px"] for r in rows)]
+        micrometres = [r["diameter_um"] for r in rows if r.get("diameter_um") not in ("", None)]
+        if micrometres:
+            low, high = min(micrometres), max(micrometres)
+            parts[-1] += f" ({low:.1f} µm)" if high - low < 0.05 else f" ({low:.1f}-{high:.1f} µm)"
         parts += [timing_note(seconds, megapixels), outputs, model_note(self.model_path) if self.model_path else ""]
         return "; ".join(p for p in parts if p)
 

@@ -53,6 +53,24 @@ class PrepareFlowBatch(PrepareBatch):
         return image, target
 
 
+class PrepareImageBatch(PrepareBatch):
+    """Take ``image`` (float32 [B, 2, H, W]) from a collated batch dict, moved to ``device``, and hand the inferer each
+    image's diameter in pixels when the batch carries one (``diameter_px``: a diameter given in micrometres, turned
+    into pixels per image by :class:`~mmcs_monai.transforms.DiameterInPixelsd`): ``(image, None, (), {"diameter": d})``.
+    """
+
+    def __init__(self, image_key: str = "image", diameter_key: str = "diameter_px"):
+        self.image_key = image_key
+        self.diameter_key = diameter_key
+
+    def __call__(self, batchdata, device=None, non_blocking: bool = False, **kwargs):
+        image = torch.as_tensor(batchdata[self.image_key]).to(device=device, non_blocking=non_blocking, **kwargs)
+        if self.diameter_key not in batchdata:
+            return image, None
+        diameters = [float(d) for d in torch.as_tensor(batchdata[self.diameter_key]).reshape(-1)]
+        return image, None, (), {"diameter": diameters[0] if len(set(diameters)) == 1 else diameters}
+
+
 def run_if_any(engine, datalist: Sized, nothing: str = "nothing to run") -> bool:
     """Run ``engine`` when ``datalist`` holds anything; else log (and print) ``nothing``. Returns whether it ran."""
     if len(datalist):

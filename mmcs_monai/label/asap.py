@@ -5,7 +5,7 @@ Both directions:
 - **out** (inference): :func:`cells_to_asap` / :func:`cells_to_dsa` write one polygon per cell, in the
   pixel frame of the image that was segmented (x right, y down; pixel ``(row, col)`` covers
   ``[col, col + 1) x [row, row + 1)``, QuPath's frame), along the cell's pixel edges
-  (:func:`~mmcs_monai.label.geojson.cell_polygon`), cells filtered by region and area with :func:`region_cells`;
+  (:func:`~mmcs_monai.outlines.cell_polygon`), cells filtered by region and area with :func:`region_cells`;
 - **in** (a submitted label): :func:`asap_to_labels` reads an ASAP XML document, QuPath's "Submit label"
   (``ASAP_Annotations/Annotations/Annotation/Coordinates/Coordinate[@X, @Y]``, one ``Annotation`` per object),
   and rasterises each polygon as one instance id at the image's size (a pixel is in a polygon when its centre
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from mmcs_monai.label.geojson import cell_polygon
+from mmcs_monai.outlines import cell_polygon
 
 CELL_CLASS = "cell"
 CELL_COLOR = "#F4FA58"

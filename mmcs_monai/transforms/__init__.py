@@ -12,6 +12,7 @@ from mmcs_monai.transforms.array import (
 from mmcs_monai.transforms.dictionary import (
     AttachPseudoTargetd,
     CellDiameterd,
+    DiameterInPixelsd,
     FlowsToMasksd,
     LabelsToFlowsd,
     LoadMicroscopyd,

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from monai.transforms import Randomizable, Transform
 
-from mmcs_monai import io
+from mmcs_monai import io, ome
 from mmcs_monai.diameters import DEFAULT_TARGET_DIAMETER, median_diameter, scale_to_target
 from mmcs_monai.flows import MaskSettings, labels_to_flows
 
@@ -29,22 +29,26 @@ __all__ = [
 
 
 class LoadMicroscopyImage(Transform):
-    """Read an image file to float32 [C, H, W], or a label file to int32 [1, H, W].
+    """Read an image file (or OME-Zarr) to float32 [C, H, W], or a label file to int32 [1, H, W].
 
     Args:
         is_label: read instance labels instead of an image.
+        with_info: return ``(image, info)``: the image and its :class:`~mmcs_monai.ome.ImageInfo` (pixel size in
+            micrometres and channel names from OME metadata).
 
     Raises:
         mmcs_monai.io.InputError: naming the file and the problem.
     """
 
-    def __init__(self, is_label: bool = False):
+    def __init__(self, is_label: bool = False, with_info: bool = False):
         self.is_label = is_label
+        self.with_info = with_info
 
-    def __call__(self, path: str) -> np.ndarray:
+    def __call__(self, path: str):
         if self.is_label:
             return io.read_labels(path)[None]
-        return io.read_image(path)
+        image, info = ome.read_image(path)
+        return (image, info) if self.with_info else image
 
 
 class StackNucleusChannel(Transform):

@@ -12,7 +12,11 @@ from monai.transforms import Compose, MapTransform, Randomizable
 
 from mmcs_monai.cells import measure_cells, write_cell_table
 from mmcs_monai.diameters import DEFAULT_TARGET_DIAMETER
+from mmcs_monai.exports import CellExporter
 from mmcs_monai.io import InputError, image_stem, masks_filename, overlay_filename, write_labels, write_overlay
+from mmcs_monai.ome import ImageInfo, is_zarr, resolve_channel
+from mmcs_monai.ome import read_image as read_image_and_info
+from mmcs_monai.options import DEFAULT_FORMATS, parse_channels, parse_formats, parse_micrometres, parse_pixel_size
 from mmcs_monai.transforms.array import (
     CellDiameter,
     FlowsToMasks,
@@ -26,6 +30,7 @@ from mmcs_monai.transforms.array import (
 __all__ = [
     "LoadMicroscopyd",
     "StackNucleusChanneld",
+    "DiameterInPixelsd",
     "NormalizePercentiled",
     "LabelsToFlowsd",
     "CellDiameterd",
@@ -41,7 +46,8 @@ class LoadMicroscopyd(MapTransform):
     """Load ``image`` (float32 [C, H, W]) and ``label`` (int32 [1, H, W]) from the paths in the dict.
 
     The source paths are kept under ``<key>_file`` for error messages and output names, and the
-    label's size is checked against the image's.
+    label's size is checked against the image's. The image's metadata goes under ``<key>_pixel_size`` (micrometres
+    per pixel, NaN when the file has none) and ``<key>_channel_names`` (a tuple, or None).
 
     Args:
         keys: image key first, then label keys.
@@ -63,7 +69,12 @@ class LoadMicroscopyd(MapTransform):
         for key in self.key_iterator(d):
             path = d[key]
             is_label = key in self.label_keys
-            array = LoadMicroscopyImage(is_label=is_label)(path)
+            if is_label:
+                array = LoadMicroscopyImage(is_label=True)(path)
+            else:
+                array, info = LoadMicroscopyImage(with_info=True)(path)
+                d[f"{key}_pixel_size"] = float(info.pixel_size) if info.pixel_size else float("nan")
+                d[f"{key}_channel_names"] = info.channel_names
             if image_hw is None:
                 image_hw = array.shape[-2:]
             elif array.shape[-2:] != image_hw:
@@ -74,7 +85,13 @@ class LoadMicroscopyd(MapTransform):
 
 
 class StackNucleusChanneld(MapTransform):
-    """Dictionary :class:`StackNucleusChannel`. A per-item ``nucleus_channel`` entry overrides the default."""
+    """Dictionary :class:`StackNucleusChannel`. A per-item ``nucleus_channel`` entry overrides the default.
+
+    ``channels`` (:func:`~mmcs_monai.options.parse_channels`: ``"DAPI"``, ``"cyto,DAPI"``, ``"0,2"``) names the channel
+    to segment and, optionally, the nucleus channel, by index or by the names in the image's metadata
+    (``<key>_channel_names``, from :class:`LoadMicroscopyd`); an unknown name is an error naming the file and
+    listing its channels. Give it or ``cyto_channel``/``nucleus_channel``.
+    """
 
     def __init__(
         self,
@@ -83,18 +100,63 @@ class StackNucleusChanneld(MapTransform):
         nucleus_channel: int | None = None,
         nucleus_channel_key: str = "nucleus_channel",
         allow_missing_keys: bool = False,
+        channels=None,
     ):
         super().__init__(keys, allow_missing_keys)
+        self.channels = parse_channels(channels)
+        if self.channels is not None and (cyto_channel is not None or nucleus_channel is not None):
+            raise ValueError("give channels or cyto_channel/nucleus_channel, not both")
         self.stacker = StackNucleusChannel(cyto_channel, nucleus_channel)
         self.nucleus_channel_key = nucleus_channel_key
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
+            path = d.get(f"{key}_file", key)
             try:
-                d[key] = self.stacker(d[key], nucleus_channel=d.get(self.nucleus_channel_key))
+                if self.channels is not None:
+                    info = ImageInfo(channel_names=d.get(f"{key}_channel_names"))
+                    picked = [resolve_channel(path, c, info, len(d[key])) for c in self.channels]
+                    d[key] = self.stacker(d[key], picked[0], picked[1] if len(picked) > 1 else None)
+                else:
+                    d[key] = self.stacker(d[key], nucleus_channel=d.get(self.nucleus_channel_key))
             except ValueError as err:
-                raise InputError(d.get(f"{key}_file", key), str(err)) from err
+                if isinstance(err, InputError):
+                    raise
+                raise InputError(path, str(err)) from err
+        return d
+
+
+class DiameterInPixelsd(MapTransform):
+    """Each image's pixel size, and a diameter given in micrometres turned into pixels with it.
+
+    Sets ``pixel_size_um`` (micrometres per pixel: ``pixel_size`` when given, else the image's metadata
+    ``<key>_pixel_size``; NaN when neither) and, when ``diameter`` is in micrometres (``"12um"``), ``diameter_px``
+    (``12 / pixel size``), which :class:`~mmcs_monai.engines.PrepareImageBatch` hands to the inferer.
+
+    Raises:
+        InputError: a diameter in micrometres for an image without a pixel size (naming the file).
+    """
+
+    def __init__(self, keys: KeysCollection = "image", diameter=None, pixel_size=None, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.micrometres = parse_micrometres(diameter)
+        self.diameter = diameter
+        self.pixel_size = parse_pixel_size(pixel_size)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            size = self.pixel_size or d.get(f"{key}_pixel_size")
+            size = float(size) if size is not None and size == size else float("nan")
+            d["pixel_size_um"] = size
+            if self.micrometres is not None:
+                if not size == size:
+                    raise InputError(
+                        d.get(f"{key}_file", key),
+                        f"diameter {self.diameter!r} is in micrometres but the image has no pixel size in its metadata; give --pixel_size",
+                    )
+                d["diameter_px"] = self.micrometres / size
         return d
 
 
@@ -235,7 +297,12 @@ class FlowsToMasksd(MapTransform):
 
 class SaveCellOutputsd(MapTransform):
     """Write ``<id>_masks.tif`` (uint16 labels), ``<id>_overlay.png`` (outlines on the image) and, with
-    ``table=True``, ``<id>_cells.csv`` (one row per cell: id, centroid, area, bbox; ids as in the masks).
+    ``table=True``, ``<id>_cells.csv`` (one row per cell: id, centroid, area, bbox; ids as in the masks), and the
+    other ``formats`` (:mod:`mmcs_monai.exports`: ``<id>_cells.geojson``, ``<id>_rois.zip``, NGFF labels into an
+    input OME-Zarr or ``<id>_masks.ome.zarr``); ``tif`` not in ``formats``: no label TIFF.
+
+    The overlay and the GeoJSON's mean intensities use the image as stored (``image_file`` read again: an RGB
+    image keeps its colours, intensities are raw), not the network's normalised input.
 
     Masks are stored at the input image's size: ``FlowsToMasksd`` runs on flows already resized back.
 
@@ -248,6 +315,7 @@ class SaveCellOutputsd(MapTransform):
         output_dir: destination folder.
         overlay: write the overlay PNG.
         table: write the per-cell CSV (cells renumbered 1..N first, so the table's ids are the mask's).
+        formats: :data:`~mmcs_monai.options.OUTPUT_FORMATS` to write (default ``tif``).
     """
 
     def __init__(
@@ -258,12 +326,14 @@ class SaveCellOutputsd(MapTransform):
         overlay: bool = True,
         table: bool = False,
         allow_missing_keys=False,
+        formats=DEFAULT_FORMATS,
     ):
         super().__init__(keys, allow_missing_keys)
         self.output_dir = Path(output_dir)
         self.image_key = image_key
         self.overlay = overlay
         self.table = table
+        self.formats = parse_formats(formats)
 
     @staticmethod
     def output_stem(d: Mapping[Hashable, object]) -> str:
@@ -280,11 +350,41 @@ class SaveCellOutputsd(MapTransform):
                 lut, cells = measure_cells(masks)
                 masks = lut[masks]
                 d[f"{key}_table_file"] = str(write_cell_table(self.output_dir / f"{stem}_cells.csv", cells))
-            d[f"{key}_file"] = str(write_labels(self.output_dir / masks_filename(stem), masks))
+            if "tif" in self.formats:
+                d[f"{key}_file"] = str(write_labels(self.output_dir / masks_filename(stem), masks))
+            wanted = any(f in self.formats for f in ("geojson", "roi", "zarr"))
+            raw = self.stored_image(d) if wanted or self.overlay else None
+            if wanted:
+                self.exporter(d, stem, raw[1] if raw is not None else None).write_array(masks, raw[0] if raw is not None else None)
             if self.overlay and self.image_key and self.image_key in d:
-                image = np.asarray(torch.as_tensor(d[self.image_key]).cpu())
+                image = raw[0] if raw is not None else np.asarray(torch.as_tensor(d[self.image_key]).cpu())
                 write_overlay(self.output_dir / overlay_filename(stem), image, masks)
         return d
+
+    @staticmethod
+    def stored_image(d: Mapping[Hashable, object]):
+        """The image as stored and its :class:`~mmcs_monai.ome.ImageInfo`, read again from ``image_file`` (None without one)."""
+        path = d.get("image_file")
+        if not isinstance(path, str) or not path:
+            return None
+        return read_image_and_info(path)
+
+    def exporter(self, d: Mapping[Hashable, object], stem: str, info: ImageInfo | None = None) -> CellExporter:
+        """The writer of this item's GeoJSON / ROI set / NGFF labels (those in ``formats``); ``info``: the image's
+        metadata (channel names for the measurements)."""
+        path = d.get("image_file")
+        size = d.get("pixel_size_um")
+        size = float(size) if size is not None and float(size) == float(size) else None
+        options = {}
+        if "zarr" in self.formats and isinstance(path, str) and is_zarr(path):
+            from mmcs_monai.ome import open_regions
+
+            with open_regions(path) as regions:
+                dataset = regions.image.attrs["multiscales"][0]["datasets"][0]
+                scales = [t["scale"] for t in dataset.get("coordinateTransformations", []) if t.get("type") == "scale"]
+                options = {"zarr_image": path, "zarr_axes": regions.image.axes, "zarr_scale": scales[0] if scales else None}
+        names = info.channel_names if info is not None else None
+        return CellExporter(self.output_dir, stem, self.formats, names, size, **options)
 
 
 class AttachPseudoTargetd(MapTransform):

@@ -125,7 +125,11 @@ def test_app_takes_one_file_and_the_diameter_setting(deploy_python, exported, tm
     assert [p.name for p in sorted(out.iterdir())] == [f"{image.stem}_cells.csv", f"{image.stem}_masks.tif", "segmentation_summary.csv"]
     summary = (out / "segmentation_summary.csv").read_text().splitlines()
     cells = int(tifffile.imread(out / f"{image.stem}_masks.tif").max())
-    assert summary[0] == "id,image,cells,diameter_px" and len(summary) == 2 and summary[1].split(",")[2] == str(cells)
+    assert (
+        summary[0] == "id,image,cells,diameter_px,diameter_um,pixel_size_um"
+        and len(summary) == 2
+        and summary[1].split(",")[2] == str(cells)
+    )
     result = run_app(deploy_python, "-i", image, "-o", tmp_path / "out2", "-m", exported, env={"MMCS_DIAMETER": "no such subset"})
     text = result.stdout + result.stderr
     assert result.returncode == 2 and "'no such subset'" in text and "stored subsets: " in text and "fluorescence_nuclei (grey)" in text
