@@ -349,7 +349,6 @@ def _rdf(folder: Path, settings: Mapping[str, Any], cpnet_args: dict, metadata: 
             "(normalisation, tiling, flows -> masks) inside; image in, int32 labels out. Research use only: " + WEIGHTS_LICENCE_SENTENCE
         ),
         "authors": [{"name": str(metadata.get("authors", "mmcs-monai developers"))}],
-        "maintainers": [{"name": str(metadata.get("authors", "mmcs-monai developers")), "github_user": "mmcs-monai"}],
         "cite": [
             {
                 "text": "Lou W. et al. Multi-stream Cell Segmentation with Low-level Cues for Multi-modality Images (MMCS). "

@@ -12,8 +12,9 @@ cell probability logits [H, W], labels [H, W] integers (0 = background).
 The one step the two differ in is the flow QC's reference flows (the heat diffusion of the predicted
 masks): the library computes them with :func:`mmcs_monai.flows.labels_to_flows` (all cells packed on one
 canvas, float64 where float32 underflows), the pipeline with :func:`dense_label_flows` (the same diffusion
-on the image grid, float32), which TorchScript can compile. Both are Cellpose 3's heat diffusion;
-they differ by float rounding only (and where float32 underflows in cells hundreds of pixels long).
+on the image grid, float32), which TorchScript can compile. Both are Cellpose 3's heat diffusion with the
+same sums in the same order: they agree bit for bit, except where float32 underflows (cells hundreds of
+pixels long and a few wide), which the library recomputes in float64 and the pipeline does not.
 """
 
 import torch
@@ -284,7 +285,8 @@ def dense_label_flows(labels: torch.Tensor) -> torch.Tensor:
     cell's mean position (ties: first in raster order) and spreads ``2 * (h + 2 + w + 2)`` steps
     ((h, w): the bounding box), each pixel taking the mean of its 3x3 neighbourhood where pixels of other
     cells and background count as 0; the flow is the normalised central difference of the final heat.
-    All cells diffuse at once, each frozen after its own number of steps. float32 throughout.
+    All cells diffuse at once, each frozen after its own number of steps. float32 throughout: the same
+    numbers as the library's packed diffusion, bit for bit, unless float32 underflows there.
     """
     H, W = labels.shape[0], labels.shape[1]
     out = torch.zeros(2, H, W, dtype=torch.float32, device=labels.device)
@@ -315,31 +317,25 @@ def dense_label_flows(labels: torch.Tensor) -> torch.Tensor:
     n_it = torch.where(present, n_it, torch.zeros_like(n_it))
     niter_pix = n_it[labels]  # [H, W], 0 on background
 
-    # same-cell weights of the 9 neighbours (1/9 each), and the constant source term S = (M / 9) box(e)
+    # same-cell indicator of the 9 neighbours (k = 3 * (dy + 1) + (dx + 1)); m9 = 1/9 inside cells
     same = []
     for dy in (-1, 0, 1):
         for dx in (-1, 0, 1):
-            same.append((_shift(labels, dy, dx, 0) == labels) & (labels > 0))
-    weights = torch.stack(same).to(torch.float32) / 9.0  # [9, H, W]
+            same.append(((_shift(labels, dy, dx, 0) == labels) & (labels > 0)).to(torch.float32))
+    weights = torch.stack(same)  # [9, H, W] of 0/1
+    m9 = (labels > 0).to(torch.float32) / 9.0
     e = torch.zeros(H * W, dtype=torch.float32, device=labels.device)
     e[pix[centre[present]]] = 1.0
-    e = e.view(H, W)
+    # T <- (M / 9) box(T) + S with S = (M / 9) box(e), box over same-cell neighbours, summed in the library's
+    # mirror-symmetric order ((up + down) + centre per column, then (left + right) + centre), so a cell
+    # symmetric about its source gets exactly zero flow there, as the packed diffusion gives
+    src = _same_cell_box(e.view(H, W), weights) * m9
     heat = torch.zeros(H, W, dtype=torch.float32, device=labels.device)
-    src = torch.zeros(H, W, dtype=torch.float32, device=labels.device)
-    k = 0
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-            src += weights[k] * _shift(e, dy, dx, 0)
-            k += 1
     total = int(n_it.max())
     for t in range(1, total + 1):
-        padded = F.pad(heat[None, None], [1, 1, 1, 1])[0, 0]
-        new = src.clone()
-        k = 0
-        for dy in (-1, 0, 1):
-            for dx in (-1, 0, 1):
-                new.addcmul_(weights[k], padded[1 + dy : 1 + dy + H, 1 + dx : 1 + dx + W])
-                k += 1
+        new = torch.addcmul(src, _same_cell_box(heat, weights), m9)
+        if t % 8 == 0:  # the library's flush of heat below 1e-30 (denormals are slow on some CPUs)
+            new = F.threshold(new, 1e-30, 0.0)
         heat = torch.where(niter_pix >= t, new, heat)
     # central differences over same-cell neighbours (others count 0), normalised
     inside = labels > 0
@@ -351,6 +347,20 @@ def dense_label_flows(labels: torch.Tensor) -> torch.Tensor:
     norm = torch.sqrt(grads[0] ** 2 + grads[1] ** 2)
     unit = torch.where(norm > 0, grads / norm.clamp_min(1e-300), torch.zeros_like(grads)).to(torch.float32)
     return unit * inside
+
+
+def _same_cell_box(x: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
+    """Sum of ``x`` [H, W] over each pixel's 3x3 neighbours of the same cell (``same`` [9, H, W] 0/1), in
+    :func:`mmcs_monai.flows._box3`'s order."""
+    H, W = x.shape[0], x.shape[1]
+    p = F.pad(x[None, None], [1, 1, 1, 1])[0, 0]
+    cols: list[torch.Tensor] = []
+    for dx in (-1, 0, 1):
+        up = p[0:H, 1 + dx : 1 + dx + W] * same[dx + 1]
+        mid = p[1 : H + 1, 1 + dx : 1 + dx + W] * same[3 + dx + 1]
+        down = p[2 : H + 2, 1 + dx : 1 + dx + W] * same[6 + dx + 1]
+        cols.append((up + down) + mid)
+    return (cols[0] + cols[2]) + cols[1]
 
 
 def remove_bad_flow_masks(

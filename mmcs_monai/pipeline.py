@@ -186,7 +186,8 @@ class SegmentationPipeline(nn.Module):
                 "[B, C, H, W]; got " + str(image.dim()) + " dimensions, shape " + str(image.shape)
             )
         if image.dtype == torch.bool or image.is_complex():
-            raise ValueError("mmcs pipeline: the image must hold real numbers (a float or integer dtype), got " + str(image.dtype))
+            kind = "bool" if image.dtype == torch.bool else "complex numbers"
+            raise ValueError("mmcs pipeline: the image must hold real numbers (a float or integer dtype), got " + kind)
         x = image[None] if image.dim() == 2 else image
         if x.shape[1] < 1 or x.shape[2] < 1 or x.shape[0] < 1:
             raise ValueError("mmcs pipeline: empty image, shape " + str(image.shape))
