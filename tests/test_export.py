@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import BUNDLE, SAMPLE_IMAGES, TINY_MODEL, environment_python, require_dev_data, run_mmcs_batch, subprocess_env
+from helpers import BUNDLE, SAMPLE_IMAGES, TINY_MODEL, environment_python, require_dev_data, subprocess_env
 from mmcs_monai import masks
 from mmcs_monai.export import export_bioimageio, export_pipeline
 from mmcs_monai.flows import MaskSettings, flows_to_masks, labels_to_flows
@@ -90,7 +90,6 @@ with torch.no_grad():
     for name, image in images.items():
         out[name] = model(image)
     out["nucleus_passed"] = model(images["rgb"], 0.0, 2)
-    out["at_diameter"] = model(images["grey_uint16"], 18.0)
 torch.save(out, folder + "/labels.pt")
 errors = {}
 for name, bad in (("rank", torch.zeros(5)), ("dtype", torch.zeros(32, 32, dtype=torch.bool)), ("channel", torch.zeros(2, 32, 32))):
@@ -103,6 +102,7 @@ print(json.dumps(errors))
 """
 
 
+@pytest.mark.slow
 def test_pipeline_file_segments_with_torch_alone_as_the_library_does(tmp_path):
     network = load_model(TINY_MODEL)
     export_pipeline(network, tmp_path / "pipeline.pt")
@@ -131,7 +131,6 @@ def test_pipeline_file_segments_with_torch_alone_as_the_library_does(tmp_path):
         "grey_uint16": (images["grey_uint16"].to(torch.float32)[None].numpy(), None, stored),
         "rgb": (rgb, None, stored),
         "nucleus_passed": (rgb, 2, stored),
-        "at_diameter": (images["grey_uint16"].to(torch.float32)[None].numpy(), None, 18.0),
     }
     for name, (image, nucleus, diameter) in cases.items():
         expected = segmenter(_prepare(image, nucleus), diameter=diameter).masks
@@ -141,7 +140,9 @@ def test_pipeline_file_segments_with_torch_alone_as_the_library_does(tmp_path):
         np.testing.assert_array_equal(got.numpy(), expected, err_msg=name)
 
 
-def test_export_errors_name_the_file(tmp_path):
+def test_export_errors_name_the_file(tmp_path, capsys):
+    from mmcs_monai import cli
+
     not_a_model = tmp_path / "notes.pt"
     not_a_model.write_text("not a model")
     blocker = tmp_path / "a_file"
@@ -152,12 +153,15 @@ def test_export_errors_name_the_file(tmp_path):
         ["export", "--format", "bioimageio", "--model", str(TINY_MODEL), "--output", str(tmp_path)],
         ["export", "--format", "onnx", "--model", str(TINY_MODEL)],
     ]
-    results = run_mmcs_batch(commands)
-    for done in results:
-        assert done.returncode == 2, (done.args, done.stderr)
-        lines = [line for line in done.stderr.splitlines() if line.startswith("mmcs: error:")]
-        assert len(lines) == 1 and "Traceback" not in done.stderr, (done.args, done.stderr)
-    errors = [done.stderr for done in results]
+    errors = []
+    for argv in commands:
+        with pytest.raises(SystemExit) as stop:
+            cli.main(argv)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2, (argv, err)
+        lines = [line for line in err.splitlines() if line.startswith("mmcs: error:")]
+        assert len(lines) == 1 and "Traceback" not in err, (argv, err)
+        errors.append(lines[0])
     assert str(blocker / "pipeline.pt") in errors[0] and "cannot create its folder" in errors[0]
     assert str(not_a_model) in errors[1]
     assert "is a folder" in errors[2]
