@@ -171,7 +171,12 @@ class SegmentationPipeline(nn.Module):
         """Labels int32 [H, W] of one image [H, W] or [C, H, W] (see the class docstring)."""
         x = self.preprocess(image, nucleus_channel)
         used = diameter if diameter > 0 else self.diameter
-        flows = self.flows(x, used)
+        return self.masks(self.flows(x, used))
+
+    @torch.jit.export
+    def masks(self, flows: torch.Tensor) -> torch.Tensor:
+        """Labels int32 [H, W] from a network output [3, H, W] (dY, dX, cell probability logit), with the
+        file's thresholds: the mask step alone."""
         return flows_to_masks(
             flows[:2], flows[2], self.niter, self.cellprob_threshold, self.flow_threshold, self.min_size, self.max_size_fraction
         )
