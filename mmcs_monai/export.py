@@ -279,6 +279,14 @@ blending), flows -> masks (Cellpose 3's flow following, flow QC {settings["flow_
   Pixel size: not fixed (the training data mix several microscopes and magnifications).
 - **Output** `labels`: int32 `[batch, 1, y, x]`, 0 background, cells 1..n.
 
+## Validation
+
+The package segments every image at the stored diameter: use the "stored" columns of the Performance table
+above (phase 2, the shipped weights: F1 0.748 over all validation images, 0.735 over the five modalities);
+the "auto" columns need the diameter estimate of `mmcs infer`, which stays outside. The package's masks are
+those of `mmcs infer --diameter stored --precision fp32` (identical on the sample images; F1 between them on
+dev val: `docs/export.md` of the repository).
+
 **Weights licence**, as the model card states it: {WEIGHTS_LICENCE_SENTENCE} The package's `license`
 field says CC-BY-NC-SA-4.0, the strictest licence the card names; the code is Apache-2.0 (`LICENSE`).
 """
