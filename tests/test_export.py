@@ -267,3 +267,33 @@ def test_mask_settings_reach_the_pipeline(tmp_path):
     assert (module.diameter, module.nucleus_channel, module.min_size, module.flow_threshold) == (12.5, 1, 40, 0.0)
     with pytest.raises(ValueError, match="estimated by the library"):
         pipeline_module(load_model(TINY_MODEL), diameter="auto")
+
+
+def _imported_modules(source: str) -> set[str]:
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            found.add((node.module or "").split(".")[0] if not node.module or not node.module.startswith("mmcs_monai") else node.module)
+    return found
+
+
+def test_pipeline_code_and_the_package_architecture_need_torch_alone():
+    from mmcs_monai import pipeline
+    from mmcs_monai.export import architecture_source
+
+    stdlib = {"__future__", "math", "typing", "json", "collections"}
+    assert _imported_modules(Path(masks.__file__).read_text()) <= {"torch", "typing"}
+    assert _imported_modules(Path(pipeline.__file__).read_text()) <= {"torch", "math", "mmcs_monai.masks"}
+    source = architecture_source()
+    assert _imported_modules(source) <= stdlib | {"torch"}
+    # the generated file stands alone: build a small pipeline from it and segment
+    namespace: dict = {"__name__": "mmcs_pipeline_architecture"}
+    exec(compile(source, "mmcs_pipeline_architecture.py", "exec"), namespace)
+    model = namespace["mmcs_pipeline"]({"nbase": [2, 8, 16]}, {"diam_mean": 30.0, "diameter": 30.0, "niter": 20})
+    with torch.no_grad():
+        labels = model(torch.rand(1, 2, 40, 48))
+    assert labels.dtype == torch.int32 and tuple(labels.shape) == (1, 1, 40, 48)
