@@ -9,12 +9,11 @@ bundle, the apps) runs it inside. It runs on the device of its inputs, with no t
 Conventions as :mod:`mmcs_monai.flows`: flows [2, H, W] (dY, dX) on the network's scale (5x unit vectors),
 cell probability logits [H, W], labels [H, W] integers (0 = background).
 
-The one step the two differ in is the flow QC's reference flows (the heat diffusion of the predicted
-masks): the library computes them with :func:`mmcs_monai.flows.labels_to_flows` (all cells packed on one
-canvas, float64 where float32 underflows), the pipeline with :func:`dense_label_flows` (the same diffusion
-on the image grid, float32), which TorchScript can compile. Both are Cellpose 3's heat diffusion with the
-same sums in the same order: they agree bit for bit, except where float32 underflows (cells hundreds of
-pixels long and a few wide), which the library recomputes in float64 and the pipeline does not.
+The flow QC needs the flows of the predicted masks (Cellpose's heat diffusion): the library computes them with
+:func:`mmcs_monai.flows.labels_to_flows`, the pipeline with :func:`label_flows`, the same packed-canvas
+algorithm written for TorchScript. They add the same numbers in the same order and agree bit for bit, except
+where float32 underflows (cells hundreds of pixels long and a few wide), which the library recomputes in
+float64 and the pipeline does not.
 """
 
 import torch
@@ -277,101 +276,117 @@ def fill_holes_and_remove_small(labels: torch.Tensor, min_size: int = 15) -> tor
     return relabel_sequential(fill_holes(remove_small_masks(labels, min_size)))
 
 
-def dense_label_flows(labels: torch.Tensor) -> torch.Tensor:
-    """Cellpose 3 heat-diffusion flows of ``labels`` [H, W] (int64) computed on the image grid: unit (dY, dX)
-    [2, H, W] float32, 0 outside cells.
+def label_flows(labels: torch.Tensor) -> torch.Tensor:
+    """Cellpose 3 heat-diffusion flows of ``labels`` [H, W] (int64): unit (dY, dX) [2, H, W] float32, 0 outside cells.
 
     As :func:`mmcs_monai.flows.labels_to_flows`: per cell, heat enters at the in-cell pixel nearest the
     cell's mean position (ties: first in raster order) and spreads ``2 * (h + 2 + w + 2)`` steps
-    ((h, w): the bounding box), each pixel taking the mean of its 3x3 neighbourhood where pixels of other
-    cells and background count as 0; the flow is the normalised central difference of the final heat.
-    All cells diffuse at once, each frozen after its own number of steps. float32 throughout: the same
-    numbers as the library's packed diffusion, bit for bit, unless float32 underflows there.
+    ((h, w): the bounding box), each pixel taking the mean of its 3x3 neighbourhood where pixels outside the
+    cell count as 0; the flow is the normalised central difference of the final heat.
+
+    The same packed canvas as the library (cells in their bounding boxes, framed by zero rings, shelf-packed
+    in decreasing order of their step counts, only the shelves still diffusing updated), written for
+    TorchScript: each cell is frozen after its own number of steps instead of being read out then. Same sums
+    in the same order, so the same numbers bit for bit, unless float32 underflows (the library then
+    recomputes in float64; this does not).
     """
     H, W = labels.shape[0], labels.shape[1]
-    out = torch.zeros(2, H, W, dtype=torch.float32, device=labels.device)
+    device = labels.device
+    out = torch.zeros(2, H * W, dtype=torch.float32, device=device)
     if H * W == 0 or not bool((labels > 0).any()):
-        return out
+        return out.view(2, H, W)
     flat = labels.reshape(-1)
-    pix = torch.nonzero(flat).reshape(-1)
+    pix = torch.nonzero(flat).reshape(-1)  # raster order
     ids = flat[pix]
-    n = int(ids.max()) + 1
+    present = torch.zeros(int(ids.max()) + 1, dtype=torch.int64, device=device)
+    present[ids] = 1
+    cell = (torch.cumsum(present, 0) - 1)[ids]  # 0..n-1 in increasing id order
+    n = int(cell.max()) + 1
     y, x = pix // W, pix % W
+    ymin = torch.full((n,), H, dtype=torch.int64, device=device).scatter_reduce(0, cell, y, "amin")
+    ymax = torch.full((n,), -1, dtype=torch.int64, device=device).scatter_reduce(0, cell, y, "amax")
+    xmin = torch.full((n,), W, dtype=torch.int64, device=device).scatter_reduce(0, cell, x, "amin")
+    xmax = torch.full((n,), -1, dtype=torch.int64, device=device).scatter_reduce(0, cell, x, "amax")
+    h, w = ymax - ymin + 1, xmax - xmin + 1
+    # source: the pixel nearest the mean position, in float64 and Cellpose's frame (box coordinates + 1)
+    yl = (y - ymin[cell] + 1).double()
+    xl = (x - xmin[cell] + 1).double()
+    count = torch.bincount(cell, minlength=n).double()
+    ym = torch.zeros(n, dtype=torch.float64, device=device).index_add(0, cell, yl) / count
+    xm = torch.zeros(n, dtype=torch.float64, device=device).index_add(0, cell, xl) / count
+    d2 = (xl - xm[cell]) ** 2 + (yl - ym[cell]) ** 2
+    dmin = torch.full((n,), float("inf"), dtype=torch.float64, device=device).scatter_reduce(0, cell, d2, "amin")
+    order_pix = torch.arange(pix.numel(), device=device)
+    first = torch.where(d2 == dmin[cell], order_pix, torch.full_like(order_pix, pix.numel()))
+    centre = torch.full((n,), pix.numel(), dtype=torch.int64, device=device).scatter_reduce(0, cell, first, "amin")
+    n_it = 2 * (h + 2 + w + 2)
 
-    ymin = torch.full((n,), H, dtype=torch.int64, device=labels.device).scatter_reduce(0, ids, y, "amin")
-    ymax = torch.full((n,), -1, dtype=torch.int64, device=labels.device).scatter_reduce(0, ids, y, "amax")
-    xmin = torch.full((n,), W, dtype=torch.int64, device=labels.device).scatter_reduce(0, ids, x, "amin")
-    xmax = torch.full((n,), -1, dtype=torch.int64, device=labels.device).scatter_reduce(0, ids, x, "amax")
-    yl = (y - ymin[ids] + 1).double()
-    xl = (x - xmin[ids] + 1).double()
-    count = torch.bincount(ids, minlength=n).double()
-    ym = torch.zeros(n, dtype=torch.float64, device=labels.device).index_add(0, ids, yl) / count.clamp_min(1)
-    xm = torch.zeros(n, dtype=torch.float64, device=labels.device).index_add(0, ids, xl) / count.clamp_min(1)
-    d2 = (xl - xm[ids]) ** 2 + (yl - ym[ids]) ** 2
-    dmin = torch.full((n,), float("inf"), dtype=torch.float64, device=labels.device).scatter_reduce(0, ids, d2, "amin")
-    order = torch.arange(pix.numel(), device=labels.device)
-    first = torch.where(d2 == dmin[ids], order, torch.full_like(order, pix.numel()))
-    centre = torch.full((n,), pix.numel(), dtype=torch.int64, device=labels.device).scatter_reduce(0, ids, first, "amin")
-    present = centre < pix.numel()
-    n_it = 2 * (ymax - ymin + 1 + 2 + xmax - xmin + 1 + 2)
-    n_it = torch.where(present, n_it, torch.zeros_like(n_it))
-    niter_pix = n_it[labels]  # [H, W], 0 on background
+    # shelf packing in decreasing step count (stable), each box + one ring row/column (the other is the neighbour's)
+    order = torch.sort(n_it, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(n, device=device)
+    hc, wc = h[order] + 1, w[order] + 1
+    width = max(int(wc.max()), int(0.75 * float((hc * wc).sum()) ** 0.5))
+    start = torch.cumsum(wc, 0) - wc
+    shelf = torch.div(start, width, rounding_mode="floor")
+    first_box = torch.searchsorted(shelf, shelf)
+    ox = start - start[first_box]
+    n_shelf = int(shelf[-1]) + 1
+    shelf_h = torch.zeros(n_shelf, dtype=torch.int64, device=device).scatter_reduce(0, shelf, hc, "amax")
+    shelf_top = torch.cumsum(shelf_h, 0) - shelf_h
+    oy = shelf_top[shelf]
+    Hc, Wc = int(shelf_h.sum()) + 1, int((ox + wc).max()) + 1  # + the closing ring row / column
+    r = rank[cell]
+    q = (y - ymin[cell] + 1 + oy[r]) * Wc + (x - xmin[cell] + 1 + ox[r])
 
-    # same-cell indicator of the 9 neighbours (k = 3 * (dy + 1) + (dx + 1)); m9 = 1/9 inside cells
-    same = []
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-            same.append(((_shift(labels, dy, dx, 0) == labels) & (labels > 0)).to(torch.float32))
-    weights = torch.stack(same)  # [9, H, W] of 0/1
-    m9 = (labels > 0).to(torch.float32) / 9.0
-    e = torch.zeros(H * W, dtype=torch.float32, device=labels.device)
-    e[pix[centre[present]]] = 1.0
-    # T <- (M / 9) box(T) + S with S = (M / 9) box(e), box over same-cell neighbours, summed in the library's
-    # mirror-symmetric order ((up + down) + centre per column, then (left + right) + centre), so a cell
-    # symmetric about its source gets exactly zero flow there, as the packed diffusion gives
-    src = _same_cell_box(e.view(H, W), weights) * m9
-    heat = torch.zeros(H, W, dtype=torch.float32, device=labels.device)
-    total = int(n_it.max())
-    for t in range(1, total + 1):
-        new = torch.addcmul(src, _same_cell_box(heat, weights), m9)
-        if t % 8 == 0:  # the library's flush of heat below 1e-30 (denormals are slow on some CPUs)
-            new = F.threshold(new, 1e-30, 0.0)
-        heat = torch.where(niter_pix >= t, new, heat)
-    # central differences over same-cell neighbours (others count 0), normalised
-    inside = labels > 0
-    nb_up = torch.where(weights[1] > 0, _shift(heat, -1, 0, 0), torch.zeros_like(heat))
-    nb_down = torch.where(weights[7] > 0, _shift(heat, 1, 0, 0), torch.zeros_like(heat))
-    nb_left = torch.where(weights[3] > 0, _shift(heat, 0, -1, 0), torch.zeros_like(heat))
-    nb_right = torch.where(weights[5] > 0, _shift(heat, 0, 1, 0), torch.zeros_like(heat))
-    grads = torch.stack((nb_down - nb_up, nb_right - nb_left)).double()
+    m9 = torch.zeros(Hc * Wc, dtype=torch.float32, device=device)
+    m9[q] = 1.0 / 9.0
+    m9 = m9.view(Hc, Wc)
+    e = torch.zeros(Hc * Wc, dtype=torch.float32, device=device)
+    e[q[centre]] = 1.0
+    src = torch.zeros(Hc, Wc, dtype=torch.float32, device=device)
+    src[1:-1, 1:-1] = _box3(e.view(Hc, Wc)) * m9[1:-1, 1:-1]
+    steps = torch.zeros(Hc * Wc, dtype=torch.int64, device=device)
+    steps[q] = n_it[cell]
+    steps = steps.view(Hc, Wc)
+
+    # rows still diffusing at each step: shelves 0..k while step <= the largest count of shelf k
+    shelf_niter: list[int] = torch.zeros(n_shelf, dtype=torch.int64, device=device).scatter_reduce(0, shelf, n_it[order], "amax").tolist()
+    shelf_end: list[int] = (shelf_top + shelf_h).tolist()  # row of each shelf's closing ring
+    heat = torch.zeros(Hc, Wc, dtype=torch.float32, device=device)
+    t = 1
+    for k in range(n_shelf - 1, -1, -1):
+        m = shelf_end[k] - 1  # interior rows 1..m
+        while t <= shelf_niter[k]:
+            new = torch.addcmul(src[1 : m + 1, 1:-1], _box3(heat[: m + 2]), m9[1 : m + 1, 1:-1])
+            if t % 8 == 0:  # the library's flush of heat below 1e-30 (denormals are slow on some CPUs)
+                new = F.threshold(new, 1e-30, 0.0)
+            old = heat[1 : m + 1, 1:-1]
+            heat[1 : m + 1, 1:-1] = torch.where(steps[1 : m + 1, 1:-1] >= t, new, old)
+            t += 1
+    hv = heat.view(-1)
+    grads = torch.stack((hv[q + Wc] - hv[q - Wc], hv[q + 1] - hv[q - 1])).double()
     norm = torch.sqrt(grads[0] ** 2 + grads[1] ** 2)
-    unit = torch.where(norm > 0, grads / norm.clamp_min(1e-300), torch.zeros_like(grads)).to(torch.float32)
-    return unit * inside
+    unit = torch.where(norm > 0, grads / norm.clamp_min(1e-300), torch.zeros_like(grads))
+    out[:, pix] = unit.to(torch.float32)
+    return out.view(2, H, W)
 
 
-def _same_cell_box(x: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
-    """Sum of ``x`` [H, W] over each pixel's 3x3 neighbours of the same cell (``same`` [9, H, W] 0/1), in
-    :func:`mmcs_monai.flows._box3`'s order."""
-    H, W = x.shape[0], x.shape[1]
-    p = F.pad(x[None, None], [1, 1, 1, 1])[0, 0]
-    cols: list[torch.Tensor] = []
-    for dx in (-1, 0, 1):
-        up = p[0:H, 1 + dx : 1 + dx + W] * same[dx + 1]
-        mid = p[1 : H + 1, 1 + dx : 1 + dx + W] * same[3 + dx + 1]
-        down = p[2 : H + 2, 1 + dx : 1 + dx + W] * same[6 + dx + 1]
-        cols.append((up + down) + mid)
-    return (cols[0] + cols[2]) + cols[1]
+def _box3(x: torch.Tensor) -> torch.Tensor:
+    """3x3 box sum of the interior of ``x`` [H, W] -> [H-2, W-2], in :func:`mmcs_monai.flows._box3`'s order."""
+    r = (x[:-2] + x[2:]) + x[1:-1]
+    return (r[:, :-2] + r[:, 2:]) + r[:, 1:-1]
 
 
 def remove_bad_flow_masks(
     labels: torch.Tensor, flows: torch.Tensor, threshold: float, mask_flows: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Zero out masks of ``labels`` [H, W] whose mean squared error between their own flows (``mask_flows``,
-    unit [2, H, W]; default :func:`dense_label_flows`) and the network's ``flows`` / 5 exceeds ``threshold``."""
+    unit [2, H, W]; default :func:`label_flows`) and the network's ``flows`` / 5 exceeds ``threshold``."""
     if labels.numel() == 0 or int(labels.max()) == 0:
         return labels
     lab = labels.long()
-    mflows = dense_label_flows(lab) if mask_flows is None else mask_flows
+    mflows = label_flows(lab) if mask_flows is None else mask_flows
     n = int(lab.max()) + 1
     idx = lab.reshape(-1)
     diff2 = ((mflows - flows.to(torch.float32) / 5.0) ** 2).reshape(2, -1).sum(0)  # 5: FLOW_SCALE
@@ -393,7 +408,7 @@ def flows_to_masks(
 ) -> torch.Tensor:
     """Instance masks int32 [H, W] from network flows [2, H, W] and cell probability logits [H, W], on their
     device: follow the flows (:func:`follow_flows`), masks from the convergence (:func:`get_masks`), flow QC
-    with :func:`dense_label_flows` (``flow_threshold <= 0``: none), small masks out, holes filled, ids 1..n.
+    with :func:`label_flows` (``flow_threshold <= 0``: none), small masks out, holes filled, ids 1..n.
 
     The exported pipeline's mask step; :func:`mmcs_monai.flows.flows_to_masks` runs the same steps with the
     library's packed diffusion for the QC.

@@ -46,13 +46,13 @@ def test_mask_code_is_scriptable_and_is_the_library_code(discs):
     assert f1_score(discs, library)["f1"] == 1.0
 
 
-def test_dense_label_flows_are_the_packed_diffusion(discs):
-    # the pipeline's flow QC diffuses on the image grid, the library's on a packed canvas: the same numbers,
+def test_scripted_label_flows_are_the_library_diffusion(discs):
+    # the pipeline's flow QC runs the library's packed diffusion rewritten for TorchScript: the same numbers,
     # bit for bit (same sums in the same order), touching cells and symmetric sources included
     touching = read_labels(BUNDLE / "sample_data" / "labels" / "dsb_0c6507d493bf79b2.tif").astype(np.int64)
     for labels in (discs.astype(np.int64), touching):
         labels = torch.from_numpy(labels)
-        assert torch.equal(masks.dense_label_flows(labels), labels_to_flows(labels))
+        assert torch.equal(masks.label_flows(labels), labels_to_flows(labels))
 
 
 def test_fill_holes_fills_holes_of_one_mask_only():
