@@ -17,6 +17,8 @@ Examples::
     mmcs infer-slide slide.tif outputs/ --model bundle/models/model.pt
     mmcs diameter-sweep ../shared/data/dev/manifest.csv --diameters 10,20,30,stored,auto
     mmcs export --model bundle/models/model.pt --output bundle/models/model.ts
+    mmcs export --format pipeline --output pipeline.pt      # image -> labels, one file, torch alone (docs/export.md)
+    mmcs export --format bioimageio --output mmcs.zip        # BioImage.IO package (spec 0.5)
 
 Long commands show progress (a bar on a terminal, counted log lines with an ETA otherwise) and end with a
 summary line (images, cells, diameters, time and s/MPix, outputs, the model and its SHA-256 prefix). A
