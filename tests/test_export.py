@@ -297,3 +297,21 @@ def test_pipeline_code_and_the_package_architecture_need_torch_alone():
     with torch.no_grad():
         labels = model(torch.rand(1, 2, 40, 48))
     assert labels.dtype == torch.int32 and tuple(labels.shape) == (1, 1, 40, 48)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_pipeline_file_and_library_on_the_gpu_give_the_cpu_masks(tmp_path):
+    network = load_model(TINY_MODEL)
+    path = export_pipeline(network, tmp_path / "pipeline.pt")
+    image = torch.from_numpy(read_image(SAMPLE_IMAGES / "dsb_0c6507d493bf79b2.tif"))
+    with torch.no_grad():
+        cpu = torch.jit.load(str(path))(image)
+        gpu = torch.jit.load(str(path), map_location="cuda")(image.cuda())
+    assert gpu.device.type == "cuda"
+    f1 = f1_score(cpu.numpy(), gpu.cpu().numpy())["f1"]
+    assert f1 >= 0.99, f1  # GPU convolutions round differently: near-identical, not bit for bit
+    # the library's GPU path makes the masks on the GPU (mmcs_monai.masks) from flows that stay there
+    x = _prepare(image.numpy())
+    on_gpu = _segmenter(network.cuda())(x).masks
+    assert f1_score(_segmenter(load_model(TINY_MODEL))(x).masks, on_gpu)["f1"] >= 0.99
