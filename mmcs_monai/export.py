@@ -306,8 +306,8 @@ def _rdf(folder: Path, settings: Mapping[str, Any], cpnet_args: dict, metadata: 
             "axes": [
                 {"type": "batch"},
                 {"type": "channel", "channel_names": ["cytoplasm", "nucleus"]},
-                {"type": "space", "id": "y", "size": size, "description": space},
-                {"type": "space", "id": "x", "size": size, "description": space},
+                {"type": "space", "id": "y", "size": dict(size), "description": space},
+                {"type": "space", "id": "x", "size": dict(size), "description": space},
             ],
             "test_tensor": {"source": "test_input.npy", "sha256": _sha256(folder / "test_input.npy")},
             "data": {"type": "float32"},
