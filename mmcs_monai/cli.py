@@ -17,6 +17,8 @@ Examples::
     mmcs infer-slide slide.tif outputs/ --model bundle/models/model.pt
     mmcs diameter-sweep ../shared/data/dev/manifest.csv --diameters 10,20,30,stored,auto
     mmcs export --model bundle/models/model.pt --output bundle/models/model.ts
+    mmcs export --format pipeline --output pipeline.pt      # image -> labels, one file, torch alone (docs/export.md)
+    mmcs export --format bioimageio --output mmcs.zip        # BioImage.IO package (spec 0.5)
 
 Long commands show progress (a bar on a terminal, counted log lines with an ETA otherwise) and end with a
 summary line (images, cells, diameters, time and s/MPix, outputs, the model and its SHA-256 prefix). A
@@ -282,8 +284,20 @@ def diameter_sweep(
     return format_sweep_table(rows)
 
 
-def export(model: str | None = None, output: str | None = None, bundle_root: str | None = None, verify: bool = True) -> str:
-    """Export a checkpoint as one TorchScript file (what ``python -m monai.bundle ckpt_export`` writes).
+def export(
+    model: str | None = None,
+    output: str | None = None,
+    bundle_root: str | None = None,
+    verify: bool = True,
+    format: str = "torchscript",
+    diameter: float | str | None = None,
+    nucleus_channel: int | None = None,
+    cyto_channel: int | None = None,
+) -> str:
+    """Export a checkpoint as one TorchScript file (what ``python -m monai.bundle ckpt_export`` writes), or, with
+    ``--format pipeline`` / ``--format bioimageio``, the whole segmentation (``docs/export.md``).
+
+    ``--format torchscript`` (the default) writes the network alone:
 
     The file holds the weights, ``diam_mean``/``diam_labels`` and the per-subset diameters, the bundle's
     ``metadata.json`` and ``inference.json``; it takes any H and W (padding inside) and runs without
@@ -294,10 +308,24 @@ def export(model: str | None = None, output: str | None = None, bundle_root: str
         model: checkpoint (ours or Cellpose 3); default ``<bundle_root>/models/model.pt``.
         output: destination; default ``<bundle_root>/models/model.ts``. Written atomically.
         verify: compare the exported model with the checkpoint on the bundle's sample images.
+        format: ``torchscript`` (the network), ``pipeline`` (one TorchScript file, image -> int32 labels: default
+            output ``<bundle_root>/models/pipeline.pt``) or ``bioimageio`` (a BioImage.IO model package, spec 0.5:
+            default output ``<bundle_root>/models/bioimageio.zip``; needs a checkpoint, not a TorchScript file).
+        diameter: for ``pipeline``/``bioimageio``: the cell diameter stored in the file (pixels or a stored subset
+            name; default: the model's training-set mean). ``auto`` stays outside the file.
+        nucleus_channel, cyto_channel: for ``pipeline``: the channels of ``[C, H, W]`` images stored in the file
+            (default: no nucleus channel; cytoplasm = the mean of the other channels). The package takes
+            (cytoplasm, nucleus) channels.
 
     Returns:
         a one-line summary (path, diameters, largest output difference).
     """
+    from mmcs_monai.export import FORMATS
+
+    if format not in FORMATS:
+        raise ValueError(f"--format {format!r}: use one of {', '.join(FORMATS)}")
+    if format != "torchscript":
+        return _export_segmentation(model, output, bundle_root, format, diameter, nucleus_channel, cyto_channel, verify)
     import json
     import time
 
@@ -332,6 +360,49 @@ def export(model: str | None = None, output: str | None = None, bundle_root: str
         summary += f"; max |eager - TorchScript| on {len(items)} sample images: {difference:.2e}"
         if difference >= 1e-4:
             raise SystemExit(summary + " (>= 1e-4: the export does not match)")
+    return f"{summary}; {time.perf_counter() - start:.1f} s; from {model_note(_model_path(model, bundle_root))}"
+
+
+def _export_segmentation(model, output, bundle_root, format, diameter, nucleus_channel, cyto_channel, verify) -> str:
+    """``mmcs export --format pipeline|bioimageio``: see :func:`export`."""
+    import time
+
+    import numpy as np
+    import torch
+
+    from mmcs_monai import export as exports
+    from mmcs_monai.reporting import model_note
+
+    start = time.perf_counter()
+    root = _bundle_root(bundle_root)
+    default = "pipeline.pt" if format == "pipeline" else "bioimageio.zip"
+    path = exports.check_writable(Path(output) if output else root / "models" / default)
+    network = _load_network(model, bundle_root, device="cpu")  # exported on CPU: loads anywhere
+    if format == "bioimageio":
+        exports.export_bioimageio(network, path, root, diameter=diameter)
+        summary = f"{path}: BioImage.IO model package (spec 0.5; check it with `bioimageio test {path}`)"
+    else:
+        exports.export_pipeline(network, path, diameter, nucleus_channel, cyto_channel)
+        summary = f"{path}: pipeline TorchScript file, image -> int32 labels (torch.jit.load; needs torch only)"
+        if verify:
+            from mmcs_monai.data import load_datalist
+            from mmcs_monai.io import read_image
+            from mmcs_monai.segmentation import CellSegmenter
+            from mmcs_monai.transforms import inference_preprocessing
+
+            exported = torch.jit.load(str(path))
+            segmenter = CellSegmenter(network, mask_settings=None)
+            segmenter.inferer.precision, segmenter.inferer.compile = "fp32", False
+            load = inference_preprocessing(nucleus_channel=nucleus_channel, cyto_channel=cyto_channel)
+            items = load_datalist(root / "sample_data" / "datalist.json", split="validation")[:2]
+            same = 0
+            for item in items:
+                x = np.asarray(load(item)["image"])
+                expected = segmenter(x, diameter=float(exported.diameter)).masks
+                with torch.no_grad():
+                    got = exported(torch.as_tensor(np.asarray(read_image(item["image"]), dtype=np.float32))).numpy()
+                same += int(np.array_equal(expected, got))
+            summary += f"; same masks as the library on {same} of {len(items)} sample images"
     return f"{summary}; {time.perf_counter() - start:.1f} s; from {model_note(_model_path(model, bundle_root))}"
 
 

@@ -15,7 +15,7 @@ Conventions (all 2D):
 
 Both directions accept numpy arrays or torch tensors and return the same kind (torch results on the
 input's device).  The heavy work is vectorised torch code that runs on the input's device (or
-``device``); only hole filling uses ``scipy.ndimage.label`` on the CPU.
+``device``), hole filling included (:mod:`mmcs_monai.masks`, shared with the exported pipeline).
 
 The algorithms follow Cellpose 3 (``cellpose.dynamics``, v3.1): heat diffusion from each cell's
 centre for ``labels_to_flows``, and Euler integration + convergence histogram for
@@ -41,7 +41,18 @@ from typing import Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
+
+from mmcs_monai.masks import (
+    fill_holes_and_remove_small,
+    follow_flows,
+    get_masks,
+    masks_before_qc,
+    relabel_sequential,
+    remove_big_masks,
+)
+from mmcs_monai.masks import (
+    remove_bad_flow_masks as _remove_bad_flow_masks_with,
+)
 
 __all__ = [
     "labels_to_flows",
@@ -60,8 +71,6 @@ ArrayLike = Union[np.ndarray, torch.Tensor]  # noqa: UP007 (a runtime alias, kep
 
 # Cellpose's network predicts flows scaled by this factor; integration and QC divide it out.
 FLOW_SCALE = 5.0
-# Histogram padding used by Cellpose around the image when counting converged pixels.
-_HIST_PAD = 20
 
 
 # ----------------------------------------------------------------------------------------------
@@ -85,26 +94,6 @@ def _like_input(t: torch.Tensor, ref: ArrayLike) -> ArrayLike:
     if isinstance(ref, torch.Tensor):
         return t.to(ref.device)
     return t.cpu().numpy()
-
-
-def relabel_sequential(labels: torch.Tensor) -> torch.Tensor:
-    """Map the ids of ``labels`` [H, W] (non-negative ints) to 1..n in increasing order, 0 stays 0.
-
-    Returns int32 labels of the same shape on the same device.
-    """
-    flat = labels.reshape(-1).long()
-    if flat.numel() == 0:
-        return labels.to(torch.int32)
-    max_id = int(flat.max())
-    if max_id > 4 * flat.numel() + 4096:  # sparse huge ids: sort instead of a lookup table
-        ids, inv = torch.unique(flat, return_inverse=True)
-        inv = inv if int(ids[0]) == 0 else inv + 1
-        return inv.to(torch.int32).view(labels.shape)
-    present = torch.zeros(max_id + 1, dtype=torch.int32, device=labels.device)
-    present[flat] = 1
-    present[0] = 0
-    lut = torch.cumsum(present, 0, dtype=torch.int32) * present
-    return lut[flat].view(labels.shape)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -392,132 +381,6 @@ def _underflow(heat: torch.Tensor) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
-def follow_flows(flows: torch.Tensor, inds: tuple[torch.Tensor, torch.Tensor], niter: int = 200) -> torch.Tensor:
-    """Euler integration of pixels along a flow field, with bilinear interpolation.
-
-    As Cellpose 3's CPU path (``steps_interp``): ``p <- clip(p + bilinear(flows, p), 0, L - 1)``
-    per axis, ``niter`` times.
-
-    Args:
-        flows: [2, H, W] float step field (dY, dX) in pixels per step, i.e. already divided by 5 and
-            zeroed outside the cell pixels.
-        inds: (y, x) int64 tensors [N]: start pixels.
-        niter: number of Euler steps.
-
-    Returns:
-        [2, N] float32 final (y, x) positions in pixel units, in [0, H-1] x [0, W-1].
-    """
-    H, W = flows.shape[-2:]
-    y, x = inds
-    # grid_sample works in [-1, 1] coordinates (align_corners=True: -1/+1 = first/last pixel
-    # centre); keeping positions and steps in those units saves two ops per step.
-    sy = 2.0 / (H - 1) if H > 1 else 0.0
-    sx = 2.0 / (W - 1) if W > 1 else 0.0
-    field = torch.stack((flows[1] * sx, flows[0] * sy)).to(torch.float32)[None]  # [1, 2, H, W] (x, y)
-    # positions stored planar [2, N] (x, y) so the update is a contiguous add; grid_sample reads
-    # the transposed view [1, 1, N, 2] without a copy
-    p = torch.stack((x * sx - 1.0, y * sy - 1.0)).to(torch.float32)
-    grid = p.t().view(1, 1, -1, 2)
-    for _ in range(int(niter)):
-        # positions stay inside [-1, 1], where zero padding (faster) equals Cellpose's edge clamp:
-        # an out-of-range corner only occurs at the last pixel, with weight 0
-        step = F.grid_sample(field, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-        p.add_(step.view(2, -1))
-        p.clamp_(-1.0, 1.0)
-    pos = torch.stack(((p[1] + 1.0) / sy if sy else torch.zeros_like(p[1]), (p[0] + 1.0) / sx if sx else torch.zeros_like(p[0])))
-    # undo the normalisation; clamp away float round-off at the upper edge
-    pos[0].clamp_(0, H - 1)
-    pos[1].clamp_(0, W - 1)
-    return pos
-
-
-def _max_filter(x: torch.Tensor, radius: int) -> torch.Tensor:
-    """Max over a (2r+1)x(2r+1) window of the last two dims of ``x`` [..., H, W] (edges: window
-    cut at the border).  Shifted ``torch.maximum`` calls: ~30x faster than CPU ``max_pool2d``."""
-    out = x.clone()
-    for d in range(1, radius + 1):  # along W
-        torch.maximum(out[..., d:], x[..., :-d], out=out[..., d:])
-        torch.maximum(out[..., :-d], x[..., d:], out=out[..., :-d])
-    rows = out.clone()
-    for d in range(1, radius + 1):  # along H
-        torch.maximum(out[..., d:, :], rows[..., :-d, :], out=out[..., d:, :])
-        torch.maximum(out[..., :-d, :], rows[..., d:, :], out=out[..., :-d, :])
-    return out
-
-
-def get_masks(
-    positions: torch.Tensor,
-    inds: tuple[torch.Tensor, torch.Tensor],
-    shape: tuple[int, int],
-    max_size_fraction: float = 0.4,
-) -> torch.Tensor:
-    """Masks from the convergence of pixels (Cellpose 3 ``get_masks_torch``).
-
-    The final positions are counted in a histogram padded by 20 pixels; seeds are the local maxima
-    (5x5) with more than 10 pixels; each seed grows for 5 steps (3x3 dilation) inside its 11x11
-    window over histogram bins with more than 2 pixels (where windows overlap, the seed with more
-    pixels wins); every pixel takes the label of the bin it converged to.  Masks larger than
-    ``max_size_fraction`` of the image are removed.
-
-    Args:
-        positions: [2, N] float final (y, x) positions (from :func:`follow_flows`).
-        inds: (y, x) int64 tensors [N]: the start pixel of each position.
-        shape: (H, W) of the image.
-        max_size_fraction: masks with more pixels than this fraction of H * W are dropped.
-
-    Returns:
-        [H, W] int32 labels, consecutive from 1 (0 = background).
-    """
-    H, W = shape
-    device = positions.device
-    labels = torch.zeros(H * W, dtype=torch.int32, device=device)
-    if positions.shape[1] == 0:
-        return labels.view(H, W)
-    Hh, Wh = H + 2 * _HIST_PAD, W + 2 * _HIST_PAD
-    pt = positions.to(torch.int64) + _HIST_PAD  # truncation == floor for positions >= 0
-    pt[0].clamp_(0, Hh - 1)
-    pt[1].clamp_(0, Wh - 1)
-    bins = pt[0] * Wh + pt[1]
-    hist = torch.bincount(bins, minlength=Hh * Wh).view(Hh, Wh).to(torch.float32)
-
-    hmax = _max_filter(hist, 2)
-    seeds = torch.nonzero((hist >= hmax) & (hist > 10))  # [n, 2] raster order
-    if seeds.shape[0] == 0:
-        return labels.view(H, W)
-    # fewest pixels first, so that "larger label wins" below == "larger seed wins" (Cellpose
-    # paints seeds in this order, later ones overwriting earlier ones)
-    seeds = seeds[torch.sort(hist[seeds[:, 0], seeds[:, 1]], stable=True).indices]
-    n = seeds.shape[0]
-
-    off = torch.arange(-5, 6, device=device)
-    wy = (seeds[:, 0, None] + off)[:, :, None].expand(n, 11, 11)  # seeds are >= 20 px from the edge
-    wx = (seeds[:, 1, None] + off)[:, None, :].expand(n, 11, 11)
-    win = wy * Wh + wx  # [n, 11, 11] flat histogram index
-    allowed = hist.view(-1)[win] > 2
-    grow = torch.zeros(n, 11, 11, dtype=torch.bool, device=device)
-    grow[:, 5, 5] = True
-    for _ in range(5):
-        grow = _max_filter(grow, 1) & allowed
-    k, iy, ix = torch.nonzero(grow, as_tuple=True)
-    seed_map = torch.zeros(Hh * Wh, dtype=torch.int64, device=device)
-    seed_map.scatter_reduce_(0, win[k, iy, ix], k + 1, "amax")
-
-    y, x = inds
-    labels[y * W + x] = seed_map[bins].to(torch.int32)
-    labels = remove_big_masks(labels.view(H, W), max_size_fraction)
-    return relabel_sequential(labels)
-
-
-def remove_big_masks(labels: torch.Tensor, max_size_fraction: float = 0.4) -> torch.Tensor:
-    """Zero out masks of ``labels`` [H, W] with more pixels than ``max_size_fraction * H * W``."""
-    counts = torch.bincount(labels.reshape(-1).long())
-    big = counts > max_size_fraction * labels.numel()
-    big[0] = False
-    if bool(big.any()):
-        labels = torch.where(big[labels.long()], 0, labels)
-    return labels
-
-
 def flow_error(labels: ArrayLike, flows: ArrayLike) -> tuple[ArrayLike, ArrayLike]:
     """Per-mask mean squared error between the flows of ``labels`` and given network flows.
 
@@ -568,9 +431,7 @@ def remove_bad_flow_masks(labels: ArrayLike, flows: ArrayLike, threshold: float 
 def _remove_bad_flow_masks(labels: torch.Tensor, flows: torch.Tensor, threshold: float) -> torch.Tensor:
     if labels.numel() == 0 or int(labels.max()) == 0:
         return labels
-    err, _ = _flow_error(labels.long(), flows)
-    bad = torch.cat((torch.zeros(1, dtype=torch.bool, device=err.device), err > threshold))
-    return torch.where(bad[labels.long()], torch.zeros_like(labels), labels)
+    return _remove_bad_flow_masks_with(labels, flows, float(threshold), _labels_to_flows(labels.long()))
 
 
 def fill_holes_and_remove_small_masks(labels: ArrayLike, min_size: int = 15) -> ArrayLike:
@@ -588,56 +449,7 @@ def fill_holes_and_remove_small_masks(labels: ArrayLike, min_size: int = 15) -> 
         [H, W] int32 labels, consecutive from 1, numpy or tensor like the input.
     """
     lab = _to_tensor(labels)
-    return _like_input(_fill_holes_and_remove_small(lab.long(), min_size), labels)
-
-
-def _fill_holes_and_remove_small(labels: torch.Tensor, min_size: int) -> torch.Tensor:
-    if labels.numel() == 0 or int(labels.max()) == 0:
-        return torch.zeros_like(labels, dtype=torch.int32)
-    # small masks go first (Cellpose does the same, so a small mask cannot grow past min_size by
-    # filling)
-    if min_size > 0:
-        counts = torch.bincount(labels.reshape(-1))
-        small = counts < min_size
-        small[0] = False
-        labels = torch.where(small[labels], 0, labels)
-    labels = _fill_holes(labels)
-    return relabel_sequential(labels)
-
-
-def _fill_holes(labels: torch.Tensor) -> torch.Tensor:
-    """Fill background regions enclosed by a single mask (see fill_holes_and_remove_small_masks)."""
-    bg = (labels == 0).cpu().numpy()
-    comp_np, n_comp = ndimage.label(bg)  # 4-connectivity, like fill_voids in 2D
-    # regions touching the image border are outside, never holes
-    inner = np.ones(n_comp + 1, dtype=bool)
-    inner[0] = False
-    for edge in (comp_np[0], comp_np[-1], comp_np[:, 0], comp_np[:, -1]):
-        inner[edge] = False
-    if not inner.any():
-        return labels
-    # Only the (few, small) enclosed regions matter: look at the 4 neighbours of their pixels.
-    # A region is a hole of mask k when every mask pixel next to it belongs to k.
-    comp_np = np.where(inner[comp_np], comp_np, 0)
-    ys, xs = np.nonzero(comp_np)
-    H, W = labels.shape
-    lab_np = labels.cpu().numpy()
-    c = comp_np[ys, xs]
-    lo = np.full(n_comp + 1, np.iinfo(np.int64).max)
-    hi = np.zeros(n_comp + 1, dtype=np.int64)
-    for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
-        # enclosed regions never touch the border, so their neighbours are inside the image
-        nb = lab_np[ys + dy, xs + dx].astype(np.int64)
-        keep = nb > 0
-        np.minimum.at(lo, c[keep], nb[keep])
-        np.maximum.at(hi, c[keep], nb[keep])
-    fill = np.where(inner & (lo == hi), hi, 0)
-    filled = fill[c]
-    ok = filled > 0
-    out = labels.clone()
-    idx = torch.from_numpy(ys[ok] * W + xs[ok]).to(labels.device)
-    out.view(-1)[idx] = torch.from_numpy(filled[ok]).to(labels.device, labels.dtype)
-    return out
+    return _like_input(fill_holes_and_remove_small(lab.long(), min_size), labels)
 
 
 @dataclass(frozen=True)
@@ -731,13 +543,9 @@ def flows_to_masks(
 
 
 def _flows_to_masks(flows, cellprob, niter, cellprob_threshold, flow_threshold, min_size, max_size_fraction):
-    H, W = cellprob.shape
-    inside = cellprob > cellprob_threshold
-    y, x = torch.nonzero(inside, as_tuple=True)
-    if y.numel() == 0:
-        return torch.zeros(H, W, dtype=torch.int32, device=flows.device)
-    pos = follow_flows(flows * inside / FLOW_SCALE, (y, x), niter=niter)
-    labels = get_masks(pos, (y, x), (H, W), max_size_fraction=max_size_fraction)
+    """The steps of :func:`mmcs_monai.masks.flows_to_masks` (the exported pipeline's), with the flow QC's reference
+    flows from the packed diffusion (:func:`labels_to_flows`: faster, float64 where float32 underflows)."""
+    labels = masks_before_qc(flows, cellprob, int(niter), float(cellprob_threshold), float(max_size_fraction))
     if flow_threshold is not None and flow_threshold > 0:
         labels = _remove_bad_flow_masks(labels, flows, flow_threshold)
-    return _fill_holes_and_remove_small(labels.long(), min_size)
+    return fill_holes_and_remove_small(labels.long(), min_size)

@@ -129,8 +129,12 @@ class CellSegmenter:
             flows = torch.cat([self.inferer.predict(image[None], self.network, diameter=d)[0] for image, d in zip(x, used)])
         else:
             flows, used = self.inferer.predict(x, self.network, diameter=self.diameter_for(None, diameter))
-        flows = flows.float().cpu()
-        return [Segmentation(np.asarray(self.mask_settings.masks(f.numpy()), dtype=np.int32), f, d) for f, d in zip(flows, used)]
+        # masks on the flows' device (mmcs_monai.masks: the exported pipeline's code): on a GPU nothing goes back
+        # to the host before the masks are made
+        flows = flows.float()
+        return [
+            Segmentation(self.mask_settings.masks(f).cpu().numpy().astype(np.int32, copy=False), f.cpu(), d) for f, d in zip(flows, used)
+        ]
 
     def __call__(self, image: torch.Tensor | np.ndarray, diameter: float | str | None = None) -> Segmentation:
         return self.segment_batch(_as_images(image), diameter)[0]

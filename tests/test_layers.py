@@ -17,6 +17,8 @@ LAYERS = [
         "distributed",
         "diameters",
         "flows",
+        "masks",
+        "pipeline",
         "metrics",
         "losses",
         "cells",
@@ -51,7 +53,7 @@ LAYERS = [
         "engines.reports",
         "engines.semi",
     },
-    {"evaluation", "wholeslide", "workflows"},
+    {"evaluation", "wholeslide", "workflows", "export"},
     {"cli"},
 ]
 APPS = ("label", "deploy", "napari")  # applications on top of the library: they may import anything but the CLI
