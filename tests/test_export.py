@@ -2,6 +2,7 @@
 the pipeline TorchScript file and the BioImage.IO package (docs/export.md)."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -186,12 +187,15 @@ def test_pipeline_file_gives_the_masks_of_mmcs_infer_on_the_samples(tmp_path):
 
 @pytest.mark.slow
 def test_pipeline_file_matches_mmcs_infer_on_dev_val(tmp_path):
-    """F1 >= 0.99 (IoU 0.5) between the file's masks and the library's on the 68 dev val images, at the stored
-    diameter; prints the figures (docs/export.md records them)."""
+    """F1 >= 0.99 (IoU 0.5) between the file's masks and the library's on dev val images at the stored diameter:
+    every 4th of the 68 in the suite (its time budget), all 68 with ``MMCS_FULL_DEV_VAL=1`` (the figures
+    docs/export.md records)."""
     from mmcs_monai.data import load_datalist
 
     dev = require_dev_data()
     items = load_datalist(dev / "manifest.csv", split="val")
+    assert len(items) == 68
+    items = items if os.environ.get("MMCS_FULL_DEV_VAL") == "1" else items[::4]
     network = load_model(BUNDLE / "models" / "model.pt")
     model = torch.jit.load(str(export_pipeline(network, tmp_path / "pipeline.pt")))
     segmenter = _segmenter(network)
@@ -206,7 +210,6 @@ def test_pipeline_file_matches_mmcs_infer_on_dev_val(tmp_path):
         scores.append(f1_score(expected, got)["f1"])
         identical += int(np.array_equal(expected, got))
     print(f"\ndev val: {len(items)} images, {identical} identical, F1 mean {np.mean(scores):.5f}, min {np.min(scores):.5f}")
-    assert len(items) == 68
     assert np.mean(scores) >= 0.99 and np.min(scores) >= 0.95
 
 
