@@ -682,7 +682,12 @@ class MMCSWidget(QWidget):
         self.train_progress.setValue(100)
         self.train_status.setText(f"{result['status']}; model {result['model']}")
         self.model_edit.setText(result["model"])
-        show_info(f"MMCS: fine-tuned model written to {result['model']}; segmenting again with it")
+        if self.diameter_combo.currentText() == "auto":
+            # a model fine-tuned on one experiment stores the corrected cells' mean diameter; segmenting at it
+            # scored better than the size search in benchmarks.finetune (docs/training.md, "Fine-tuning")
+            self.diameter_combo.setCurrentText("stored")
+        diameter = self.diameter_combo.currentText()
+        show_info(f"MMCS: fine-tuned model written to {result['model']}; segmenting again with it (diameter {diameter})")
         if self.image_combo.currentText():
             self.segment(suffix="masks (fine-tuned)")
 
