@@ -35,4 +35,4 @@ if [ -d "$repo/../shared" ]; then export MMCS_REQUIRE_DEV_DATA=1; fi
 cd "$repo"
 "$venv/bin/ruff" check .
 "$venv/bin/ruff" format --check .
-exec "$venv/bin/python" -m pytest -q "$@"
+exec "$venv/bin/python" -m pytest -q --durations=15 "$@"

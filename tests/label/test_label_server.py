@@ -121,7 +121,7 @@ def test_infer_on_an_uploaded_rgb_png_and_refusals(server, tmp_path):
     (tmp_path / "broken.tif").write_bytes(b"not an image")
     with open(tmp_path / "broken.tif", "rb") as f:
         response = server.post("/infer/mmcs", params={"output": "json"}, files={"file": ("broken.tif", f)})
-    assert response.status_code == 400 and "cannot be decoded" in response.json()["detail"]
+    assert response.status_code == 400 and "cannot be read as a TIFF image" in response.json()["detail"]
 
 
 def test_save_label(server, tmp_path):
