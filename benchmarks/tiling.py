@@ -52,13 +52,13 @@ def precompile(net, precision: str = "auto") -> float:
 
 def network_pixels(inferer, images, zoom: float) -> float:
     """Network pixels the tiling computes per image pixel (at network scale), over all images."""
-    from mmcs_monai.inference import _windows_along
+    from mmcs_monai.pipeline import windows_along
 
     work = pixels = 0
     for image, _ in images:
         h, w = (max(int(round(s * zoom)), 1) for s in image.shape[-2:])
         th, tw = inferer.tile_shape(h, w)
-        work += _windows_along(h, th, inferer.overlap) * _windows_along(w, tw, inferer.overlap) * th * tw
+        work += windows_along(h, th, inferer.overlap) * windows_along(w, tw, inferer.overlap) * th * tw
         pixels += h * w
     return work / pixels
 

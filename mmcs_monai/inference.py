@@ -23,6 +23,7 @@ from mmcs_monai.diameters import DEFAULT_TARGET_DIAMETER, median_diameter, scale
 from mmcs_monai.flows import MaskSettings
 from mmcs_monai.networks.compiled import compiled_forward
 from mmcs_monai.options import parse_micrometres
+from mmcs_monai.pipeline import fitted_tile
 from mmcs_monai.precision import autocast_context, parse_compile, resolve_compile, resolve_precision
 from mmcs_monai.size_estimate import DiameterSearch
 
@@ -40,27 +41,6 @@ CELL_DIAMETER_KEY = "cell_diameter"
 
 # Diameters estimated per image from the image itself (see CellInferer.estimate_diameter).
 ESTIMATED_DIAMETERS = ("auto", "refine")
-
-
-def fitted_tile(size: int, roi: int, overlap: float) -> int:
-    """The smallest tile (a multiple of 16, at most ``roi``) that covers ``size`` pixels with as few sliding
-    windows as tiles of ``roi`` would (MONAI's window placement): fewer pixels computed twice."""
-    roi = min(roi, -(-size // 16) * 16)
-    wanted = _windows_along(size, roi, overlap)
-    if wanted == 1:
-        return roi
-    tile = max(16, int(size / (wanted - (wanted - 1) * overlap)) // 16 * 16)
-    while tile < roi and _windows_along(size, tile, overlap) > wanted:
-        tile += 16
-    return tile
-
-
-def _windows_along(size: int, roi: int, overlap: float) -> int:
-    """Windows MONAI's sliding window puts along an axis of ``size`` px with tiles of ``roi`` px."""
-    if roi >= size:
-        return 1
-    interval = max(int(roi * (1 - overlap)), 1)
-    return next(d for d in range(size) if d * interval + roi >= size) + 1
 
 
 def model_diameters(network: torch.nn.Module) -> tuple[float, float]:

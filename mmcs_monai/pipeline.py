@@ -27,10 +27,10 @@ import torch.nn.functional as F
 
 from mmcs_monai.masks import flows_to_masks
 
-__all__ = ["SegmentationPipeline", "fitted_tile"]
+__all__ = ["SegmentationPipeline", "fitted_tile", "windows_along"]
 
 
-def _windows_along(size: int, roi: int, overlap: float) -> int:
+def windows_along(size: int, roi: int, overlap: float) -> int:
     """Windows MONAI's sliding window puts along an axis of ``size`` px with tiles of ``roi`` px."""
     if roi >= size:
         return 1
@@ -45,11 +45,11 @@ def fitted_tile(size: int, roi: int, overlap: float) -> int:
     """The smallest tile (a multiple of 16, at most ``roi``) that covers ``size`` pixels with as few sliding
     windows as tiles of ``roi`` would (MONAI's window placement): fewer pixels computed twice."""
     roi = min(roi, -(-size // 16) * 16)
-    wanted = _windows_along(size, roi, overlap)
+    wanted = windows_along(size, roi, overlap)
     if wanted == 1:
         return roi
     tile = max(16, int(size / (wanted - (wanted - 1) * overlap)) // 16 * 16)
-    while tile < roi and _windows_along(size, tile, overlap) > wanted:
+    while tile < roi and windows_along(size, tile, overlap) > wanted:
         tile += 16
     return tile
 
