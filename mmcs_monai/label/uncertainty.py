@@ -45,11 +45,16 @@ def unflip_flows(flows: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
 
 def tta_flows(image: torch.Tensor, network: torch.nn.Module, inferer: CellInferer, diameter=None) -> torch.Tensor:
     """Flows of ``image`` ``[1, 2, H, W]`` float32 under each flip in :data:`FLIPS`, flipped back:
-    ``[len(FLIPS), 3, H, W]`` float32."""
-    outputs = []
-    for dims in FLIPS:
-        flipped = torch.flip(image, dims) if dims else image
-        outputs.append(unflip_flows(inferer(flipped, network, diameter=diameter), dims))
+    ``[len(FLIPS), 3, H, W]`` float32.
+
+    The diameter (``diameter``, else the inferer's; ``auto`` is searched once, on the unflipped image) is the
+    same for every flip: the variants differ by orientation only, and one size search costs more than the
+    four predictions.
+    """
+    first, used = inferer.predict(image, network, diameter=diameter)
+    outputs = [first]
+    for dims in FLIPS[1:]:
+        outputs.append(unflip_flows(inferer.predict(torch.flip(image, dims), network, diameter=used[0])[0], dims))
     return torch.cat(outputs)
 
 

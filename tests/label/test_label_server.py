@@ -333,7 +333,7 @@ def test_training_publishes_a_model_that_the_next_infer_uses(server):
     old_stamp = server.infos()[SECOND]["mmcs_uncertainty"]["model"]
     time.sleep(1.1)  # model stamps have one-second resolution
 
-    run = {"epochs": 2, "batch_size": 2, "unlabelled_batch_size": 4, "patch_size": 64, "pseudo_interval": 1, "publish": "always"}
+    run = {"epochs": 2, "batch_size": 2, "unlabelled_batch_size": 4, "patch_size": 64, "pseudo_interval": 2, "publish": "always"}
     response = server.post("/train/mmcs", json=run)
     assert response.status_code == 200, response.text
     answered_while_training = 0

@@ -380,7 +380,7 @@ def test_sessions_work(qupath):
 
 def test_the_server_answers_info_while_it_segments(qupath):
     """Inference runs off the event loop: /info/ sent during a long inference comes back before it ends."""
-    big = np.tile(grey(IMAGES[1]), (8, 8))  # 2048 x 2048 px: seconds of work for the test model
+    big = np.tile(grey(IMAGES[1]), (4, 4))  # 1024 x 1024 px at diameter 20 (zoom 1.5): seconds of work
     files = {"file": ("big.png", png_bytes(big), "image/png")}
     finished = {}
 
@@ -435,7 +435,7 @@ def test_monai_label_python_client(server, tmp_path):
     assert out["info"] == ["mmcs"] and len(out["next"]) == 4 and out["cells"] >= 10
     assert out["asap_annotations"] == out["cells"]  # the whole image as polygons: the same cells
     assert out["label"]["format"] == "asap" and out["label"]["cells"] == len(asap_polygons(content))
-    assert out["train"] == "SUBMITTED"
+    assert out["train"] in ("SUBMITTED", "RUNNING")  # the task may start before the answer is written
     assert server.wait_done("train")["status"] == "DONE"
 
 

@@ -73,6 +73,21 @@ def test_tta_flows_shape_and_identity_first():
     assert FLIPS[0] == () and len(set(FLIPS)) == 4
 
 
+def test_auto_diameter_is_searched_once_for_all_flips():
+    """With ``auto``, the size search runs on the unflipped image only; the flips are segmented at its result."""
+    labels = disk_labels()
+    image = torch.as_tensor(labels > 0, dtype=torch.float32)[None, None].repeat(1, 2, 1, 1)
+    inferer = CellInferer(precision="fp32", diameter="auto")
+    one = OracleNet(diam_mean=30.0, diam_labels=30.0)
+    _, used = inferer.predict(image, one)  # a search, then the prediction at its result
+    net = OracleNet(diam_mean=30.0, diam_labels=30.0)
+    flows = tta_flows(image, net, inferer)
+    assert len(net.seen) == len(one.seen) + len(FLIPS) - 1  # one search and four predictions
+    assert set(net.seen[len(one.seen) - 1 :]) == {one.seen[-1]}  # all four at the searched size
+    # the same flows as when the searched diameter is given
+    torch.testing.assert_close(flows, tta_flows(image, OracleNet(diam_mean=30.0, diam_labels=30.0), inferer, diameter=used[0]))
+
+
 def test_ranking_by_score_then_probability_spread():
     scores = {"a": {"score": 0.2, "prob_std": 0.1}, "b": {"score": 0.5, "prob_std": 0.0}, "c": {"score": 0.5, "prob_std": 0.3}}
     assert rank_by_uncertainty(scores) == ["c", "b", "a"]
