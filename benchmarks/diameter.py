@@ -5,17 +5,19 @@ Dev val and ``extra`` val images (``gt_complete`` yes/mostly) and their labels a
 
 - ``stored``: the model's stored mean diameter (``diam_labels``);
 - ``refine``: the old ``auto`` (segment at the stored mean, measure, segment again);
-- ``auto``: the multi-scale search (:mod:`mmcs_monai.size_estimate`), the new default;
+- ``auto``: the multi-scale search (:mod:`mmcs_monai.size_estimate`), the default;
 - ``true``: the image's own median label diameter (the best a diameter estimate can do).
 
 The table gives the mean F1 per scale and method (IoU 0.5), the median ``|log2(estimate / true)|`` of
-``refine`` and ``auto``, and their time relative to the ``stored`` run of the same images (image in
-memory -> masks, estimate included) and of the ``auto`` run relative to the ``true`` one (the fixed
-diameter a user who knows the size would give). To keep 4x affordable on a CPU each image is first centre-cropped
+the estimates, and their time (image in memory -> masks, estimate included) relative to the ``true`` run of
+the same images (the fixed diameter a user who knows the size would give). To keep 4x affordable on a CPU each image is first centre-cropped
 to at most ``--crop`` pixels a side (1024 px at 4x for the default 256), and ``--per_subset`` images of
 each modality are used (all with 0).
 
     python -m benchmarks.diameter --model bundle/models/model.pt
+    python -m benchmarks.diameter --subsets "H&E" --crop 512 --scales 0.5,1,2 --per_subset 0   # dense tissue
+
+A last table gives F1 per modality and scale, with ``auto`` against ``stored`` and ``true``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import math
 import sys
 import time
 from collections import defaultdict
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -38,14 +41,18 @@ from mmcs_monai.io import read_labels
 from mmcs_monai.metrics import f1_score
 from mmcs_monai.networks import load_model
 from mmcs_monai.segmentation import CellSegmenter
+from mmcs_monai.size_estimate import DiameterSearch
 from mmcs_monai.transforms import inference_preprocessing
 
 SCALES = (0.25, 0.5, 1.0, 2.0, 3.0, 4.0)
 METHODS = ("stored", "refine", "auto", "true")
+ESTIMATES = ("refine", "auto")
+NAMES = {"refine": "refine (old auto)", "auto": "auto"}
 
 
-def _images(manifests, per_subset: int, crop: int):
+def _images(manifests, per_subset: int, crop: int, subsets: str = ""):
     items = [i for i in load_datalist([str(m) for m in manifests], split="val", exclude_partial=True) if i.get("label")]
+    items = [i for i in items if not subsets or any(s in i["subset"] for s in subsets.split(","))]
     chosen, counts = [], defaultdict(int)
     for item in items:
         if per_subset and counts[item["subset"]] >= per_subset:
@@ -79,21 +86,25 @@ def main(argv=None) -> int:
     parser.add_argument("--scales", default=",".join(str(s) for s in SCALES))
     parser.add_argument("--per_subset", type=int, default=3, help="images per modality (0: all)")
     parser.add_argument("--crop", type=int, default=256, help="centre crop (pixels) before resampling")
+    parser.add_argument("--subsets", default="", help="only modalities whose name contains one of these (comma-separated)")
+    parser.add_argument("--refinements", type=int, default=None, help="the search's refinement limit (default: the library's)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     network = load_model(args.model).eval()
-    segmenter = CellSegmenter(network, CellInferer(precision="auto"))
-    data = _images(args.data, args.per_subset, args.crop)
+    search = DiameterSearch() if args.refinements is None else replace(DiameterSearch(), refinements=args.refinements)
+    segmenter = CellSegmenter(network, CellInferer(precision="auto", search=search))
+    data = _images(args.data, args.per_subset, args.crop, args.subsets)
     scales = [float(s) for s in args.scales.split(",")]
     print(f"model {args.model}: diam_mean {float(network.diam_mean):.1f}, stored diameter {float(network.diam_labels):.1f} px")
-    print(f"{len(data)} images ({', '.join(sorted({i['subset'] for i, _, _ in data}))}), crop {args.crop} px")
+    print(f"{len(data)} images ({', '.join(sorted({i['subset'] for i, _, _ in data}))}), crop {args.crop} px, {search}")
     rows = []
+    groups = defaultdict(lambda: defaultdict(list))  # (modality, scale) -> method -> F1 per image
     for scale in scales:
         f1 = defaultdict(list)
         seconds = defaultdict(float)
         errors = defaultdict(list)
-        for _item, image, labels in data:
+        for item, image, labels in data:
             image_s, labels_s = _resample(image, labels, scale)
             true = median_diameter(labels_s)
             if true <= 0:
@@ -104,14 +115,14 @@ def main(argv=None) -> int:
                 result = segmenter(image_s, diameter=diameter)
                 seconds[method] += time.perf_counter() - start
                 f1[method].append(f1_score(labels_s.numpy(), result.masks)["f1"])
-                if method in ("refine", "auto"):
+                groups[(item["subset"], scale)][method].append(f1[method][-1])
+                if method in ESTIMATES:
                     errors[method].append(abs(math.log2(result.diameter / true)))
         row = {"scale": scale, "images": len(f1["stored"])}
         for method in METHODS:
             row[f"f1_{method}"] = float(np.mean(f1[method]))
-        for method in ("refine", "auto"):
+        for method in ESTIMATES:
             row[f"log2_err_{method}"] = float(np.median(errors[method]))
-            row[f"time_{method}"] = seconds[method] / seconds["stored"]
             row[f"time_{method}_vs_true"] = seconds[method] / seconds["true"]
         rows.append(row)
         print(_format([row], header=len(rows) == 1), flush=True)
@@ -119,28 +130,33 @@ def main(argv=None) -> int:
     closed = sum(g[1] for g in gap) / max(sum(g[0] for g in gap), 1e-9)
     print()
     print(_format(rows, header=True))
+    means = ", ".join(f"{m} {np.mean([r[f'f1_{m}'] for r in rows]):.3f}" for m in METHODS)
     print(
-        f"\nmean over scales: stored {np.mean([r['f1_stored'] for r in rows]):.3f}, refine {np.mean([r['f1_refine'] for r in rows]):.3f}, "
-        f"auto {np.mean([r['f1_auto'] for r in rows]):.3f}, true {np.mean([r['f1_true'] for r in rows]):.3f}; "
-        f"auto closes {100 * closed:.0f}% of the stored -> true gap; worst auto - true {min(r['f1_auto'] - r['f1_true'] for r in rows):+.3f}"
+        f"\nmean over scales: {means}; auto closes {100 * closed:.0f}% of the stored -> true gap; "
+        f"worst auto - true {min(r['f1_auto'] - r['f1_true'] for r in rows):+.3f}"
     )
+    print(
+        "\n| modality | scale | images | F1 stored | F1 auto | F1 true | auto - stored | auto - true |\n|---|---|---|---|---|---|---|---|"
+    )
+    for (subset, scale), by in sorted(groups.items()):
+        stored, auto, true = (float(np.mean(by[m])) for m in ("stored", "auto", "true"))
+        print(
+            f"| {subset} | {scale:g}x | {len(by['auto'])} | {stored:.3f} | {auto:.3f} | {true:.3f} | {auto - stored:+.3f} | {auto - true:+.3f} |"
+        )
     return 0
 
 
 def _format(rows, header: bool) -> str:
     lines = []
     if header:
-        lines.append(
-            "| scale | images | F1 stored | F1 refine (old auto) | F1 auto | F1 true | auto - true | |log2 err| refine | |log2 err| auto "
-            "| time refine / stored | time auto / stored | time auto / true |"
-        )
-        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        cols = ["scale", "images", "F1 stored", *(f"F1 {NAMES[m]}" for m in ESTIMATES), "F1 true", "auto - true"]
+        cols += [f"|log2 err| {m}" for m in ESTIMATES] + [f"time {m} / true" for m in ESTIMATES]
+        lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        lines.append(
-            f"| {r['scale']:g}x | {r['images']} | {r['f1_stored']:.3f} | {r['f1_refine']:.3f} | {r['f1_auto']:.3f} | {r['f1_true']:.3f} | "
-            f"{r['f1_auto'] - r['f1_true']:+.3f} | {r['log2_err_refine']:.2f} | {r['log2_err_auto']:.2f} | {r['time_refine']:.2f}x | {r['time_auto']:.2f}x | "
-            f"{r['time_auto_vs_true']:.2f}x |"
-        )
+        cells = [f"{r['scale']:g}x", str(r["images"]), f"{r['f1_stored']:.3f}", *(f"{r[f'f1_{m}']:.3f}" for m in ESTIMATES)]
+        cells += [f"{r['f1_true']:.3f}", f"{r['f1_auto'] - r['f1_true']:+.3f}"]
+        cells += [f"{r[f'log2_err_{m}']:.2f}" for m in ESTIMATES] + [f"{r[f'time_{m}_vs_true']:.2f}x" for m in ESTIMATES]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

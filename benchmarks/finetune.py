@@ -6,9 +6,9 @@ in ``--manifest``), every arm trains through the bundle for the same wall-time b
 ``time_budget_minutes`` option) and is scored by ``evaluate.json`` with every default (``auto`` diameter) on
 that modality's val images (held out by biological set):
 
-- ``shipped``: ``bundle/models/model.pt`` as it is (no training);
-- ``finetune``: ``mmcs train --recipe finetune`` from the shipped model;
-- ``finetune_semi``: ``mmcs train --recipe finetune_semi`` from the shipped model, plus the modality's
+- ``shipped``: ``--model`` (default ``bundle/models/model.pt``) as it is (no training);
+- ``finetune``: ``mmcs train --recipe finetune`` from that model;
+- ``finetune_semi``: ``mmcs train --recipe finetune_semi`` from that model, plus the modality's
   unlabelled images (``--unlabelled_split``) through the semi-supervised phase;
 - ``scratch``: ``train.json`` from random weights, the same sampler as ``finetune`` (8 batches an epoch).
 
@@ -60,7 +60,7 @@ def _f1(model: Path, data: Path, out: Path, threads: int) -> float:
     return json.loads((out / "f1_summary.json").read_text())["overall"]["f1"]
 
 
-def _train(arm: str, data: Path, unlabelled: Path, run: Path, minutes: float, threads: int) -> Path:
+def _train(arm: str, model: Path, data: Path, unlabelled: Path, run: Path, minutes: float, threads: int) -> Path:
     overrides: dict = {"data_source": data, "ckpt_dir": run / "models", "output_dir": run / "tensorboard"}
     overrides.update(time_budget_minutes=minutes, val_interval=10**6, epochs=10**4, halving_start=None)
     if arm == "scratch":
@@ -68,6 +68,7 @@ def _train(arm: str, data: Path, unlabelled: Path, run: Path, minutes: float, th
         overrides.update(pretrained=None, learning_rate=0.1, warmup_epochs=5)
     else:
         recipe = [arm]
+        overrides.update(pretrained=model)  # the model under test (the recipes' default: the shipped one)
     if arm == "finetune_semi":
         overrides.update(unlabelled_source=unlabelled, unlabelled_split=None)
     _bundle("training", workflow_config_files("training", BUNDLE, recipe, distributed=False), overrides, threads)
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             if arm == "finetune_semi" and not unlabelled:
                 continue
             start = time.perf_counter()
-            model = _train(arm, data, work / "unlabelled.json", work / f"{arm}_{n}", args.minutes, args.threads)
+            model = _train(arm, Path(args.model), data, work / "unlabelled.json", work / f"{arm}_{n}", args.minutes, args.threads)
             row[arm] = _f1(model, val_data, work / f"{arm}_{n}" / "eval", args.threads)
             row[f"{arm}_s"] = time.perf_counter() - start
             print(json.dumps(row), flush=True)
