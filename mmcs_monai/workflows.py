@@ -238,8 +238,9 @@ def bundle_command(
         config_files: config files (paths, or names in the bundle's ``configs/``); default the workflow's
             :data:`WORKFLOW_CONFIGS`.
         bundle_root: the bundle (default :func:`default_bundle_root`).
-        overrides: config values, in order: strings as they are, lists, tuples and dicts as JSON, others
-            with ``str`` (``True`` -> ``"True"``, which ``monai.bundle``'s parser reads back as a bool).
+        overrides: config values, in order: strings as they are, lists, tuples and dicts as JSON, None as
+            ``"$None"`` (``monai.bundle`` would drop a plain None), others with ``str`` (``True`` -> ``"True"``,
+            which ``monai.bundle``'s parser reads back as a bool).
 
     Returns:
         ``["monai.bundle", "run", workflow, "--config_file", "[...]", "--meta_file", ..., "--bundle_root", ...,
@@ -254,10 +255,20 @@ def bundle_command(
         files = [str(f) if Path(f).is_absolute() else str(root / "configs" / f) for f in config_files]
     meta_file = str(root / "configs" / "metadata.json")
     command = ["monai.bundle", "run", workflow, "--config_file", json.dumps(files), "--meta_file", meta_file, "--bundle_root", str(root)]
-    for key, value in (overrides or {}).items():
+    for key, value in _kept_none(overrides).items():
         text = value if isinstance(value, str) else json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
         command += [f"--{key}", text]
     return command
+
+
+NONE_EXPRESSION = "$None"  # a config expression that evaluates to None
+
+
+def _kept_none(overrides: Mapping[str, object] | None) -> dict[str, object]:
+    """``overrides`` with each None written as ``"$None"``: ``monai.bundle.run`` drops None values
+    (``update_kwargs(ignore_none=True)``), so ``pretrained=None`` would silently leave a recipe's
+    pretrained model in place; the expression sets the value to None."""
+    return {key: NONE_EXPRESSION if value is None else value for key, value in (overrides or {}).items()}
 
 
 def run_workflow(
@@ -294,5 +305,5 @@ def run_workflow(
             meta_file=str(root / "configs" / "metadata.json"),
             logging_file=str(root / "configs" / "logging.conf"),
             bundle_root=str(root),
-            **dict(overrides or {}),
+            **_kept_none(overrides),
         )

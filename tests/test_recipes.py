@@ -61,3 +61,19 @@ def test_a_recipe_is_merged_over_the_recipes_it_names_as_its_base(tmp_path):
     bad.write_text(json.dumps({RECIPE_BASE: "semi"}))
     with pytest.raises(InputError, match="must be a list"):
         recipe_files(bad)
+
+
+def test_a_none_override_sets_the_option_to_none(tmp_path):
+    """``monai.bundle.run`` drops None keyword values; ``pretrained=None`` (train from scratch) used to leave the
+    ``finetune`` recipe's shipped model in place. Both routes (in process and the command line) now set None."""
+    from mmcs_monai.workflows import bundle_command, run_workflow
+
+    config = tmp_path / "probe.json"
+    out = tmp_path / "seen.txt"
+    config.write_text(json.dumps({"pretrained": "shipped", "out": str(out), "probe": ["$open(@out, 'w').write(repr(@pretrained))"]}))
+    run_workflow("probe", BUNDLE, overrides={"pretrained": None}, config_files=[str(config)], quiet=False)
+    assert out.read_text() == "None"
+    out.unlink()
+    command = [sys.executable, "-m", *bundle_command("probe", [str(config)], BUNDLE, {"pretrained": None})]
+    subprocess.run(command, check=True, capture_output=True, env=subprocess_env(), timeout=120)
+    assert out.read_text() == "None"

@@ -8,6 +8,11 @@ How the pieces fit (wired in ``bundle/configs/semi.json``):
   corrected like Adam/temporal ensembling: ``target = Z / (1 - alpha**t)``;
 - :class:`PseudoLabelRefresher` fills the store from the pretrained model at the start and adds the
   teacher's predictions every ``interval`` epochs;
+- with a ``start_epoch`` (``semi_start_epoch`` in the configs) the first epochs are supervised only
+  ("labels first": no unlabelled batches, ``w`` = 0); at that epoch the teacher is reset to the
+  student, which has now learnt from the labels, and the store is filled from it. Fine-tuning on a
+  modality the pretrained model does not segment needs this: pseudo labels made by that model teach
+  its mistakes;
 - :class:`MixedBatchLoader` makes each training batch of labelled samples plus unlabelled samples
   (their pseudo targets warped by the same random transform as the image, see
   ``transforms.AttachPseudoTargetd``), with a per-sample ``labelled`` flag;
@@ -95,6 +100,10 @@ class PseudoLabelRefresher:
     student); then every ``interval`` epochs the ``teacher`` predicts every unlabelled image again
     and the predictions are added to the ensemble.
 
+    With ``start_epoch`` > 0 nothing is predicted before the end of that epoch; then the teacher is
+    reset to the student's weights (the EMA restarts from the model fine-tuned on the labels), the
+    store is emptied and filled from it, and refreshes follow every ``interval`` epochs after that.
+
     Args:
         store: the store to fill.
         teacher: the EMA teacher network.
@@ -104,6 +113,7 @@ class PseudoLabelRefresher:
         inferer: a ``CellInferer``; its diameter (else the teacher's ``diam_labels``) sets the scale.
         interval: epochs between refreshes.
         summary_writer: optional TensorBoard writer for a pseudo-mask panel of the first image.
+        start_epoch: supervised epochs before the first pseudo labels (0: from the start).
     """
 
     def __init__(
@@ -115,7 +125,10 @@ class PseudoLabelRefresher:
         inferer,
         interval: int = 100,
         summary_writer=None,
+        start_epoch: int = 0,
     ) -> None:
+        if interval < 1 or start_epoch < 0:
+            raise ValueError(f"interval must be >= 1 and start_epoch >= 0, got {interval} and {start_epoch}")
         self.store = store
         self.teacher = teacher
         self.initial_network = initial_network
@@ -123,17 +136,39 @@ class PseudoLabelRefresher:
         self.inferer = inferer
         self.interval = interval
         self.writer = summary_writer
+        self.start_epoch = start_epoch
         self.predicted_ids: list[str] = []
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.fill_if_empty)
-        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self.refresh)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
 
     def fill_if_empty(self, engine: Engine) -> None:
-        if len(self.store) == 0:
+        """At the start (or on resuming) of a run whose semi-supervised part has begun: fill an empty store."""
+        if len(self.store) or engine.state.epoch < self.start_epoch:
+            return
+        if self.start_epoch == 0:
             self.predict_all(self.initial_network, engine)
+        elif engine.state.epoch == self.start_epoch:  # resumed from the checkpoint of the last supervised epoch
+            self.start_from_student(engine)
+        else:  # resumed past the start from a checkpoint without a store
+            self.refresh(engine)
 
-    def refresh(self, engine: Engine) -> None:
+    def epoch_completed(self, engine: Engine) -> None:
+        epoch = engine.state.epoch
+        if self.start_epoch and epoch == self.start_epoch:
+            self.start_from_student(engine)
+        elif epoch > self.start_epoch and (epoch - self.start_epoch) % self.interval == 0:
+            self.refresh(engine)
+
+    def start_from_student(self, engine: Engine | None = None) -> None:
+        """Labels first, then pseudo labels: the teacher becomes a copy of the student, the store starts afresh from it."""
+        self.teacher.load_state_dict(unwrap(self.initial_network).state_dict())
+        self.store.entries.clear()
+        logger.info("supervised epochs done: the teacher restarts from the student for the pseudo labels")
+        self.refresh(engine)
+
+    def refresh(self, engine: Engine | None = None) -> None:
         # The teacher copied the student's diameters when it was made, before training measured
         # them; keep them in step.
         student = unwrap(self.initial_network)
@@ -195,12 +230,21 @@ class MixedBatchLoader:
         unlabelled: loader of unlabelled batches with pseudo targets under ``flows``; None or an
             empty loader gives labelled batches alone.
         keys: keys to join.
+        start_epoch: epochs of labelled batches alone before the unlabelled ones join (they would carry
+            no weight: ``UnlabelledWeightHandler`` keeps ``w`` at 0 until then).
     """
 
-    def __init__(self, labelled: Iterable, unlabelled: Iterable | None, keys: Sequence[str] = ("image", "flows")):
+    def __init__(
+        self,
+        labelled: Iterable,
+        unlabelled: Iterable | None,
+        keys: Sequence[str] = ("image", "flows"),
+        start_epoch: int = 0,
+    ):
         self.labelled = labelled
         self.unlabelled = unlabelled
         self.keys = tuple(keys)
+        self.start_epoch = start_epoch
         self._unlabelled_iter: Iterator | None = None
         self._epoch = 0
 
@@ -233,9 +277,10 @@ class MixedBatchLoader:
         self._unlabelled_iter = None
         set_sampler_epoch(self.labelled, self._epoch)
         set_sampler_epoch(self.unlabelled, self._epoch)
+        mixed = self._epoch > self.start_epoch
         for lab in self.labelled:
             n_lab = len(lab[self.keys[0]])
-            unlab = self._next_unlabelled()
+            unlab = self._next_unlabelled() if mixed else None
             if unlab is None:
                 batch = {k: lab[k] for k in self.keys}
                 batch["labelled"] = torch.ones(n_lab)
@@ -254,27 +299,38 @@ def sigmoid_rampup(epoch: int, rampup_epochs: int) -> float:
 
 
 class UnlabelledWeightHandler:
-    """Set the loss's unlabelled weight ``w = w_max * rampup(epoch)`` each epoch; log w and both loss terms.
+    """Set the loss's unlabelled weight each epoch; log w and both loss terms.
+
+    ``w = 0`` for the first ``start_epoch`` epochs, then ``w = w_max * rampup(epoch - start_epoch)``
+    (epochs counted from 0).
 
     Args:
         loss: a ``SemiSupervisedLoss`` (its ``w`` is set; its ``last_terms`` are logged).
         w_max: the weight after ramp-up (paper: 0.4 without extra data, 0.05 with it).
         rampup_epochs: epochs of sigmoid ramp-up (0: constant).
         summary_writer: TensorBoard writer (optional).
+        start_epoch: supervised epochs before the unlabelled term counts.
     """
 
-    def __init__(self, loss, w_max: float = 0.4, rampup_epochs: int = 0, summary_writer=None) -> None:
+    def __init__(self, loss, w_max: float = 0.4, rampup_epochs: int = 0, summary_writer=None, start_epoch: int = 0) -> None:
         self.loss = loss
         self.w_max = w_max
         self.rampup_epochs = rampup_epochs
         self.writer = summary_writer
+        self.start_epoch = start_epoch
+
+    def weight(self, epoch: int) -> float:
+        """The unlabelled weight of epoch ``epoch`` (counted from 0)."""
+        if epoch < self.start_epoch:
+            return 0.0
+        return self.w_max * sigmoid_rampup(epoch - self.start_epoch, self.rampup_epochs)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self.set_weight)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.log_terms)
 
     def set_weight(self, engine: Engine) -> None:
-        self.loss.w = self.w_max * sigmoid_rampup(engine.state.epoch - 1, self.rampup_epochs)
+        self.loss.w = self.weight(engine.state.epoch - 1)
         if self.writer is not None:
             self.writer.add_scalar("w_unlabelled", self.loss.w, engine.state.epoch)
 

@@ -49,6 +49,7 @@ TRAIN_PARAMETERS: dict[str, Any] = {
     "learning_rate": 0.1,
     "warmup_epochs": 5,
     "pseudo_interval": 10,  # epochs between pseudo-label refreshes from the teacher
+    "labels_first": 0.5,  # the fraction of the epochs on the labels alone before the unlabelled images join
     "val_fraction": 0.2,
     "min_val_images": 5,
     "time_budget_minutes": 0,  # stop after this many minutes (0: no limit)
@@ -104,7 +105,7 @@ def check_train_parameters(values: dict[str, Any]) -> dict[str, Any]:
             value = _number(key, value, int, low=0)
         elif key == "learning_rate":
             value = _number(key, value, float, low=1e-8)
-        elif key == "val_fraction":
+        elif key in ("val_fraction", "labels_first"):
             value = _number(key, value, float, low=0.0, high=0.9)
         elif key == "time_budget_minutes":
             value = _number(key, value if value is not None else 0, float, low=0.0)
@@ -235,6 +236,7 @@ class CellTrainTask(TrainTask):
                 unlabelled_split="unlabelled",
                 unlabelled_batch_size=int(values["unlabelled_batch_size"]),
                 pseudo_interval=max(1, int(values["pseudo_interval"])),
+                semi_start_epoch=int(epochs * values["labels_first"]),
             )
         baseline = self.served_f1(val_items, values["precision"]) if values["publish"] == "if_better" else None
         start = time.time()
@@ -261,6 +263,7 @@ class CellTrainTask(TrainTask):
             "validation": len(val_items),
             "validation_is_training_set": val_items == train_items,
             "unlabelled": len(unlabelled),
+            "unlabelled_from_epoch": overrides["semi_start_epoch"] + 1 if unlabelled else None,
             "epochs": epochs,
             "best_val_f1": run_f1,
             "served_val_f1_before": baseline,

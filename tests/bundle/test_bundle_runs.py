@@ -207,7 +207,8 @@ def test_metadata_and_network_shape_verify_offline():
 
 
 def test_two_phase_semi_supervised_run(trained, tmp_path):
-    """Phase 2 starts from phase 1's model, trains on labelled + unlabelled sample images."""
+    """Phase 2 starts from phase 1's model, trains on labelled + unlabelled sample images, labels first: epoch 1 on the
+    labels alone (``semi_start_epoch`` 1, ``w`` 0), then pseudo labels from the student after it and refreshes."""
     out = tmp_path / "semi"
     bundle(
         "run",
@@ -223,7 +224,9 @@ def test_two_phase_semi_supervised_run(trained, tmp_path):
         "--output_dir",
         str(out / "eval"),
         "--epochs",
-        "2",
+        "3",
+        "--semi_start_epoch",
+        "1",
         "--val_interval",
         "1",
         "--pseudo_interval",
@@ -238,7 +241,7 @@ def test_two_phase_semi_supervised_run(trained, tmp_path):
     images = sorted(p.stem for p in (BUNDLE / "sample_data" / "images").iterdir())
     store = state["pseudo_labels"]["entries"]
     assert sorted(store) == images
-    # pretrained start + 2 refreshes (after epochs 1 and 2)
+    # from the student after epoch 1, then refreshes after epochs 2 and 3
     assert {e["count"] for e in store.values()} == {3}
     assert set(state["teacher"]) == set(state["network"])
 
@@ -249,7 +252,9 @@ def test_two_phase_semi_supervised_run(trained, tmp_path):
     tags = set(events.Tags()["scalars"])
     assert {"loss_labelled", "loss_unlabelled", "w_unlabelled", "lr", "val_f1", "val_f1_teacher"} <= tags
     assert "unlabelled/pseudo_masks" in events.Tags()["images"]
-    assert events.Scalars("w_unlabelled")[-1].value == pytest.approx(0.4)
+    assert [e.value for e in events.Scalars("w_unlabelled")] == pytest.approx([0.0, 0.4, 0.4])
+    per_epoch = len(events.Scalars("loss_labelled")) // 3
+    assert min(e.step for e in events.Scalars("loss_unlabelled")) == per_epoch + 1  # no unlabelled batch in epoch 1
 
 
 def test_bad_files_are_skipped_and_reported_in_training_and_inference(tmp_path):

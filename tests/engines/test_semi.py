@@ -145,3 +145,55 @@ def test_mixed_batches_cycle_unlabelled_and_flag_samples():
 def test_sigmoid_rampup():
     assert sigmoid_rampup(0, 10) == pytest.approx(math.exp(-5))
     assert sigmoid_rampup(10, 10) == 1.0 and sigmoid_rampup(3, 0) == 1.0
+
+
+def test_labels_first_then_pseudo_labels_from_the_student():
+    """``start_epoch`` 2 (``semi_start_epoch``, the ``finetune_semi`` recipe's "labels first"): epochs 1-2 see labelled
+    samples alone with ``w`` 0 and no pseudo label is made; after epoch 2 the teacher is a copy of the student as it
+    is then (not the moving average of the pretrained weights it had become) and the store holds that student's
+    prediction; from epoch 3 the unlabelled samples join at full weight and the teacher refreshes every 2 epochs."""
+    from mmcs_monai.engines import UnlabelledWeightHandler
+    from mmcs_monai.engines.semi import prediction_to_pseudo
+
+    torch.manual_seed(0)
+    student = CPnet(nbase=(2, 4, 8), diam_mean=30.0)
+    ema = EMAHandler(student, momentum=0.5)
+    teacher = ema.ema_model
+    opt = torch.optim.SGD(student.parameters(), lr=0.5)
+    labelled = [{"image": torch.rand(2, 2, 32, 32), "flows": torch.zeros(2, 3, 32, 32)} for _ in range(2)]
+    unlabelled = [{"image": torch.rand(3, 2, 32, 32), "flows": torch.zeros(3, 3, 32, 32)}]
+    loss = SemiSupervisedLoss(w=0.4)
+    images = [{"id": "u1", "image": torch.rand(2, 40, 40)}]
+    store = PseudoLabelStore(alpha=0.6)
+    inferer = CellInferer(precision="fp32", roi_size=64)
+    seen: list[tuple[int, int, float]] = []  # (epoch, samples in the batch, w)
+
+    def step(engine, batch):
+        seen.append((engine.state.epoch, len(batch["image"]), loss.w))
+        opt.zero_grad()
+        student(batch["image"]).pow(2).mean().backward()
+        opt.step()
+
+    trainer = Engine(step)
+    ema.attach(trainer)
+    UnlabelledWeightHandler(loss, w_max=0.4, rampup_epochs=0, start_epoch=2).attach(trainer)
+    refresher = PseudoLabelRefresher(store, teacher, student, images, inferer, interval=2, start_epoch=2)
+    refresher.attach(trainer)
+    checked: dict[int, object] = {}
+
+    @trainer.on(Events.EPOCH_COMPLETED)
+    def check(engine):  # runs after the refresher (attached later)
+        epoch = engine.state.epoch
+        checked[epoch] = store.entries["u1"]["count"] if "u1" in store else 0
+        if epoch == 2:
+            for name, value in student.state_dict().items():
+                torch.testing.assert_close(teacher.state_dict()[name], value, msg=name)
+            student.eval()  # as the refresher predicts (running batch-norm statistics)
+            own, _ = inferer.predict(images[0]["image"][None], student)
+            student.train()
+            torch.testing.assert_close(store.target("u1"), prediction_to_pseudo(own[0]), atol=2e-3, rtol=0)
+
+    trainer.run(MixedBatchLoader(labelled, unlabelled, start_epoch=2), max_epochs=4)
+    assert [(e, n, w) for e, n, w in seen] == [(1, 2, 0.0)] * 2 + [(2, 2, 0.0)] * 2 + [(3, 5, 0.4)] * 2 + [(4, 5, 0.4)] * 2
+    assert checked == {1: 0, 2: 1, 3: 1, 4: 2}
+    assert 2 in checked  # the teacher/store check ran

@@ -348,6 +348,7 @@ def test_training_publishes_a_model_that_the_next_infer_uses(server):
 
     stats = server.get("/info/").json()["train_stats"]["mmcs"]
     assert stats["published"] is True and stats["labelled"] == 1 and stats["unlabelled"] == len(IMAGES) - 1
+    assert stats["unlabelled_from_epoch"] == 2  # labels first: half the epochs (``labels_first`` 0.5)
     assert stats["epochs"] == 2 and stats["validation_is_training_set"] is True
     assert stats["started_from"]["sha256"] == hashlib.sha256(before_model).hexdigest()  # fine-tuned the served model
     new_model = server.served_model().read_bytes()

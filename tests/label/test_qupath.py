@@ -325,6 +325,7 @@ def test_bad_requests_get_a_4xx_with_a_reason(qupath, tmp_path):
         ("POST", "/train/mmcs", '{"max_epochs": "ten"}', 400, "epochs 'ten': expected an integer"),
         ("POST", "/train/mmcs", '{"learning_rate": -1}', 400, "learning_rate"),
         ("POST", "/train/mmcs", '{"publish": "sometimes"}', 400, "publish"),
+        ("POST", "/train/mmcs", '{"labels_first": 1.5}', 400, "labels_first 1.5: must be in 0.0 .. 0.9"),
         ("POST", "/train/mmcs", '{"epoch": 3}', 400, "unknown training parameter 'epoch'"),
         ("POST", "/activelearning/mmcs_uncertainty", '{"image": "nowhere"}', 404, "not in the datastore"),
         ("POST", "/infer/mmcs?session_id=nosuchsession", None, 404, "session 'nosuchsession' not found"),
