@@ -6,7 +6,9 @@ A data list is a list of dicts, one per image, as MONAI datasets expect::
      "nucleus_channel": None}
 
 ``label`` is absent for unlabelled images. ``subset`` names the modality or data set the image
-belongs to (used for per-subset diameters and per-modality scores).
+belongs to (used for per-subset diameters and per-modality scores). Manifest rows that say where an
+image comes from and under which terms also give ``source`` (``source_group``, else ``source_repo``) and
+``licence`` (``licence`` or ``license``): what per-source balancing and licence filters read.
 
 Accepted sources (:func:`load_datalist`):
 
@@ -59,6 +61,12 @@ def _normalise_row(row: dict[str, Any], base: Path) -> dict[str, Any]:
     item["subset"] = row.get("subset") or row.get("modality") or "default"
     nucleus = row.get("nucleus_channel")
     item["nucleus_channel"] = None if nucleus in (None, "") else int(nucleus)
+    source = row.get("source_group") or row.get("source_repo")
+    if source:
+        item["source"] = source
+    licence = row.get("licence") or row.get("license")
+    if licence:
+        item["licence"] = licence
     for key in ("gt_complete", "diameter"):
         if row.get(key) not in (None, ""):
             item[key] = float(row[key]) if key == "diameter" else row[key]
@@ -156,7 +164,7 @@ def unlabelled(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in i.items() if k != "label"} for i in items]
 
 
-def subset_weights(items: list[dict[str, Any]], power: float = 0.5) -> list[float]:
+def subset_weights(items: list[dict[str, Any]], power: float = 0.5, key: str = "subset") -> list[float]:
     """Sampling weight per item so that a subset of ``n`` images gets a share proportional to ``n ** (1 - power)``.
 
     ``power=0`` samples every image equally (large subsets dominate), ``power=1`` gives every subset
@@ -166,6 +174,8 @@ def subset_weights(items: list[dict[str, Any]], power: float = 0.5) -> list[floa
     Args:
         items: data list rows with a ``subset`` key (missing: ``"default"``).
         power: exponent of the per-subset down-weighting, in [0, 1].
+        key: the row key that groups images: ``subset`` (modality) or ``source`` (where they come from,
+            as for the unlabelled pool).
 
     Returns:
         one positive float per item, in the order of ``items``.
@@ -174,12 +184,42 @@ def subset_weights(items: list[dict[str, Any]], power: float = 0.5) -> list[floa
         raise ValueError(f"power must be in [0, 1], got {power}")
     if not items:
         return []
+    groups = [str(item.get(key) or "default") for item in items]
     counts: dict[str, int] = {}
-    for item in items:
-        counts[item.get("subset", "default")] = counts.get(item.get("subset", "default"), 0) + 1
-    raw = [counts[item.get("subset", "default")] ** -power for item in items]
+    for group in groups:
+        counts[group] = counts.get(group, 0) + 1
+    raw = [counts[group] ** -power for group in groups]
     scale = len(items) / sum(raw)
     return [w * scale for w in raw]
+
+
+def spread_per_group(items: list[dict[str, Any]], limit: int | None, key: str = "source") -> list[dict[str, Any]]:
+    """At most ``limit`` rows of each group, evenly spaced through the group's rows, in their order.
+
+    Deterministic: a source's rows are often frames of one series, so the spread takes frames from across
+    it rather than its first ones. Rows without ``key`` form one group. ``limit`` None or 0 keeps every row.
+
+    Args:
+        items: data list rows.
+        limit: rows kept per group.
+        key: the row key that groups them (``source``, ``subset``).
+
+    Returns:
+        the kept rows, in the order of ``items``.
+    """
+    if not limit:
+        return list(items)
+    if limit < 0:
+        raise ValueError(f"limit must be positive, got {limit}")
+    members: dict[str, list[int]] = {}
+    for index, item in enumerate(items):
+        members.setdefault(str(item.get(key) or "default"), []).append(index)
+    kept = set()
+    for indices in members.values():
+        n = len(indices)
+        step = max(n, 1) / min(limit, n)
+        kept.update(indices[int(i * step)] for i in range(min(limit, n)))
+    return [item for index, item in enumerate(items) if index in kept]
 
 
 def pending_outputs(items: list[dict[str, Any]], output_dir: str | os.PathLike) -> list[dict[str, Any]]:

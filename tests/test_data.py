@@ -179,6 +179,27 @@ def test_subset_weights_give_each_subset_a_share_by_the_power_of_its_size():
         subset_weights(items, 1.5)
 
 
+def test_pool_rows_keep_their_source_and_licence_and_balance_by_source(tmp_path):
+    """The unlabelled pool's manifest (no split, no label; ``source_repo``, ``licence``): rows keep where they come
+    from, a per-source cap spreads over each source's rows, and the weights balance sources, not modalities."""
+    from mmcs_monai.data import spread_per_group, subset_weights, unlabelled
+
+    rows = ["id,image,source_repo,commit,original_path,modality,licence,notes"]
+    rows += [f"a{i},a{i}.tif,lab/a,c,p,he_tissue_rgb,MIT,frame {i}" for i in range(10)]
+    rows += [f"b{i},b{i}.tif,lab/b,c,p,he_tissue_rgb,CC0,''" for i in range(2)]
+    (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
+    items = unlabelled(load_datalist(tmp_path / "manifest.csv", split="unlabelled"))
+    assert len(items) == 12 and "label" not in items[0]
+    assert (items[0]["source"], items[0]["licence"], items[0]["subset"]) == ("lab/a", "MIT", "he_tissue_rgb")
+    kept = spread_per_group(items, 4, key="source")
+    assert [i["id"] for i in kept] == ["a0", "a2", "a5", "a7", "b0", "b1"]  # spread over a's 10 frames; b whole
+    assert spread_per_group(items, None) == items
+    by_subset = subset_weights(kept, 1.0)  # one modality: every row the same weight
+    by_source = subset_weights(kept, 1.0, key="source")  # two sources, the same share each
+    assert by_subset == pytest.approx([1.0] * 6)
+    assert sum(by_source[:4]) == pytest.approx(sum(by_source[4:])) == pytest.approx(3.0)
+
+
 def test_weighted_sampler_draws_in_proportion():
     import torch
 

@@ -77,3 +77,44 @@ def test_a_none_override_sets_the_option_to_none(tmp_path):
     command = [sys.executable, "-m", *bundle_command("probe", [str(config)], BUNDLE, {"pretrained": None})]
     subprocess.run(command, check=True, capture_output=True, env=subprocess_env(), timeout=120)
     assert out.read_text() == "None"
+
+
+def test_the_pool_recipe_balances_sources_crops_and_reads_the_nucleus_channel(dev_data):
+    """``experiments/recipes/pool_semi.json`` over phase 2 (the semi-supervised phase on the unlabelled pool): at most
+    8 images per source, sources drawn alike (sqrt balance of equal counts), the 2-channel rows with their nucleus
+    stain as channel 1, images cropped to 512 px at most."""
+    import collections
+
+    import numpy as np
+    import tifffile
+    from monai.bundle import ConfigParser
+
+    pool = dev_data.parent / "unlabelled" / "manifest.csv"
+    if not pool.is_file():
+        pytest.skip(f"unlabelled pool not found at {pool}")
+    parser = ConfigParser()
+    parser.read_config(
+        [str(BUNDLE / "configs" / n) for n in ("train.json", "semi.json")]
+        + [str(REPO / "experiments" / "recipes" / n) for n in ("generalist_data.json", "pool_semi.json")]
+    )
+    parser["bundle_root"] = str(BUNDLE)
+    items = parser.get_parsed_content("unlabelled#datalist")
+    per_source = collections.Counter(i["source"] for i in items)
+    assert max(per_source.values()) == 8 and "CellProfiler/examples" in per_source and "usiigaci_example" in per_source
+    assert len({i["id"] for i in items}) == len(items) and not any("label" in i for i in items)
+    two_channel = [i for i in items if i["subset"] == "fluo_cyto+nucleus_2ch"]
+    assert two_channel and all(i["nucleus_channel"] == 1 for i in two_channel)
+    assert all(i["nucleus_channel"] is None for i in items if i["subset"] == "he_tissue_rgb")
+    weights = list(parser.get_parsed_content("unlabelled#dataloader#sampler").weights)
+    share = collections.defaultdict(float)
+    for item, weight in zip(items, weights):
+        share[item["source"]] += float(weight)
+    eight = {s: share[s] for s, n in per_source.items() if n == 8}
+    assert max(eight.values()) == pytest.approx(min(eight.values()))  # equal counts, equal shares
+    assert share["instanseg/instanseg"] == pytest.approx(eight["CellProfiler/examples"] * (2 / 8) ** 0.5)
+    transform = parser.get_parsed_content("unlabelled#images#transform")
+    big = next(i for i in items if max(tifffile.TiffFile(i["image"]).pages[0].shape[:2]) > 512)
+    image = np.asarray(transform(dict(big))["image"])
+    assert image.shape[0] == 2 and max(image.shape[1:]) == 512
+    first_two_channel = np.asarray(transform(dict(two_channel[0]))["image"])
+    assert first_two_channel[1].std() > 0  # the nucleus stain, not zeros

@@ -114,6 +114,10 @@ class PseudoLabelRefresher:
         interval: epochs between refreshes.
         summary_writer: optional TensorBoard writer for a pseudo-mask panel of the first image.
         start_epoch: supervised epochs before the first pseudo labels (0: from the start).
+        keep_diameters: an image already in the store is predicted again at the diameter (pixels) it was
+            first predicted at, so the ensemble averages predictions made at one scale and only an image's
+            first prediction pays for the inferer's ``auto`` search (the costly part on a large pool).
+            False: every refresh uses the inferer's diameter again.
     """
 
     def __init__(
@@ -126,6 +130,7 @@ class PseudoLabelRefresher:
         interval: int = 100,
         summary_writer=None,
         start_epoch: int = 0,
+        keep_diameters: bool = True,
     ) -> None:
         if interval < 1 or start_epoch < 0:
             raise ValueError(f"interval must be >= 1 and start_epoch >= 0, got {interval} and {start_epoch}")
@@ -137,6 +142,7 @@ class PseudoLabelRefresher:
         self.interval = interval
         self.writer = summary_writer
         self.start_epoch = start_epoch
+        self.keep_diameters = keep_diameters
         self.predicted_ids: list[str] = []
 
     def attach(self, engine: Engine) -> None:
@@ -191,10 +197,13 @@ class PseudoLabelRefresher:
             for index in shard(range(len(self.dataset))):
                 item = self.dataset[index]
                 image = torch.as_tensor(item["image"], dtype=torch.float32)[None].to(device)
-                flows, used = self.inferer.predict(image, network)  # at the inferer's diameter: pixels, stored or auto
+                key = str(item["id"])
+                # at the inferer's diameter (pixels, stored or auto), or where this image was first predicted
+                diameter = self.store.diameter(key) if self.keep_diameters and key in self.store else None
+                flows, used = self.inferer.predict(image, network, diameter=diameter)
                 pred, diameter = flows[0].cpu(), used[0]
-                predictions.append((str(item["id"]), prediction_to_pseudo(pred), diameter))
-                self.predicted_ids.append(str(item["id"]))
+                predictions.append((key, prediction_to_pseudo(pred), diameter))
+                self.predicted_ids.append(key)
         finally:
             network.train(was_training)
         for part in all_gather_objects(predictions):

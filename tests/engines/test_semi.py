@@ -10,6 +10,7 @@ from ignite.handlers import EMAHandler
 
 from helpers import OracleNet, disk_labels
 from mmcs_monai.engines import MixedBatchLoader, PrepareFlowBatch, PseudoLabelRefresher, PseudoLabelStore, sigmoid_rampup
+from mmcs_monai.engines.semi import prediction_to_pseudo
 from mmcs_monai.flows import labels_to_flows
 from mmcs_monai.inference import CellInferer
 from mmcs_monai.losses import CellposeLoss, SemiSupervisedLoss
@@ -90,6 +91,27 @@ def test_pseudo_labels_record_the_diameter_the_teacher_segmented_at():
     assert store.diameter("u1") == pytest.approx(used[0]) and abs(used[0] - 90.0) > 30.0, used
 
 
+def test_a_refresh_predicts_each_image_at_the_diameter_it_was_first_predicted_at():
+    """``auto`` is searched once per image, when it enters the store; later refreshes predict at that diameter
+    (the search is the costly part on a large pool, and the ensemble then averages predictions at one scale).
+    ``keep_diameters=False`` searches again."""
+    labels = disk_labels()
+    image = torch.as_tensor(np.stack([labels > 0, np.zeros_like(labels)]), dtype=torch.float32)
+    teacher = OracleNet(diam_mean=30.0, diam_labels=90.0)
+    inferer = CellInferer(precision="fp32", roi_size=128, diameter="auto")
+    searched = inferer.predict(image[None], teacher)[1][0]
+    for keep, expected in ((True, 45.0), (False, searched)):
+        store = PseudoLabelStore(alpha=0.0)  # alpha 0: the store holds the last prediction
+        refresher = PseudoLabelRefresher(store, teacher, teacher, [{"id": "u1", "image": image}], inferer, keep_diameters=keep)
+        refresher.fill_if_empty(Engine(lambda e, b: None))
+        assert store.diameter("u1") == pytest.approx(searched)
+        store.entries["u1"]["diameter"] = 45.0  # as if it had first been predicted at 45 px
+        refresher.refresh()
+        assert store.diameter("u1") == pytest.approx(expected)
+        flows, _ = inferer.predict(image[None], teacher, diameter=expected)
+        torch.testing.assert_close(store.target("u1"), prediction_to_pseudo(flows[0]), atol=2e-3, rtol=0)
+
+
 def test_pseudo_targets_rotate_with_the_image():
     labels = disk_labels()
     store = PseudoLabelStore(alpha=0.0)
@@ -153,7 +175,6 @@ def test_labels_first_then_pseudo_labels_from_the_student():
     is then (not the moving average of the pretrained weights it had become) and the store holds that student's
     prediction; from epoch 3 the unlabelled samples join at full weight and the teacher refreshes every 2 epochs."""
     from mmcs_monai.engines import UnlabelledWeightHandler
-    from mmcs_monai.engines.semi import prediction_to_pseudo
 
     torch.manual_seed(0)
     student = CPnet(nbase=(2, 4, 8), diam_mean=30.0)
