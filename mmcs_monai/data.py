@@ -7,8 +7,7 @@ A data list is a list of dicts, one per image, as MONAI datasets expect::
 
 ``label`` is absent for unlabelled images. ``subset`` names the modality or data set the image
 belongs to (used for per-subset diameters and per-modality scores). Manifest rows that say where an
-image comes from and under which terms also give ``source`` (``source_group``, else ``source_repo``) and
-``licence`` (``licence`` or ``license``): what per-source balancing and licence filters read.
+image comes from also give ``source`` (``source_group``, else ``source_repo``): what per-source balancing reads.
 
 Accepted sources (:func:`load_datalist`):
 
@@ -64,9 +63,6 @@ def _normalise_row(row: dict[str, Any], base: Path) -> dict[str, Any]:
     source = row.get("source_group") or row.get("source_repo")
     if source:
         item["source"] = source
-    licence = row.get("licence") or row.get("license")
-    if licence:
-        item["licence"] = licence
     for key in ("gt_complete", "diameter"):
         if row.get(key) not in (None, ""):
             item[key] = float(row[key]) if key == "diameter" else row[key]
@@ -172,7 +168,7 @@ def subset_weights(items: list[dict[str, Any]], power: float = 0.5, key: str = "
     shares follow the square root of the subset sizes. The weights sum to ``len(items)``.
 
     Args:
-        items: data list rows with a ``subset`` key (missing: ``"default"``).
+        items: data list rows with a ``key`` entry (missing: ``"default"``).
         power: exponent of the per-subset down-weighting, in [0, 1].
         key: the row key that groups images: ``subset`` (modality) or ``source`` (where they come from,
             as for the unlabelled pool).
@@ -216,9 +212,8 @@ def spread_per_group(items: list[dict[str, Any]], limit: int | None, key: str = 
         members.setdefault(str(item.get(key) or "default"), []).append(index)
     kept = set()
     for indices in members.values():
-        n = len(indices)
-        step = max(n, 1) / min(limit, n)
-        kept.update(indices[int(i * step)] for i in range(min(limit, n)))
+        count = min(limit, len(indices))
+        kept.update(indices[i * len(indices) // count] for i in range(count))
     return [item for index, item in enumerate(items) if index in kept]
 
 

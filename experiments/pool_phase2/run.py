@@ -85,15 +85,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=str(REPO / "runs" / "pool_phase2"))
     args = parser.parse_args(argv)
     out, base = Path(args.out), Path(args.base).resolve()
-    arms: dict[str, Path] = {"base": base}
-    for name, w in [("control", None), *((f"w{w:g}", w) for w in args.weights)]:
+    runs = [("control", None), *((f"w{w:g}", w) for w in args.weights)]
+    for name in ["base", *(name for name, _ in runs)]:
         (out / name).mkdir(parents=True, exist_ok=True)
-        arms[name] = train(out / name, base, w)
+    arms = {"base": base, **{name: train(out / name, base, w) for name, w in runs}}
     for diameter in ("auto", "stored"):
-        results = {}
-        for name, model in arms.items():
-            (out / name).mkdir(parents=True, exist_ok=True)
-            results[name] = evaluate(model, out / name, diameter)
+        results = {name: evaluate(model, out / name, diameter) for name, model in arms.items()}
         print(table(results, diameter), end="\n\n")
 
 

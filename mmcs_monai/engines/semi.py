@@ -199,10 +199,9 @@ class PseudoLabelRefresher:
                 image = torch.as_tensor(item["image"], dtype=torch.float32)[None].to(device)
                 key = str(item["id"])
                 # at the inferer's diameter (pixels, stored or auto), or where this image was first predicted
-                diameter = self.store.diameter(key) if self.keep_diameters and key in self.store else None
-                flows, used = self.inferer.predict(image, network, diameter=diameter)
-                pred, diameter = flows[0].cpu(), used[0]
-                predictions.append((key, prediction_to_pseudo(pred), diameter))
+                first = self.store.diameter(key) if self.keep_diameters and key in self.store else None
+                flows, used = self.inferer.predict(image, network, diameter=first)
+                predictions.append((key, prediction_to_pseudo(flows[0].cpu()), used[0]))
                 self.predicted_ids.append(key)
         finally:
             network.train(was_training)
