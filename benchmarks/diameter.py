@@ -6,7 +6,9 @@ Dev val and ``extra`` val images (``gt_complete`` yes/mostly) and their labels a
 - ``stored``: the model's stored mean diameter (``diam_labels``);
 - ``refine``: the old ``auto`` (segment at the stored mean, measure, segment again);
 - ``auto``: the multi-scale search (:mod:`mmcs_monai.size_estimate`), the default;
-- ``true``: the image's own median label diameter (the best a diameter estimate can do).
+- ``true``: the image's own median label diameter (the best a diameter estimate can do);
+- ``previous`` (only when asked, ``--methods``): ``auto`` as it was before the search settled on whole-image
+  segmentations (``DiameterSearch(whole_below=0, settle_within=0)``: every image segmented again at the estimate).
 
 The table gives the mean F1 per scale and method (IoU 0.5), the median ``|log2(estimate / true)|`` of
 the estimates, and their time (image in memory -> masks, estimate included) relative to the ``true`` run of
@@ -46,8 +48,7 @@ from mmcs_monai.transforms import inference_preprocessing
 
 SCALES = (0.25, 0.5, 1.0, 2.0, 3.0, 4.0)
 METHODS = ("stored", "refine", "auto", "true")
-ESTIMATES = ("refine", "auto")
-NAMES = {"refine": "refine (old auto)", "auto": "auto"}
+NAMES = {"refine": "refine (old auto)", "auto": "auto", "previous": "auto before settling"}
 
 
 def _images(manifests, per_subset: int, crop: int, subsets: str = ""):
@@ -89,11 +90,17 @@ def main(argv=None) -> int:
     parser.add_argument("--subsets", default="", help="only modalities whose name contains one of these (comma-separated)")
     parser.add_argument("--refinements", type=int, default=None, help="the search's refinement limit (default: the library's)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--methods", default=",".join(METHODS), help="of stored, refine, auto, previous, true (stored, auto, true always run)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     network = load_model(args.model).eval()
     search = DiameterSearch() if args.refinements is None else replace(DiameterSearch(), refinements=args.refinements)
     segmenter = CellSegmenter(network, CellInferer(precision="auto", search=search))
+    previous = CellSegmenter(network, CellInferer(precision="auto", search=replace(search, whole_below=0.0, settle_within=0.0)))
+    methods = [m for m in ("stored", "refine", "previous", "auto", "true") if m in {"stored", "auto", "true", *args.methods.split(",")}]
+    estimates = [m for m in methods if m in NAMES]
     data = _images(args.data, args.per_subset, args.crop, args.subsets)
     scales = [float(s) for s in args.scales.split(",")]
     print(f"model {args.model}: diam_mean {float(network.diam_mean):.1f}, stored diameter {float(network.diam_labels):.1f} px")
@@ -109,28 +116,28 @@ def main(argv=None) -> int:
             true = median_diameter(labels_s)
             if true <= 0:
                 continue
-            for method in METHODS:
-                diameter = {"stored": None, "true": true}.get(method, method)
+            for method in methods:
+                diameter = {"stored": None, "true": true, "previous": "auto"}.get(method, method)
                 start = time.perf_counter()
-                result = segmenter(image_s, diameter=diameter)
+                result = (previous if method == "previous" else segmenter)(image_s, diameter=diameter)
                 seconds[method] += time.perf_counter() - start
                 f1[method].append(f1_score(labels_s.numpy(), result.masks)["f1"])
                 groups[(item["subset"], scale)][method].append(f1[method][-1])
-                if method in ESTIMATES:
+                if method in estimates:
                     errors[method].append(abs(math.log2(result.diameter / true)))
         row = {"scale": scale, "images": len(f1["stored"])}
-        for method in METHODS:
+        for method in methods:
             row[f"f1_{method}"] = float(np.mean(f1[method]))
-        for method in ESTIMATES:
+        for method in estimates:
             row[f"log2_err_{method}"] = float(np.median(errors[method]))
             row[f"time_{method}_vs_true"] = seconds[method] / seconds["true"]
         rows.append(row)
-        print(_format([row], header=len(rows) == 1), flush=True)
+        print(_format([row], estimates, header=len(rows) == 1), flush=True)
     gap = [(r["f1_true"] - r["f1_stored"], r["f1_auto"] - r["f1_stored"]) for r in rows]
     closed = sum(g[1] for g in gap) / max(sum(g[0] for g in gap), 1e-9)
     print()
-    print(_format(rows, header=True))
-    means = ", ".join(f"{m} {np.mean([r[f'f1_{m}'] for r in rows]):.3f}" for m in METHODS)
+    print(_format(rows, estimates, header=True))
+    means = ", ".join(f"{m} {np.mean([r[f'f1_{m}'] for r in rows]):.3f}" for m in methods)
     print(
         f"\nmean over scales: {means}; auto closes {100 * closed:.0f}% of the stored -> true gap; "
         f"worst auto - true {min(r['f1_auto'] - r['f1_true'] for r in rows):+.3f}"
@@ -146,16 +153,16 @@ def main(argv=None) -> int:
     return 0
 
 
-def _format(rows, header: bool) -> str:
+def _format(rows, estimates, header: bool) -> str:
     lines = []
     if header:
-        cols = ["scale", "images", "F1 stored", *(f"F1 {NAMES[m]}" for m in ESTIMATES), "F1 true", "auto - true"]
-        cols += [f"|log2 err| {m}" for m in ESTIMATES] + [f"time {m} / true" for m in ESTIMATES]
+        cols = ["scale", "images", "F1 stored", *(f"F1 {NAMES[m]}" for m in estimates), "F1 true", "auto - true"]
+        cols += [f"|log2 err| {m}" for m in estimates] + [f"time {m} / true" for m in estimates]
         lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        cells = [f"{r['scale']:g}x", str(r["images"]), f"{r['f1_stored']:.3f}", *(f"{r[f'f1_{m}']:.3f}" for m in ESTIMATES)]
+        cells = [f"{r['scale']:g}x", str(r["images"]), f"{r['f1_stored']:.3f}", *(f"{r[f'f1_{m}']:.3f}" for m in estimates)]
         cells += [f"{r['f1_true']:.3f}", f"{r['f1_auto'] - r['f1_true']:+.3f}"]
-        cells += [f"{r[f'log2_err_{m}']:.2f}" for m in ESTIMATES] + [f"{r[f'time_{m}_vs_true']:.2f}x" for m in ESTIMATES]
+        cells += [f"{r[f'log2_err_{m}']:.2f}" for m in estimates] + [f"{r[f'time_{m}_vs_true']:.2f}x" for m in estimates]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

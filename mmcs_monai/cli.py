@@ -32,7 +32,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mmcs_monai.workflows import debug_requested, resolve_bundle_root, run_workflow, shipped_model
+from mmcs_monai.workflows import debug_requested, resolve_bundle_root, resolve_model, run_workflow
 
 
 def _bundle_root(bundle_root: str | os.PathLike | None) -> Path:
@@ -40,8 +40,9 @@ def _bundle_root(bundle_root: str | os.PathLike | None) -> Path:
 
 
 def _model_path(model: str | None, bundle_root: str | None) -> Path:
-    """The model file a command uses: ``model``, default ``<bundle_root>/models/model.pt``."""
-    return Path(model) if model else shipped_model(bundle_root)
+    """The model file a command uses: ``model`` (a file, or a shipped model's name: ``permissive``), default
+    ``<bundle_root>/models/model.pt`` (:func:`~mmcs_monai.workflows.resolve_model`)."""
+    return resolve_model(model, bundle_root)
 
 
 def _load_network(model: str | None, bundle_root: str | None, device: str | None = None):
@@ -62,10 +63,13 @@ def train(recipe: str | list[str] | None = None, bundle_root: str | None = None,
     Args:
         recipe: extra config(s) merged over train.json (a recipe name, e.g. ``cpu`` or ``finetune``, or a file).
         bundle_root: bundle folder (default: the repository's ``bundle/``).
-        overrides: config values, e.g. ``--data_source manifest.csv --epochs 50 --resume True``.
+        overrides: config values, e.g. ``--data_source manifest.csv --epochs 50 --resume True``; ``--pretrained``
+            takes a file or a shipped model's name (``--recipe finetune --pretrained permissive``).
             Models are written to ``<bundle_root>/trained`` unless ``--ckpt_dir`` is given (the shipped
             ``<bundle_root>/models/model.pt`` is never overwritten).
     """
+    if overrides.get("pretrained"):  # a shipped model's name (--pretrained permissive) or a file
+        overrides["pretrained"] = str(_model_path(overrides["pretrained"], bundle_root))
     # under torchrun (torchrun --nproc_per_node=N -m mmcs_monai.cli train ...) multi_gpu_train.json is added
     run_workflow("training", bundle_root, recipe, overrides, strict=True)
 
@@ -83,7 +87,7 @@ def infer(
     Args:
         input_dir: folder of images (TIFF, OME-TIFF, PNG, JPEG, NIfTI, OME-Zarr folders), one OME-Zarr, or a data list.
         output_dir: destination; images that already have masks there are skipped.
-        model: model file (ours or a Cellpose 3 checkpoint); default ``<bundle_root>/models/model.pt``.
+        model: model file (ours or a Cellpose 3 checkpoint) or a shipped model's name (``permissive``); default ``<bundle_root>/models/model.pt``.
         diameter: cell diameter in pixels in these images, in micrometres (``12um``: each image's pixel size from
             its OME metadata, or ``--pixel_size``), a stored subset name, ``stored`` (the model's training mean) or
             ``auto`` (the default: estimated per image, and reported per image in the log and in
@@ -96,7 +100,7 @@ def infer(
     if diameter is not None:
         overrides["diameter"] = diameter
     if model:
-        overrides["model_path"] = str(model)
+        overrides["model_path"] = str(_model_path(model, bundle_root))
     run_workflow("inference", bundle_root, None, overrides, strict=True)
 
 
@@ -111,13 +115,13 @@ def evaluate(
     """F1 at IoU 0.5 on the validation split; writes ``f1_per_image.csv`` and ``f1_summary.json``.
 
     Args:
-        model: model file; default ``<bundle_root>/models/model.pt``.
+        model: model file or a shipped model's name (``permissive``); default ``<bundle_root>/models/model.pt``.
         diameter: inference diameter, as for ``mmcs infer`` (the config's ``inference_diameter``; default ``auto``).
         precision: inference precision (``inference_precision``: auto, fp32, bf16, fp16).
         overrides: e.g. ``--data_source manifest.csv --val_split val --output_dir eval/``.
     """
     if model:
-        overrides["model_path"] = str(model)
+        overrides["model_path"] = str(_model_path(model, bundle_root))
     if diameter is not None:
         overrides["inference_diameter"] = diameter
     if precision is not None:
@@ -164,7 +168,7 @@ def infer_slide(
         image: TIFF or OME-TIFF (tiled, stripped or pyramidal; only the needed tiles are decoded), OME-Zarr (level 0,
             only the chunks a block touches), npy, PNG...
         output: label TIFF path, or a folder for ``<stem>_masks.tif``.
-        model: model file; default ``<bundle_root>/models/model.pt``.
+        model: model file or a shipped model's name (``permissive``); default ``<bundle_root>/models/model.pt``.
         table: write the per-cell CSV (id, centroid, area, bbox) beside the labels (``True``), to this
             path, or not (``False``).
         diameter: cell diameter in pixels, in micrometres (``12um``: needs the pixel size, from the image's metadata
@@ -247,7 +251,7 @@ def diameter_sweep(
 
     Args:
         data_source: labelled data (manifest CSV/JSON, Decathlon JSON or folder).
-        model: model file; default ``<bundle_root>/models/model.pt``.
+        model: model file or a shipped model's name (``permissive``); default ``<bundle_root>/models/model.pt``.
         diameters: comma-separated numbers (pixels) and names: ``stored`` (the model's mean),
             ``subset`` (each image at its own subset's stored diameter), ``auto`` (the multi-scale estimate),
             ``refine`` (segment at the stored mean, measure, segment again), or a stored subset name.
@@ -305,7 +309,7 @@ def export(
     take it.
 
     Args:
-        model: checkpoint (ours or Cellpose 3); default ``<bundle_root>/models/model.pt``.
+        model: checkpoint (ours or Cellpose 3) or a shipped model's name (``permissive``); default ``<bundle_root>/models/model.pt``.
         output: destination; default ``<bundle_root>/models/model.ts``. Written atomically.
         verify: compare the exported model with the checkpoint on the bundle's sample images.
         format: ``torchscript`` (the network), ``pipeline`` (one TorchScript file, image -> int32 labels: default

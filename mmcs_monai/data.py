@@ -217,6 +217,33 @@ def spread_per_group(items: list[dict[str, Any]], limit: int | None, key: str = 
     return [item for index, item in enumerate(items) if index in kept]
 
 
+def select_rows(items: list[dict[str, Any]], keep: list[str] | tuple[str, ...], key: str = "source", drop_ids=()) -> list[dict[str, Any]]:
+    """The rows whose ``key`` is one of ``keep``, less the rows named in ``drop_ids``, in their order.
+
+    The curated way to train on a subset of sources, such as the permissive model's licence-checked
+    sources: a name in ``keep`` or ``drop_ids`` that matches no row is an error, so a renamed source
+    or a stale id list cannot pass silently.
+
+    Args:
+        items: data list rows (``load_datalist``).
+        keep: values of ``key`` to keep (``source``: the manifest's ``source_group`` or ``source_repo``).
+        key: the row key to select on.
+        drop_ids: row ``id`` values to leave out of the kept sources (single rows of other terms).
+
+    Returns:
+        the selected rows.
+
+    Raises:
+        ValueError: a value of ``keep`` or an id of ``drop_ids`` matches no row.
+    """
+    keep, drop_ids = set(keep), set(drop_ids)
+    unknown = sorted(keep - {str(item.get(key)) for item in items})
+    unknown += sorted(drop_ids - {str(item.get("id")) for item in items})
+    if unknown:
+        raise ValueError(f"no data list row has {key} or id {unknown}")
+    return [item for item in items if item.get(key) in keep and item.get("id") not in drop_ids]
+
+
 def pending_outputs(items: list[dict[str, Any]], output_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """Items whose masks file is not yet in ``output_dir``, so a folder run resumes where it stopped."""
     output_dir = Path(output_dir)

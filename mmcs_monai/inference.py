@@ -52,6 +52,11 @@ def model_diameters(network: torch.nn.Module) -> tuple[float, float]:
     return diam_mean, diam_labels if diam_labels > 0 else diam_mean
 
 
+def _zoomed_size(height: int, width: int, zoom: float) -> tuple[int, int]:
+    """The network-scale size of a ``height x width`` image resized by ``zoom`` (at least 1 px a side)."""
+    return max(int(round(height * zoom)), 1), max(int(round(width * zoom)), 1)
+
+
 def diameter_zoom(network: torch.nn.Module, diameter: float) -> float:
     """Factor by which an image with cells of ``diameter`` pixels is resized before ``network``, so its cells
     reach the network's training diameter: the one zoom rule of inference, whole slides and the label tools."""
@@ -216,10 +221,27 @@ class CellInferer(Inferer):
             return self._predict(inputs, network, used, *args, **kwargs), [used] * len(inputs)
         outputs, used = [], []
         for image in inputs.split(1):
-            estimate = self.estimate_diameter(image[0], network, method=diameter)
+            flows, estimate = self.predict_estimated(image[0], network, method=diameter)
             used.append(estimate)
-            outputs.append(self._predict(image, network, estimate, *args, **kwargs))
+            outputs.append(flows)
         return torch.cat(outputs), used
+
+    def predict_estimated(
+        self, image: torch.Tensor, network: torch.nn.Module, method: str = "auto", mask_settings: MaskSettings | None = None
+    ) -> tuple[torch.Tensor, float]:
+        """Flows ``[1, 3, H, W]`` float32 of one image ``[2, H, W]`` at the diameter :meth:`estimate_diameter` finds,
+        and that diameter (pixels). When the ``auto`` search settled on a segmentation of the whole image
+        (:attr:`~mmcs_monai.size_estimate.SizeEstimate.flows`), that segmentation is the answer: the image is not
+        run through the network again."""
+        found = self._estimate(image, network, method, mask_settings)
+        height, width = image.shape[-2:]
+        zoom = diameter_zoom(network, found.diameter)
+        if found.flows is not None and tuple(found.flows.shape[-2:]) == _zoomed_size(height, width, zoom):
+            flows = found.flows[None].to(image.device)
+            if flows.shape[-2:] != (height, width):
+                flows = F.interpolate(flows, size=(height, width), mode="bilinear", align_corners=False)
+            return flows.contiguous(), found.diameter
+        return self._predict(image[None], network, found.diameter), found.diameter
 
     def estimate_diameter(
         self, image: torch.Tensor, network: torch.nn.Module, method: str = "auto", mask_settings: MaskSettings | None = None
@@ -232,19 +254,21 @@ class CellInferer(Inferer):
         training size. Both measure masks made with ``mask_settings`` (default: the inferer's, else
         :class:`MaskSettings`()).
         """
+        return self._estimate(image, network, method, mask_settings).diameter
+
+    def _estimate(
+        self, image: torch.Tensor, network: torch.nn.Module, method: str, mask_settings: MaskSettings | None
+    ) -> size_estimate.SizeEstimate:
         settings = mask_settings or self.mask_settings or MaskSettings()
         stored = resolve_diameter(network, None)
         if method == "refine":
             first = self._predict(image[None], network, stored)
             measured = median_diameter(settings.masks(first[0].cpu().numpy()))
-            return measured if measured > 0 else stored
+            return size_estimate.SizeEstimate(measured if measured > 0 else stored, [])
         if method != "auto":
             raise ValueError(f"unknown diameter estimate {method!r}; use one of {', '.join(ESTIMATED_DIAMETERS)}")
         diam_mean, _ = model_diameters(network)
-        estimate, _ = size_estimate.estimate_diameter(
-            image, lambda x: self._run(x, network), settings.masks, stored, diam_mean, self.search
-        )
-        return estimate
+        return size_estimate.search_diameter(image, lambda x: self._run(x, network), settings.masks, stored, diam_mean, self.search)
 
     def _predict(self, inputs: torch.Tensor, network: torch.nn.Module, diameter: float, *args: Any, **kwargs) -> torch.Tensor:
         """Flows at the inputs' size for cells of ``diameter`` pixels: resize, run tile by tile, resize back."""
@@ -252,8 +276,7 @@ class CellInferer(Inferer):
         zoom = diameter_zoom(network, diameter)
         x = torch.as_tensor(inputs, dtype=torch.float32)
         if abs(zoom - 1.0) > 1e-3:
-            size = (max(int(round(height * zoom)), 1), max(int(round(width * zoom)), 1))
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            x = F.interpolate(x, size=_zoomed_size(height, width, zoom), mode="bilinear", align_corners=False)
         flows = self._run(x, network, *args, **kwargs)
         if flows.shape[-2:] != (height, width):
             flows = F.interpolate(flows, size=(height, width), mode="bilinear", align_corners=False)

@@ -125,8 +125,9 @@ class CellSegmenter:
         x = _as_images(images).to(self.device)
         diameter = self.requested_diameter(diameter)
         if diameter in ESTIMATED_DIAMETERS:
-            used = [self.diameter_for(image, diameter) for image in x]
-            flows = torch.cat([self.inferer.predict(image[None], self.network, diameter=d)[0] for image, d in zip(x, used)])
+            # one estimate per image; the search's own segmentation of a whole image is reused (no second run)
+            estimated = [self.inferer.predict_estimated(image, self.network, diameter, self.mask_settings) for image in x]
+            flows, used = torch.cat([f for f, _ in estimated]), [d for _, d in estimated]
         else:
             flows, used = self.inferer.predict(x, self.network, diameter=self.diameter_for(None, diameter))
         # masks on the flows' device (mmcs_monai.masks: the exported pipeline's code): on a GPU nothing goes back

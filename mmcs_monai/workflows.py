@@ -78,9 +78,32 @@ def resolve_bundle_root(bundle_root: str | os.PathLike | None = None) -> Path:
     return root.resolve()
 
 
-def shipped_model(bundle_root: str | os.PathLike | None = None) -> Path:
-    """The generalist model the bundle ships, ``<bundle_root>/models/model.pt``: every command's default model."""
-    return resolve_bundle_root(bundle_root) / "models" / "model.pt"
+# The models the bundle ships, by name -> file in ``<bundle_root>/models/``. ``model`` (the generalist, trained on
+# every source, research use) is every command's default; ``permissive`` is trained only on sources whose
+# licence allows commercial use (bundle/docs/README.md, "Permissive model").
+SHIPPED_MODELS = {"model": "model.pt", "permissive": "permissive.pt"}
+DEFAULT_MODEL = "model"
+
+
+def shipped_model(bundle_root: str | os.PathLike | None = None, name: str = DEFAULT_MODEL) -> Path:
+    """The file of the shipped model ``name`` (one of :data:`SHIPPED_MODELS`), ``<bundle_root>/models/<file>``.
+
+    Raises:
+        InputError: ``name`` is not a shipped model.
+    """
+    if name not in SHIPPED_MODELS:
+        raise InputError(name, f"not a shipped model; the bundle ships {', '.join(SHIPPED_MODELS)}")
+    return resolve_bundle_root(bundle_root) / "models" / SHIPPED_MODELS[name]
+
+
+def resolve_model(model: str | os.PathLike | None = None, bundle_root: str | os.PathLike | None = None) -> Path:
+    """The model file a ``--model`` option means: None -> the default shipped model; a shipped model's name
+    (``permissive``) -> its file; anything else -> that path (write ``./permissive`` for a file of that name)."""
+    if model is None or str(model) == "":
+        return shipped_model(bundle_root)
+    if str(model) in SHIPPED_MODELS:
+        return shipped_model(bundle_root, str(model))
+    return Path(model).expanduser()
 
 
 def under_torchrun() -> bool:

@@ -209,3 +209,15 @@ def test_weighted_sampler_draws_in_proportion():
     draws = list(sampler)
     assert len(draws) == 4000 and sum(d == 1 for d in draws) / 4000 == pytest.approx(0.75, abs=0.03)
     assert len(list(weighted_sampler([1.0] * 7))) == 7
+
+
+def test_select_rows_keeps_named_sources_and_refuses_names_that_match_nothing():
+    from mmcs_monai.data import select_rows
+
+    rows = [{"id": "a", "source": "dsb"}, {"id": "b", "source": "dsb"}, {"id": "c", "source": "monuseg"}, {"id": "d"}]
+    assert [r["id"] for r in select_rows(rows, ["dsb"])] == ["a", "b"]
+    assert [r["id"] for r in select_rows(rows, ["dsb", "monuseg"], drop_ids=["b"])] == ["a", "c"]
+    with pytest.raises(ValueError, match="DSB"):
+        select_rows(rows, ["DSB"])  # a renamed or misspelt source must not select nothing silently
+    with pytest.raises(ValueError, match="'z'"):
+        select_rows(rows, ["dsb"], drop_ids=["z"])

@@ -1,6 +1,7 @@
 """User recipes ship in the bundle (``configs/recipes/``) and are chosen by name: ``mmcs train --recipe finetune``."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -118,3 +119,49 @@ def test_the_pool_recipe_balances_sources_crops_and_reads_the_nucleus_channel(de
     assert image.shape[0] == 2 and max(image.shape[1:]) == 512
     first_two_channel = np.asarray(transform(dict(two_channel[0]))["image"])
     assert first_two_channel[1].std() > 0  # the nucleus stain, not zeros
+
+
+# Licence words that bar a row from the permissive model: non-commercial, copyleft, no-selling, or terms not known.
+_NOT_PERMISSIVE = re.compile(r"\bNC\b|non-?commercial|GPL|Commons Clause|not stated|not verified|provenance", re.IGNORECASE)
+
+
+def test_the_permissive_recipes_train_only_on_rows_whose_licence_allows_commercial_use(dev_data):
+    """``permissive_data.json`` and ``permissive_pool.json`` (the permissive model's labelled and unlabelled rows):
+    every row they select has a manifest licence of CC0, MIT, BSD or CC BY with nothing that bars commercial use or
+    leaves the terms unknown (read from the manifests here, not through the library), and the ones that do are
+    left out: MoNuSeg (CC BY-NC-SA), DeepCell (no licence), DeepLIIF (Commons Clause), SuperSegger (GPL), BCCD,
+    the BBBC007 crops and the Yeast Image Toolkit frame."""
+    import csv
+
+    from monai.bundle import ConfigParser
+
+    pool = dev_data.parent / "unlabelled" / "manifest.csv"
+    extra = dev_data.parent / "extra" / "manifest.csv"
+    if not (pool.is_file() and extra.is_file()):
+        pytest.skip(f"extra data or unlabelled pool not found next to {dev_data}")
+    licences = {}
+    for manifest in (dev_data / "manifest.csv", extra, pool):
+        with open(manifest, newline="") as f:
+            licences.update({row["id"]: row.get("license") or row["licence"] for row in csv.DictReader(f)})
+    parser = ConfigParser()
+    parser.read_config(
+        [str(BUNDLE / "configs" / n) for n in ("train.json", "semi.json")]
+        + [
+            str(REPO / "experiments" / "recipes" / n)
+            for n in ("generalist_data.json", "permissive_data.json", "pool_semi.json", "permissive_pool.json")
+        ]
+    )
+    parser["bundle_root"] = str(BUNDLE)
+    train, val = parser.get_parsed_content("train#items"), parser.get_parsed_content("validate#datalist")
+    unlabelled = parser.get_parsed_content("unlabelled#datalist")
+    assert len(train) > 400 and len(val) > 50 and len(unlabelled) > 40
+    for item in train + val + unlabelled:
+        licence = licences[item["id"]]
+        assert licence.startswith(("CC0", "MIT", "BSD", "repo: LICENSE-BSD3")), (item["id"], licence)
+        assert not _NOT_PERMISSIVE.search(licence), (item["id"], licence)
+    assert {i["source"] for i in train} == {"dsb_train", "usiigaci_maskrcnn"}
+    sources = {i["source"] for i in unlabelled}
+    assert "subhasishsaha/colorectal-histology" in sources  # H&E tissue reaches the model only unlabelled
+    left_out = {"nadeemlab/DeepLIIF", "wiggins-lab/SuperSegger", "instanseg/instanseg", "deepcell_testing", "Shenggan/BCCD_Dataset"}
+    assert not sources & left_out  # BCCD: MIT, but the repository relicenses images it credits to others
+    assert not any("BBBC007" in i["id"] or "YIT" in i["id"] for i in unlabelled)

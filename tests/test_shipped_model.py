@@ -1,32 +1,50 @@
-"""The shipped generalist model: tracked, compact, the default everywhere, and it segments the sample data."""
+"""The shipped models: tracked, compact, chosen by name (the generalist the default everywhere), and they segment
+the sample data."""
+
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
-from helpers import BUNDLE
+from helpers import BUNDLE, SAMPLE_IMAGES, subprocess_env
 from mmcs_monai.data import load_datalist
+from mmcs_monai.io import InputError
 from mmcs_monai.metrics import f1_score
 from mmcs_monai.networks import load_model
 from mmcs_monai.segmentation import CellSegmenter
 from mmcs_monai.transforms import inference_preprocessing
-from mmcs_monai.workflows import shipped_model
+from mmcs_monai.workflows import SHIPPED_MODELS, resolve_model, shipped_model
 
 SHIPPED = BUNDLE / "models" / "model.pt"
+PERMISSIVE = BUNDLE / "models" / "permissive.pt"
 
 
-def test_shipped_model_is_the_default_and_compact():
-    assert shipped_model() == SHIPPED and SHIPPED.is_file()
-    assert SHIPPED.stat().st_size < 15e6
-    state = torch.load(SHIPPED, weights_only=True)
+def test_shipped_model_is_the_default_and_the_permissive_one_is_chosen_by_name():
+    assert shipped_model() == resolve_model(None) == resolve_model("model") == SHIPPED
+    assert resolve_model("permissive") == shipped_model(name="permissive") == PERMISSIVE
+    assert resolve_model("runs/x/model.pt") == Path("runs/x/model.pt")  # anything else is a file
+    assert set(SHIPPED_MODELS) == {"model", "permissive"}
+    with pytest.raises(InputError, match="not a shipped model; the bundle ships model, permissive"):
+        shipped_model(name="cyto3")
+
+
+@pytest.mark.parametrize("path", [SHIPPED, PERMISSIVE], ids=["generalist", "permissive"])
+def test_shipped_models_are_compact(path):
+    assert path.is_file() and path.stat().st_size < 15e6
+    state = torch.load(path, weights_only=True)
     assert state["output.2.weight"].dtype == torch.float16 and state["diam_labels"].dtype == torch.float32
-    network = load_model(SHIPPED)
+    network = load_model(path)
     assert network.nbase == [2, 32, 64, 128, 256] and float(network.diam_mean) == 30.0
-    assert 15 < float(network.diam_labels) < 40 and len(network.subset_diameters) >= 5
+    assert 15 < float(network.diam_labels) < 40 and len(network.subset_diameters) >= 4
 
 
-def test_shipped_model_segments_the_sample_images_with_default_settings():
+@pytest.mark.parametrize("path", [SHIPPED, PERMISSIVE], ids=["generalist", "permissive"])
+def test_shipped_models_segment_the_sample_images_with_default_settings(path):
     """Default settings (auto diameter, auto precision) on the 3 sample validation images: F1 above 0.6."""
-    network = load_model(SHIPPED).eval()
+    network = load_model(path).eval()
     segmenter = CellSegmenter(network)
     load = inference_preprocessing(keys=["image", "label"])
     scores = []
@@ -35,3 +53,20 @@ def test_shipped_model_segments_the_sample_images_with_default_settings():
         result = segmenter(torch.as_tensor(np.asarray(data["image"])))
         scores.append(f1_score(np.asarray(data["label"])[0], result.masks, border=2)["f1"])
     assert len(scores) == 3 and np.mean(scores) > 0.6, scores
+
+
+def test_infer_with_model_permissive_uses_the_permissive_file(tmp_path):
+    """``mmcs infer --model permissive``: the summary names the permissive file; without ``--model``, model.pt."""
+    images = tmp_path / "images"
+    images.mkdir()
+    sample = sorted(SAMPLE_IMAGES.glob("*.tif"))[0]
+    (images / sample.name).write_bytes(sample.read_bytes())
+    for model, expected in (("permissive", PERMISSIVE), (None, SHIPPED)):
+        out = tmp_path / f"out_{model}"
+        args = [sys.executable, "-m", "mmcs_monai.cli", "infer", str(images), str(out), "--diameter", "stored"]
+        result = subprocess.run(
+            args + (["--model", model] if model else []), capture_output=True, text=True, timeout=300, env=subprocess_env()
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert f"model {expected} " in result.stdout + result.stderr
+        assert (out / f"{sample.stem}_masks.tif").is_file()

@@ -17,7 +17,7 @@ from mmcs_monai.io import read_labels
 from mmcs_monai.metrics import f1_score
 from mmcs_monai.networks import load_model
 from mmcs_monai.segmentation import CellSegmenter
-from mmcs_monai.size_estimate import DiameterSearch, busiest_window, estimate_diameter
+from mmcs_monai.size_estimate import DiameterSearch, busiest_window, estimate_diameter, search_diameter
 from mmcs_monai.transforms import inference_preprocessing
 
 
@@ -262,3 +262,75 @@ def test_cellpose_file_without_extra_state_gets_an_estimate(tiny_model, tmp_path
     image, labels = _resampled(*_sample(), 3.0)
     used = CellSegmenter(network, CellInferer(precision="fp32"))(image, diameter="auto").diameter
     assert abs(math.log2(used / median_diameter(labels))) < math.log2(1.25)
+
+
+def test_a_whole_image_candidate_that_agrees_settles_the_search():
+    """Cells of 24 px, stored 30, a network that measures ``sqrt(D * c)``, on a 200 px image the network sees whole:
+    the 2x candidate agrees (60 -> 37.4 px) and is refined twice (37.4 -> 29.8, 29.8 -> 26.6 px, 0.165 off in log2,
+    below ``refine_above``). Within ``settle_within`` 0.2 the estimate is the last candidate's 29.8 px and its
+    segmentation (the whole image at that zoom) comes back with it; within 0.1 it is not, and the estimate is
+    the measurement, 26.6 px, with no segmentation (the caller segments the image at 26.6 px)."""
+    labels = _disc_grid(24.0, side=200)
+    image = torch.stack([torch.as_tensor(labels > 0, dtype=torch.float32), torch.zeros(labels.shape)])
+    network = CompressingNetwork()
+    chain = [60.0, math.sqrt(24.0 * 60.0)]
+    chain += [math.sqrt(24.0 * chain[-1]), math.sqrt(24.0 * math.sqrt(24.0 * chain[-1]))]
+    settled = search_diameter(image, network, _ids_as_masks, 30.0, 30.0, DiameterSearch(settle_within=0.2, follow_within=0.0))
+    last = settled.candidates[-1]
+    assert settled.diameter == last.diameter == pytest.approx(chain[2], rel=0.04), settled.candidates
+    assert 0.1 < last.disagreement <= 0.2
+    side = round(200 * 30.0 / last.diameter)
+    assert settled.flows is not None and tuple(settled.flows.shape) == (3, side, side)
+    expected = network(F.interpolate(image[None], size=(side, side), mode="bilinear", align_corners=False))[0]
+    assert torch.equal(settled.flows, expected)
+    measured = search_diameter(image, network, _ids_as_masks, 30.0, 30.0, DiameterSearch(settle_within=0.1, follow_within=0.0))
+    assert measured.flows is None and measured.diameter == pytest.approx(chain[3], rel=0.04)
+
+
+def test_only_an_image_the_network_sees_whole_settles():
+    """A 400 px image at 1x is 2.4x the 256 px crop's area: above ``whole_below`` 2 the candidates see crops and
+    nothing settles; with ``whole_below`` 3 the candidate sees the whole image (network input 400 x 400) and does."""
+    labels = _disc_grid(30.0, side=400)
+    image = torch.stack([torch.as_tensor(labels > 0, dtype=torch.float32), torch.zeros(labels.shape)])
+    network = SizeLimitedNetwork()
+    cropped = search_diameter(image, network, _masks, 30.0, 30.0, DiameterSearch(settle_within=0.2))
+    assert cropped.flows is None and max(max(c) for c in network.calls) <= 256
+    network = SizeLimitedNetwork()
+    whole = search_diameter(image, network, _masks, 30.0, 30.0, DiameterSearch(settle_within=0.2, whole_below=3.0))
+    assert whole.flows is not None and (400, 400) in network.calls and whole.diameter == 30.0
+
+
+class CountingNetwork(torch.nn.Module):
+    """Wraps a CPnet and counts the network pixels it is run on."""
+
+    def __init__(self, network):
+        super().__init__()
+        self.network, self.pixels = network, 0
+        self.diam_mean, self.diam_labels = network.diam_mean, network.diam_labels
+
+    def forward(self, x):
+        self.pixels += x.shape[0] * x.shape[-2] * x.shape[-1]
+        return self.network(x)
+
+
+@pytest.mark.parametrize("settle", [0.0, 10.0])
+def test_auto_reuses_the_searchs_segmentation_of_the_whole_image(tiny_model, settle):
+    """The small trained model on a 160 px sample image (whole at every candidate's zoom). Settled (``settle_within``
+    10: any agreeing whole-image candidate), ``auto`` runs the network only for the search, and its flows are the
+    ones a run at the chosen diameter gives; not settled (0), it segments the image once more at the estimate."""
+    image, _ = _sample()
+    network = CountingNetwork(load_model(tiny_model).eval())
+    inferer = CellInferer(precision="fp32", search=DiameterSearch(settle_within=settle))
+
+    def pixels(run):
+        network.pixels = 0
+        result = run()
+        return result, network.pixels
+
+    found, search = pixels(lambda: inferer._estimate(image, network, "auto", None))
+    (flows, diameter), auto = pixels(lambda: inferer.predict_estimated(image, network))
+    again, once = pixels(lambda: inferer._predict(image[None], network, diameter))
+    assert diameter == found.diameter and search > 0 and once > 0
+    assert (found.flows is not None) == bool(settle)
+    assert auto == (search if settle else search + once)
+    assert torch.allclose(flows, again, atol=1e-5)

@@ -8,7 +8,7 @@ Start it (the app folder ``apps/mmcs`` holds only a ``main.py`` importing :class
 ``--conf`` keys (all optional):
 
 - ``models``: ``mmcs`` (the one model here) or ``all``;
-- ``model``: checkpoint (mmcs or Cellpose 3) or exported ``.ts`` to serve (default: the bundle's shipped
+- ``model``: checkpoint (mmcs or Cellpose 3), exported ``.ts``, or a shipped model's name (``permissive``) to serve (default: the bundle's shipped
   ``models/model.pt``); copied to ``<model_dir>/mmcs.pt`` on first start, which training then replaces;
 - ``model_dir``: where the served model and training runs live (default ``<app>/model``);
 - ``device``: ``cpu``, ``cuda:0`` ... (default: the first GPU, else CPU);
@@ -53,7 +53,7 @@ from mmcs_monai.label.infer import INFER_PARAMETERS, CellInferTask
 from mmcs_monai.label.model import ServedModel
 from mmcs_monai.label.train import TRAIN_PARAMETERS, CellTrainTask
 from mmcs_monai.options import parse_bool
-from mmcs_monai.workflows import shipped_model
+from mmcs_monai.workflows import resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class MMCSLabelApp(MONAILabelApp):
         if models not in (MODEL_NAME, "all"):
             raise ValueError(f"--conf models {models!r}: this app serves one model, {MODEL_NAME!r} (or 'all')")
         self.model_dir = Path(conf.get("model_dir") or Path(app_dir) / "model")
-        source = conf.get("model") or shipped_model(conf.get("bundle_root"))
+        source = resolve_model(conf.get("model"), conf.get("bundle_root"))
         self.served = ServedModel.install(source, self.model_dir, conf.get("device") or None)
         self.precision = conf.get("precision", "auto")
         self.infer_defaults = {k: _typed(conf[k], v) for k, v in INFER_PARAMETERS.items() if k in conf}

@@ -141,9 +141,9 @@ class ModelCache:
         """
         from mmcs_monai.distributed import local_device
         from mmcs_monai.networks import load_model
-        from mmcs_monai.workflows import shipped_model
+        from mmcs_monai.workflows import resolve_model
 
-        file = Path(path).expanduser() if path else shipped_model()
+        file = resolve_model(path)
         stat = file.stat() if file.is_file() else None
         key = (str(file.resolve()), stat.st_mtime_ns if stat else 0, stat.st_size if stat else 0)
         with self._lock:
@@ -194,7 +194,7 @@ class MMCSWidget(QWidget):
         self.cyto_combo = QComboBox()
         self.nucleus_combo = QComboBox()
         self.model_edit = QLineEdit()
-        self.model_edit.setPlaceholderText("shipped model (bundle/models/model.pt)")
+        self.model_edit.setPlaceholderText("shipped model (bundle/models/model.pt); 'permissive', or a file")
         browse = QPushButton("...")
         browse.setMaximumWidth(30)
         browse.clicked.connect(self._browse_model)
@@ -606,9 +606,9 @@ class MMCSWidget(QWidget):
             unlabelled = self.unlabelled_images(used)
             model_path = self.model_edit.text().strip() or None
             network = self.models.get(model_path)
-            from mmcs_monai.workflows import shipped_model
+            from mmcs_monai.workflows import resolve_model
 
-            pretrained = Path(model_path).expanduser() if model_path else shipped_model()
+            pretrained = resolve_model(model_path)
             run = finetune.run_folder(self.output_edit.text().strip() or None)
             command_args = {
                 "pretrained": pretrained,

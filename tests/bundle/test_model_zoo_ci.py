@@ -42,13 +42,14 @@ def test_model_zoo_ci_passes_every_check(tmp_path):
     assert "large_files" not in result.stdout or "not present locally" not in result.stdout
 
 
-def test_large_files_entry_matches_the_shipped_model():
-    """``large_files.yml`` names the tracked weights with their current hash (regenerated when the model changes)."""
+def test_large_files_entries_match_the_shipped_models():
+    """``large_files.yml`` names both tracked weights with their current hash (regenerated when a model changes)."""
     import hashlib
 
     import yaml
 
     entries = yaml.safe_load((BUNDLE / "large_files.yml").read_text())["large_files"]
-    assert [e["path"] for e in entries] == ["models/model.pt"]
-    digest = hashlib.new(entries[0]["hash_type"], (BUNDLE / "models" / "model.pt").read_bytes()).hexdigest()
-    assert digest == entries[0]["hash_val"]
+    assert [e["path"] for e in entries] == ["models/model.pt", "models/permissive.pt"]
+    for entry in entries:
+        digest = hashlib.new(entry["hash_type"], (BUNDLE / entry["path"]).read_bytes()).hexdigest()
+        assert digest == entry["hash_val"], entry["path"]
