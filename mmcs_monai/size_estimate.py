@@ -166,8 +166,8 @@ def search_diameter(
     stored_diameter: float,
     diam_mean: float,
     search: DiameterSearch | None = None,
-) -> tuple[float, list[Candidate]]:
-    """Cell diameter (pixels of ``image``) found by the multi-scale search.
+) -> SizeEstimate:
+    """Cell diameter (pixels of ``image``) found by the multi-scale search, and the segmentation it settled on.
 
     Args:
         image: [2, H, W] float32, normalised as for the network.

@@ -3,7 +3,7 @@
 # commercial use (experiments/recipes/permissive_data.json and permissive_pool.json list them; the model
 # card's "Permissive model" section gives each licence). Phase 1 (supervised, DSB 2018 + Usiigaci train,
 # subsets balanced) from scratch, then phase 2 on the permissive part of the unlabelled pool: about
-# 80 minutes on 2 CPU cores. Needs ../shared/data. Writes runs/permissive/{phase1,pool}/ (models,
+# 90 minutes on 2 CPU cores (68 + 20 measured). Needs ../shared/data. Writes runs/permissive/{phase1,pool}/ (models,
 # TensorBoard, logs); the shipped bundle/models/permissive.pt is not touched (see bundle/docs/README.md).
 # Extra arguments go to every phase (e.g. --precision fp32, --device cuda).
 set -euo pipefail
