@@ -46,7 +46,8 @@ def _cpu_flags() -> str:
     return f"{model}, {os.cpu_count()} cores, flags {' '.join(names)}"
 
 
-def _run(args: list[str], env: dict) -> float:
+def _run(args: list[str], env: dict, out: Path) -> float:
+    out.mkdir(parents=True, exist_ok=True)  # Cellpose wants its --savedir to exist
     start = time.perf_counter()
     result = subprocess.run(args, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - start
@@ -100,11 +101,11 @@ def main(argv=None) -> int:
         print(f"{len(items)} dev-val images, {megapixels:.2f} MPix; model {args.model} (stored diameter {diameter:.1f} px)")
         seconds = {"ours": float("inf"), "cellpose": float("inf")}
         for tool in seconds:
-            _run(_commands(tool, warm, work / f"warm_{tool}", args.model, diameter), env)
+            _run(_commands(tool, warm, work / f"warm_{tool}", args.model, diameter), env, work / f"warm_{tool}")
         for repeat in range(args.repeats):
             for tool in ("ours", "cellpose") if repeat % 2 == 0 else ("cellpose", "ours"):
                 out = work / f"{tool}_{repeat}"
-                seconds[tool] = min(seconds[tool], _run(_commands(tool, images, out, args.model, diameter), env))
+                seconds[tool] = min(seconds[tool], _run(_commands(tool, images, out, args.model, diameter), env, out))
         f1 = {}
         for tool in seconds:
             out = work / f"{tool}_0"
