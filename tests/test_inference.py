@@ -92,8 +92,11 @@ def test_auto_diameter_measures_cells_then_rescales():
     out, used = inferer.predict(image, net)
     assert out.shape == (1, 3, 96, 96) and torch.equal(out, inferer(image, net))
     assert used[0] == pytest.approx(36, rel=0.1) and not hasattr(inferer, "last_diameters")
-    # second pass at zoom 30/36: a 80 x 80 image, one tile (rounded up to 16 px)
-    assert net.seen[-1] == (80, 80)
+    # the search's last candidate segmented the whole image at the estimate (zoom 30/35.7: 81 x 81, one tile rounded
+    # up to 16 px) and its cells agreed with that size: that segmentation is the answer, no second pass
+    net.seen.clear()
+    inferer.predict(image, net)
+    assert net.seen[-1] == (96, 96) and len(net.seen) == 6  # 5 grid candidates and one refinement, nothing more
 
 
 def test_subset_name_picks_the_stored_subset_diameter():
