@@ -14,6 +14,7 @@ PACKAGE = REPO / "mmcs_monai"
 LAYERS = [
     {
         "io",
+        "allocator",
         "distributed",
         "diameters",
         "flows",
