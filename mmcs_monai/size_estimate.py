@@ -28,10 +28,12 @@ nothing to measure, or only fragments. :func:`estimate_diameter` instead
    (:attr:`SizeEstimate.flows`): the caller does not segment the image a second time. On images of 256-400 px
    this is most of what ``auto`` cost over a run at the true diameter.
 
-   ``whole_below`` is 0 by default: segmenting images up to twice the crop whole (0.4.0) made merged cells at a
-   coarse zoom count as agreeing. On the E. coli val image (1002 x 1004 px, cells 25 px) the 2x candidate's
-   follow-up found 3 merged objects in its 470 px crop (fewer than ``min_cells``: the search went on and found
-   25 px) but 7-18 in the whole image, so ``auto`` settled near 50 px: F1 0.03 against 0.95 (main model).
+   ``whole_below`` is 0 by default since 0.4.1. With 2 (0.4.0) the 4x candidate measured the E. coli val image
+   (1002 x 1004 px, rods of 25 px) whole, 56 px instead of 55 on its busiest crop, and the follow-up at 56 px found
+   7 objects of about 48 px (touching rods merged at that zoom) in its crop: enough to agree, so ``auto`` chose
+   47.8 px (F1 0.03 against 0.95, main model). The follow-up at 55 px finds 3 in its crop, fewer than
+   ``min_cells``; the search goes on and finds 25 px. The margin is thin (3 objects against 5 needed): merged
+   cells at a coarse zoom agreeing with it is the search's known failure, not solved here.
 
 It works for any CPnet, including a Cellpose 3 checkpoint file, and needs no fitting. The crop is the
 square window of the image with the most intensity variation (at the candidate's scale), so sparse
