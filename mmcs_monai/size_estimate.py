@@ -31,7 +31,7 @@ nothing to measure, or only fragments. :func:`estimate_diameter` instead
    ``whole_below`` is 0 by default since 0.4.1. With 2 (0.4.0) the 4x candidate measured the E. coli val image
    (1002 x 1004 px, rods of 25 px) whole, 56 px instead of 55 on its busiest crop, and the follow-up at 56 px found
    7 objects of about 48 px (touching rods merged at that zoom) in its crop: enough to agree, so ``auto`` chose
-   47.8 px (F1 0.03 against 0.95, main model). The follow-up at 55 px finds 3 in its crop, fewer than
+   47.8 px (F1 0.14 against 0.95, main model). The follow-up at 55 px finds 3 in its crop, fewer than
    ``min_cells``; the search goes on and finds 25 px. The margin is thin (3 objects against 5 needed): merged
    cells at a coarse zoom agreeing with it is the search's known failure, not solved here.
 

@@ -77,7 +77,7 @@ def test_infer_with_model_permissive_uses_the_permissive_file(tmp_path):
 def test_auto_measures_e_coli_not_the_objects_they_merge_into_at_a_coarse_zoom():
     """The E. coli val image (1002 x 1004 px, rods of about 25 px, DeepCell): at 2x the stored size the network merges
     touching rods into objects of about 50 px, and 0.4.0's search, which segmented images up to twice the crop's area
-    whole, found enough of them to agree and chose 47.8 px (F1 0.03). The default search measures the busiest crop,
+    whole, found enough of them to agree and chose 47.8 px (F1 0.14). The default search measures the busiest crop,
     goes on to finer candidates and finds the rods' size (F1 0.95 at the time of writing)."""
     extra = require_dev_data().parent / "extra" / "manifest.csv"
     rows = [r for r in load_datalist(str(extra), split="val") if r["id"] == "dc_ecolikc_set2"] if extra.is_file() else []
