@@ -23,8 +23,7 @@ import subprocess
 import sys
 import time
 
-from benchmarks.common import DEV_MANIFEST, REPO
-from benchmarks.defaults import ISA_ENV, _cpu_flags
+from benchmarks.common import DEV_MANIFEST, ISA_ENV, REPO, cpu_description
 
 
 def _child(arm: str, limit: int, diameter: str) -> dict:
@@ -64,7 +63,7 @@ def main(argv=None) -> int:
         print(json.dumps(_child(args.child, args.limit, args.diameter)))
         return 0
     env = {**os.environ, **ISA_ENV[args.isa], "PYTHONPATH": str(REPO)}
-    print(f"CPU: {_cpu_flags()}; isa {args.isa}; {args.limit} dev-val images, diameter {args.diameter}")
+    print(f"CPU: {cpu_description()}; isa {args.isa}; {args.limit} dev-val images, diameter {args.diameter}")
     best: dict[str, dict] = {}
     for repeat in range(args.repeats):
         for arm in ("glibc", "kept") if repeat % 2 == 0 else ("kept", "glibc"):

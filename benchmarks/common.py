@@ -1,8 +1,10 @@
 """The one helper the benchmarks (and the experiments) share: where the checkout and the dev data are, the bundle
-training command they time (:func:`mmcs_monai.workflows.bundle_command`), and the engines' own clocks."""
+training command they time (:func:`mmcs_monai.workflows.bundle_command`), the engines' own clocks, the CPU's name and
+the environment that restricts a process to AVX2 kernels."""
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -12,6 +14,20 @@ from mmcs_monai.workflows import bundle_command
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
 DEV_MANIFEST = REPO.parent / "shared" / "data" / "dev" / "manifest.csv"
+
+# environment of a child process: ``avx2`` restricts oneDNN and ATen to AVX2 kernels on an AVX-512 CPU (oneDNN then
+# reports no native bf16, so ``precision auto`` is fp32, as on an AVX2 CPU)
+ISA_ENV = {"avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}, "native": {}}
+
+
+def cpu_description() -> str:
+    """``"<model name>, <n> cores, flags avx2 avx512f ..."`` from ``/proc/cpuinfo`` (the vector flags that decide
+    precision and kernels; ``?`` where there is no ``/proc/cpuinfo``)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    flags = info.split("flags", 1)[-1].split("\n", 1)[0] if info else ""
+    names = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags]
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    return f"{model}, {os.cpu_count()} cores, flags {' '.join(names)}"
 
 
 def training_command(

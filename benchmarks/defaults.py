@@ -32,18 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import DEV_MANIFEST, REPO
-
-ISA_ENV = {"avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}, "native": {}}
-
-
-def _cpu_flags() -> str:
-    flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[-1].split("\n", 1)[0] if Path("/proc/cpuinfo").is_file() else ""
-    names = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags]
-    model = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), "?"
-    )
-    return f"{model}, {os.cpu_count()} cores, flags {' '.join(names)}"
+from benchmarks.common import DEV_MANIFEST, ISA_ENV, REPO, cpu_description
 
 
 def _run(args: list[str], env: dict, out: Path) -> float:
@@ -97,7 +86,7 @@ def main(argv=None) -> int:
             shutil.copy(source, images / f"{item['id']}{source.suffix}")
             megapixels += read_labels(item["label"]).size / 1e6
         shutil.copy(next(images.iterdir()), warm)
-        print(f"CPU: {_cpu_flags()}; isa {args.isa} {ISA_ENV[args.isa]}")
+        print(f"CPU: {cpu_description()}; isa {args.isa} {ISA_ENV[args.isa]}")
         print(f"{len(items)} dev-val images, {megapixels:.2f} MPix; model {args.model} (stored diameter {diameter:.1f} px)")
         seconds = {"ours": float("inf"), "cellpose": float("inf")}
         for tool in seconds:

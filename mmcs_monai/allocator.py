@@ -53,24 +53,22 @@ def keep_freed_memory(keep_bytes: int = KEEP_BYTES, top_pad: int = TOP_PAD_BYTES
         top_pad: extra bytes the heap grows by each time it grows.
 
     Returns:
-        True when the settings were applied; False where the C library is not glibc (macOS, Windows, musl),
-        which is left as it is.
+        True when every setting was applied; False where the C library is not glibc (macOS, Windows, musl),
+        which is left as it is, or where glibc refused one (logged; the others still apply).
     """
     libc = _glibc()
     if libc is None:
         return False
-    applied = all(
-        libc.mallopt(parameter, int(value)) == 1
-        for parameter, value in (
-            (M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX),
-            (M_MMAP_MAX, 0),
-            (M_TRIM_THRESHOLD, keep_bytes),
-            (M_TOP_PAD, top_pad),
-        )
-    )
-    if not applied:
-        logger.info("glibc refused a malloc setting; the allocator is left at its defaults")
-    return applied
+    settings = {
+        "M_MMAP_THRESHOLD": (M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX),
+        "M_MMAP_MAX": (M_MMAP_MAX, 0),
+        "M_TRIM_THRESHOLD": (M_TRIM_THRESHOLD, keep_bytes),
+        "M_TOP_PAD": (M_TOP_PAD, top_pad),
+    }
+    refused = [name for name, (parameter, value) in settings.items() if libc.mallopt(parameter, int(value)) != 1]
+    if refused:
+        logger.info("glibc refused the malloc setting(s) %s; those stay at their defaults", ", ".join(refused))
+    return not refused
 
 
 __all__ = ["keep_freed_memory"]
