@@ -3,8 +3,8 @@
     python -m benchmarks.compile [--model bundle/models/model.pt] [--batch 8] [--tile 224] [--rounds 6]
     TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python -m benchmarks.compile     # a cold compile cache
 
-Full CPnet on a batch of random tiles, under ``torch.no_grad()``, for bf16 autocast + channels_last (the
-``precision auto`` path on this CPU) and fp32: eager, ``CompiledNetwork(freezing=False)`` and
+Full CPnet on a batch of random tiles, under ``torch.no_grad()``, for bf16 autocast and fp32, each in the layout
+inference runs it in (channels-last for both on a CPU since 0.4.2; fp32 was contiguous before): eager, ``CompiledNetwork(freezing=False)`` and
 ``CompiledNetwork(freezing=True)`` (the library default). Each compiled network has its own graph cache,
 so all live in one process and are timed interleaved (round-robin), and load from other work falls on all
 alike. Reports the first call (the compile), the median seconds per batch, the speed-up over eager and
@@ -38,12 +38,12 @@ def main() -> None:
 
     from mmcs_monai.networks import load_model
     from mmcs_monai.networks.compiled import CompiledNetwork
-    from mmcs_monai.precision import autocast_context
+    from mmcs_monai.precision import autocast_context, resolve_channels_last
 
     load_before = os.getloadavg()
     rows = []
     for precision in args.precisions.split(","):
-        channels_last = precision == "bf16"
+        channels_last = resolve_channels_last(None, "cpu", precision)  # the layout CellInferer runs in
         net = load_model(args.model).eval()
         if channels_last:
             net = net.to(memory_format=torch.channels_last)

@@ -24,7 +24,7 @@ from mmcs_monai.flows import MaskSettings
 from mmcs_monai.networks.compiled import compiled_forward
 from mmcs_monai.options import parse_micrometres
 from mmcs_monai.pipeline import fitted_tile
-from mmcs_monai.precision import autocast_context, parse_compile, resolve_compile, resolve_precision
+from mmcs_monai.precision import autocast_context, parse_compile, resolve_channels_last, resolve_compile, resolve_precision
 from mmcs_monai.size_estimate import DiameterSearch
 
 # Tiling defaults (network pixels), written once: configs, the apps and the command line refer to these.
@@ -111,8 +111,8 @@ class CellInferer(Inferer):
             training size).
         precision: ``auto`` (bf16 where the device has native bf16, else fp32), ``fp32``, ``bf16``
             (CPU/GPU autocast) or ``fp16`` (GPU).
-        channels_last: run the network in channels-last memory layout (faster with bf16 on CPU);
-            None: on when the resolved precision is bf16.
+        channels_last: run the network in channels-last memory layout; None: on in bf16 and on a CPU
+            (:func:`~mmcs_monai.precision.resolve_channels_last`: faster there in fp32 too).
         mask_settings: thresholds of the masks that ``auto``/``refine`` measure when the inferer is called on its
             own (an engine's evaluator; default :class:`MaskSettings`()). A
             :class:`~mmcs_monai.segmentation.CellSegmenter` passes its own to :meth:`estimate_diameter` instead.
@@ -285,7 +285,7 @@ class CellInferer(Inferer):
     def _run(self, x: torch.Tensor, network: torch.nn.Module, *args: Any, **kwargs) -> torch.Tensor:
         """The network on ``x`` [B, 2, h, w] at network scale, tile by tile, in the inferer's precision -> float32 flows."""
         precision = resolve_precision(self.precision, x.device)
-        channels_last = bool(self.channels_last or (self.channels_last is None and precision == "bf16"))
+        channels_last = resolve_channels_last(self.channels_last, x.device, precision)
         if channels_last:
             network.to(memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)

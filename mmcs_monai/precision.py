@@ -21,7 +21,9 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 # ``compile="auto"`` compiles CPU inference of at least this many image megapixels (a folder's images, a
 # slide), by the precision the network runs in: below it the one-time compile (50-130 s on 2 cores) costs
-# more than it saves. fp32 (AVX2 CPU): it saves 5.7 s/MPix, so it pays from ~14 MPix; bf16 (AVX-512 BF16
+# more than it saves. fp32 (AVX2 CPU): it saved 5.7 s/MPix over the contiguous eager network, paying from ~14 MPix;
+# over the channels-last eager network of 0.4.2 it is 1.33x on the network (37 s compile; benchmarks.compile, AVX2
+# kernels): 1.4 s/MPix at the stored diameter, about 4 at auto's zooms, so it pays from 8-26 MPix; bf16 (AVX-512 BF16
 # CPU, where the network already runs near the CPU's bf16 peak): it saves 0.5-0.9 s/MPix and pays from
 # 65-110 MPix (benchmarks/README.md, "Compiled inference")
 AUTO_COMPILE_MEGAPIXELS = {"fp32": 20.0, "bf16": 100.0}
@@ -67,6 +69,21 @@ def autocast_context(device: torch.device | str, precision: str = "fp32"):
         raise ValueError("fp16 autocast needs a GPU; use bf16 on CPU")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device_type, dtype=dtype)
+
+
+def resolve_channels_last(channels_last: bool | None, device: torch.device | str, precision: str, training: bool = False) -> bool:
+    """Whether the network runs in channels-last memory layout: ``channels_last`` when it is given; None: on in bf16
+    (oneDNN's and cuDNN's bf16 kernels want it), and for inference on a CPU in fp32 too.
+
+    fp32 on a CPU: oneDNN's NHWC convolutions skip a layout reorder per layer: ``mmcs infer`` with every default on
+    20 dev-val images, AVX2 kernels, 1.13x faster end to end at the same masks (benchmarks/README.md, "0.4.2").
+    Training keeps the contiguous layout in fp32 (``training=True``; its backward pass was not measured), and so
+    does fp32 on a GPU (not measured).
+    """
+    if channels_last is not None:
+        return bool(channels_last)
+    precision = resolve_precision(precision, device)
+    return precision == "bf16" or (not training and torch.device(device).type == "cpu" and precision == "fp32")
 
 
 def parse_compile(value: Any) -> bool | str:
@@ -133,7 +150,8 @@ class PrecisionInferer(Inferer):
 
     Args:
         precision: ``auto`` (bf16 where the device has native bf16, else fp32), ``fp32``, ``bf16``, ``fp16``.
-        channels_last: channels-last memory layout; None: on when the resolved precision is bf16.
+        channels_last: channels-last memory layout; None: on when the resolved precision is bf16
+            (:func:`resolve_channels_last` with ``training=True``).
     """
 
     def __init__(self, precision: str = "fp32", channels_last: bool | None = False):
@@ -144,7 +162,7 @@ class PrecisionInferer(Inferer):
 
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
         precision = resolve_precision(self.precision, inputs.device)
-        if self.channels_last or (self.channels_last is None and precision == "bf16"):
+        if resolve_channels_last(self.channels_last, inputs.device, precision, training=True):
             network.to(memory_format=torch.channels_last)
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         with autocast_context(inputs.device, precision):

@@ -82,6 +82,25 @@ def test_training_inferer_auto_precision_and_layout():
     assert (out - reference).abs().max() < (0.1 if bf16 else 1e-5)
 
 
+def test_cpu_inference_runs_channels_last_in_fp32_and_training_does_not():
+    """CellInferer's default layout on a CPU is channels-last whatever the precision (oneDNN's NHWC kernels), with the
+    contiguous run's flows; the training inferer keeps fp32 contiguous; an explicit False is obeyed."""
+    from mmcs_monai.precision import resolve_channels_last
+
+    assert resolve_channels_last(None, "cpu", "fp32") and resolve_channels_last(None, "cpu", "bf16")
+    assert not resolve_channels_last(None, "cpu", "fp32", training=True) and resolve_channels_last(None, "cpu", "bf16", training=True)
+    assert not resolve_channels_last(None, "cuda", "fp32") and not resolve_channels_last(False, "cpu", "bf16")
+    torch.manual_seed(0)
+    net = CPnet(nbase=(2, 8, 16, 32)).eval()
+    weight = net.downsample.down.res_down_0.conv.conv_1[2].weight  # a 3x3 conv: the layouts differ
+    x = torch.rand(1, 2, 96, 80)
+    contiguous = CellInferer(roi_size=64, precision="fp32", channels_last=False)(x, net)
+    assert weight.is_contiguous() and not weight.is_contiguous(memory_format=torch.channels_last)
+    default = CellInferer(roi_size=64, precision="fp32")(x, net)
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    assert (default - contiguous).abs().max() < 1e-4 * contiguous.abs().max()
+
+
 def test_auto_diameter_measures_cells_then_rescales():
     from helpers import disk_labels
 
