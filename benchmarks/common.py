@@ -20,14 +20,23 @@ DEV_MANIFEST = REPO.parent / "shared" / "data" / "dev" / "manifest.csv"
 ISA_ENV = {"avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}, "native": {}}
 
 
+# the vector flags that decide precision (bf16 needs avx512_bf16 or AMX) and which kernels run
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
 def cpu_description() -> str:
-    """``"<model name>, <n> cores, flags avx2 avx512f ..."`` from ``/proc/cpuinfo`` (the vector flags that decide
-    precision and kernels; ``?`` where there is no ``/proc/cpuinfo``)."""
+    """``"<model name>, <n> cores, flags avx2 avx512f ..."``: what every benchmark prints beside its timings.
+
+    From ``/proc/cpuinfo`` (what ``lscpu`` reads): the model name and which of :data:`CPU_FLAGS` the CPU has (``none of
+    ...`` when it has none; ``?`` for the model where there is no ``/proc/cpuinfo``). Cores are those this process
+    may use.
+    """
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    flags = info.split("flags", 1)[-1].split("\n", 1)[0] if info else ""
-    names = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags]
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
     model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    return f"{model}, {os.cpu_count()} cores, flags {' '.join(names)}"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    names = " ".join(f for f in CPU_FLAGS if f in flags) or "none of " + " ".join(CPU_FLAGS)
+    return f"{model}, {cores} cores, flags {names}"
 
 
 def training_command(

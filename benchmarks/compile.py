@@ -21,7 +21,7 @@ import warnings
 
 import torch
 
-from benchmarks.common import REPO
+from benchmarks.common import REPO, cpu_description
 
 
 def main() -> None:
@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--precisions", default="bf16,fp32")
     args = parser.parse_args()
+    print(f"CPU: {cpu_description()}", flush=True)
     warnings.filterwarnings("ignore")
 
     from torch._dynamo.utils import counters

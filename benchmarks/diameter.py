@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import REPO
+from benchmarks.common import REPO, cpu_description
 from mmcs_monai.allocator import keep_freed_memory
 from mmcs_monai.data import load_datalist
 from mmcs_monai.diameters import median_diameter
@@ -95,6 +95,7 @@ def main(argv=None) -> int:
         "--methods", default=",".join(METHODS), help="of stored, refine, auto, previous, true (stored, auto, true always run)"
     )
     args = parser.parse_args(argv)
+    print(f"CPU: {cpu_description()}", flush=True)
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # as in mmcs infer (the bundle's inference workflow)
     network = load_model(args.model).eval()

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import REPO
+from benchmarks.common import REPO, cpu_description
 
 
 def same_cells(a: np.ndarray, b: np.ndarray) -> bool:
@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=20)
     parser.add_argument("--deploy_python", default=None)
     args = parser.parse_args()
+    print(f"CPU: {cpu_description()}", flush=True)
 
     from mmcs_monai.data import load_datalist
     from mmcs_monai.io import read_labels

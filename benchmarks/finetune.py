@@ -33,22 +33,12 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import BUNDLE, REPO
+from benchmarks.common import BUNDLE, REPO, cpu_description
 from mmcs_monai.data import load_datalist
 from mmcs_monai.workflows import bundle_command, recipe_files, workflow_config_files
 
 EXTRA_MANIFEST = REPO.parent / "shared" / "data" / "extra" / "manifest.csv"
 ARMS = ("finetune", "finetune_semi", "scratch")
-
-
-def cpu_name() -> str:
-    """The CPU's model name and whether it has AVX-512 BF16 (``lscpu``; what every timing is read against)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown CPU"
-    model = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
-    return f"{model}, {os.cpu_count()} cores, {'AVX-512 BF16' if 'avx512_bf16' in out else 'no AVX-512 BF16'}"
 
 
 def _bundle(workflow: str, configs: list[str], overrides: dict, threads: int) -> None:
@@ -136,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(row), flush=True)
         rows.append(row)
     more = f" + up to {args.more_unlabelled} unlabelled train images" if args.more_unlabelled else ""
-    print(f"\n{args.modality}: {len(val)} val images, {len(unlabelled)} unlabelled{more}; {args.minutes:g} min per run; {cpu_name()}\n")
+    print(
+        f"\n{args.modality}: {len(val)} val images, {len(unlabelled)} unlabelled{more}; {args.minutes:g} min per run; CPU: {cpu_description()}\n"
+    )
     arms = [a for a in args.arms.split(",") if any(a in r for r in rows)]
     print("| labelled images | shipped, as it is | " + " | ".join(arms) + " |")
     print("|---|---|" + "---|" * len(arms))

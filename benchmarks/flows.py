@@ -29,7 +29,7 @@ import numpy as np
 import tifffile
 import torch
 
-from benchmarks.common import REPO
+from benchmarks.common import REPO, cpu_description
 from mmcs_monai.flows import flows_to_masks, labels_to_flows
 from mmcs_monai.metrics import f1_score
 
@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=1, help="timed passes over the images (best is kept)")
     args = parser.parse_args()
+    print(f"CPU: {cpu_description()}", flush=True)
 
     warnings.filterwarnings("ignore", message="Sparse invariant checks")
     from cellpose import dynamics

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import requests
 
-from benchmarks.common import REPO
+from benchmarks.common import REPO, cpu_description
 
 SAMPLE = REPO / "bundle" / "sample_data"
 
@@ -142,6 +142,7 @@ def main() -> None:
     parser.add_argument("--train-epochs", type=int, default=40)
     parser.add_argument("--precision", default="auto")
     args = parser.parse_args()
+    print(f"CPU: {cpu_description()}", flush=True)
 
     root = Path(tempfile.mkdtemp(prefix="bench_label_"))
     process, url = start_server(root, Path(args.model), Path(args.python), {"precision": args.precision})

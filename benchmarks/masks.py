@@ -16,7 +16,6 @@ images, F1 at IoU 0.5). Prints the CPU (lscpu model name and flags) and a markdo
 from __future__ import annotations
 
 import argparse
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import BUNDLE, DEV_MANIFEST
+from benchmarks.common import BUNDLE, DEV_MANIFEST, cpu_description
 from mmcs_monai.data import load_datalist
 from mmcs_monai.export import export_pipeline
 from mmcs_monai.flows import flows_to_masks
@@ -34,20 +33,6 @@ from mmcs_monai.metrics import f1_score
 from mmcs_monai.networks import load_model
 from mmcs_monai.segmentation import CellSegmenter
 from mmcs_monai.transforms.array import NormalizePercentile, StackNucleusChannel
-
-
-def cpu_description() -> str:
-    """The CPU's model name and the flags that matter for these kernels (from ``lscpu``)."""
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return "unknown CPU"
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    name = fields.get("Model name", "unknown CPU").strip()
-    flags = set(fields.get("Flags", "").split())
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-    cores = fields.get("CPU(s)", "?").strip()
-    return f"{name}, {cores} CPUs, flags: {' '.join(f for f in wanted if f in flags) or 'none of ' + ', '.join(wanted)}"
 
 
 def network_flows(items: list[dict], network) -> list[torch.Tensor]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -29,23 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import REPO
-
-
-def cpu_flags() -> str:
-    """The CPU model and the vector flags that decide inference speed (AVX2, AVX-512, AVX-512 BF16, AMX)."""
-    model, flags = platform.processor() or "?", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model in ("", "?", "x86_64"):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    wanted = ["avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"]
-    return f"{model}; {os.cpu_count()} CPUs visible; flags: {', '.join(f for f in wanted if f in flags) or 'none of ' + ', '.join(wanted)}"
+from benchmarks.common import REPO, cpu_description
 
 
 def build_slide(size: int, work: Path) -> tuple[Path, Path]:
@@ -116,7 +99,7 @@ def main(argv=None) -> None:
     parser.add_argument("--work", default=str(REPO / "runs" / "ome_zarr"))
     args = parser.parse_args(argv)
     work = Path(args.work)
-    print(f"CPU: {cpu_flags()}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+    print(f"CPU: {cpu_description()}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
     tiff, ome = build_slide(args.size, work)
     import shutil
 

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import BUNDLE, DEV_MANIFEST, REPO, engine_seconds, training_command
+from benchmarks.common import BUNDLE, DEV_MANIFEST, REPO, cpu_description, engine_seconds, training_command
 
 
 def _run(command: list[str], nproc: int, threads: int) -> tuple[str, float]:
@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--infer_images", type=int, default=16)
     args = parser.parse_args()
+    print(f"CPU: {cpu_description()}", flush=True)
 
     from mmcs_monai.data import load_datalist
 

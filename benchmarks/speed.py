@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import REPO
+from benchmarks.common import REPO, cpu_description
 
 
 def _timed(fn, repeats: int = 1) -> float:
@@ -154,6 +154,7 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="also time our inference in bf16 + channels_last")
     parser.add_argument("--nbase", default="2,32,64,128,256")
     args = parser.parse_args()
+    print(f"CPU: {cpu_description()}", flush=True)
 
     from mmcs_monai.data import load_datalist
 

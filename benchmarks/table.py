@@ -40,7 +40,7 @@ from benchmarks import flows as bench_flows
 from benchmarks import speed as bench_speed
 from benchmarks import tiling as bench_tiling
 from benchmarks import wholeslide as bench_wholeslide
-from benchmarks.common import DEV_MANIFEST, REPO
+from benchmarks.common import DEV_MANIFEST, REPO, cpu_description
 
 EAGER = "ours {auto}, eager"
 COMPILED = "ours {auto}, compiled"
@@ -183,6 +183,7 @@ def main() -> None:
     parser.add_argument("--cellpose-slide-timeout", type=float, default=5400)
     parser.add_argument("--work", default=str(REPO / "runs" / "wholeslide"))
     args = parser.parse_args()
+    print(f"CPU: {cpu_description()}", flush=True)
     warnings.filterwarnings("ignore")
 
     from cellpose import dynamics

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import DEV_MANIFEST, REPO
+from benchmarks.common import DEV_MANIFEST, REPO, cpu_description
 
 
 def load_images(data: Path, limit: int | None, every: int = 1):
@@ -91,6 +91,7 @@ def main() -> None:
     parser.add_argument("--compile", default="True")
     parser.add_argument("--precision", default="auto")
     args = parser.parse_args()
+    print(f"CPU: {cpu_description()}", flush=True)
     warnings.filterwarnings("ignore")
 
     from mmcs_monai.networks import load_model

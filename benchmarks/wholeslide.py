@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import REPO
+from benchmarks.common import REPO, cpu_description
 
 DEV = REPO.parent / "shared" / "data" / "dev"
 
@@ -312,6 +312,7 @@ def main() -> None:
     if args.child:
         print(json.dumps((child_ours if args.child == "ours" else child_cellpose)(args)))
         return
+    print(f"CPU: {cpu_description()}", flush=True)
 
     import tifffile
 
