@@ -1,6 +1,6 @@
 """Every default, end to end: ``mmcs infer`` against Cellpose 3.1.1.3's command line on dev val, one run.
 
-    python -m benchmarks.defaults [--limit 20] [--isa avx2] [--model bundle/models/model.pt]
+    python -m benchmarks.defaults [--limit 20] [--isa avx2] [--model bundle/models/model.pt] [--cellpose_model M]
 
 Both are timed as a user runs them: a fresh process per tool (Python start-up, imports and model loading
 included) on a folder of the same dev-val images (``gt_complete`` yes/mostly, the first ``--limit`` in
@@ -11,6 +11,8 @@ manifest order), writing label TIFFs.
 - Cellpose: ``python -m cellpose --dir IN --savedir OUT --pretrained_model M --diameter D --chan 0 --chan2 0
   --save_tif --no_npy``: the same weights (Cellpose's own ``cyto3`` would be a download), at the model's stored
   mean diameter ``D`` (what Cellpose uses for a custom model), grey input, its defaults otherwise.
+  ``--cellpose_model`` gives Cellpose other weights (default: ``--model``'s): for a model Cellpose cannot load, such
+  as a narrower CPnet, Cellpose runs the shipped model.
 
 ``--isa avx2`` restricts both processes to AVX2 kernels on an AVX-512 CPU (``ONEDNN_MAX_CPU_ISA=AVX2``,
 ``ATEN_CPU_CAPABILITY=avx2``): oneDNN then reports no native bf16, so ``precision auto`` is fp32, as on an
@@ -61,6 +63,7 @@ def _masks_file(tool: str, out: Path, stem: str) -> Path:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(REPO / "bundle" / "models" / "model.pt"))
+    parser.add_argument("--cellpose_model", default=None, help="Cellpose's weights (default: --model's)")
     parser.add_argument("--data", default=str(DEV_MANIFEST))
     parser.add_argument("--limit", type=int, default=20)
     parser.add_argument("--isa", choices=sorted(ISA_ENV), default="native")
@@ -73,7 +76,8 @@ def main(argv=None) -> int:
     from mmcs_monai.networks import load_model
 
     items = load_datalist(args.data, split="val", exclude_partial=True, limit=args.limit)
-    diameter = float(load_model(args.model).diam_labels)
+    models = {"ours": args.model, "cellpose": args.cellpose_model or args.model}
+    diameter = float(load_model(models["cellpose"]).diam_labels)
     env = {**os.environ, **ISA_ENV[args.isa], "PYTHONPATH": str(REPO)}
     work = Path(tempfile.mkdtemp(prefix="mmcs_defaults_"))
     try:
@@ -87,14 +91,16 @@ def main(argv=None) -> int:
             megapixels += read_labels(item["label"]).size / 1e6
         shutil.copy(next(images.iterdir()), warm)
         print(f"CPU: {cpu_description()}; isa {args.isa} {ISA_ENV[args.isa]}")
-        print(f"{len(items)} dev-val images, {megapixels:.2f} MPix; model {args.model} (stored diameter {diameter:.1f} px)")
+        print(
+            f"{len(items)} dev-val images, {megapixels:.2f} MPix; ours {models['ours']}, Cellpose {models['cellpose']} (stored diameter {diameter:.1f} px)"
+        )
         seconds = {"ours": float("inf"), "cellpose": float("inf")}
         for tool in seconds:
-            _run(_commands(tool, warm, work / f"warm_{tool}", args.model, diameter), env, work / f"warm_{tool}")
+            _run(_commands(tool, warm, work / f"warm_{tool}", models[tool], diameter), env, work / f"warm_{tool}")
         for repeat in range(args.repeats):
             for tool in ("ours", "cellpose") if repeat % 2 == 0 else ("cellpose", "ours"):
                 out = work / f"{tool}_{repeat}"
-                seconds[tool] = min(seconds[tool], _run(_commands(tool, images, out, args.model, diameter), env, out))
+                seconds[tool] = min(seconds[tool], _run(_commands(tool, images, out, models[tool], diameter), env, out))
         f1 = {}
         for tool in seconds:
             out = work / f"{tool}_0"

@@ -1,0 +1,69 @@
+"""How much F1 does a half-width CPnet cost, for how much speed? (Issue 37, item 3: every default 2x Cellpose.)
+
+    python -m experiments.half_width.run              # trains (about 45 minutes on 2 cores), evaluates, prints the table
+    python -m experiments.half_width.run --no-train   # evaluates runs/half_width/phase1/model.pt again
+
+The full CPnet (``nbase`` 2-32-64-128-256, 6.6 M parameters) costs 618 GFLOP per network megapixel; on 2 cores with
+AVX2 kernels ``auto`` spends 38 s of ``mmcs infer``'s 48 s in it (benchmarks/README.md, "0.4.2"), and 2x Cellpose
+leaves it about 17. Halving every width (2-16-32-64-128, 1.65 M parameters) quarters the FLOPs (155 GFLOP/MPix):
+3.5x faster per pixel on the same cores (3.14 -> 0.89 s/MPix, batch of 8 x 224 x 224, channels-last fp32).
+
+Trains that network with the shipped model's phase-1 recipe unchanged (``experiments/recipes/generalist_data.json``
++ ``generalist_cpu.json``: 150 epochs, subsets balanced, bf16 where the CPU has it) into ``runs/half_width/phase1``,
+then scores it on the 69 dev + extra val images with the ``evaluating`` workflow, at ``auto`` and at its stored
+diameter. The comparison is the model card's "phase 1, stored" column (the full width, same recipe) and the shipped
+model. Speed end to end: ``python -m benchmarks.defaults --isa avx2 --model runs/half_width/phase1/model.pt
+--cellpose_model bundle/models/model.pt`` (Cellpose cannot load a narrower CPnet; it runs the shipped weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks.common import REPO, cpu_description
+from mmcs_monai.workflows import bundle_command
+
+RECIPES = [str(REPO / "bundle" / "configs" / "train.json"), str(REPO / "experiments" / "recipes" / "generalist_data.json")]
+HALF = [2, 16, 32, 64, 128]
+
+
+def _bundle(workflow: str, configs: list[str], overrides: dict, log: Path) -> None:
+    command = [sys.executable, "-m", *bundle_command(workflow, configs, REPO / "bundle", overrides)]
+    with open(log, "w") as out:
+        if subprocess.run(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT).returncode:
+            raise SystemExit(f"{workflow} failed: see {log}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(REPO / "runs" / "half_width"))
+    parser.add_argument("--no-train", dest="train", action="store_false")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    model = out / "phase1" / "model.pt"
+    print(f"CPU: {cpu_description()}", flush=True)
+    if args.train:
+        (out / "phase1").mkdir(parents=True, exist_ok=True)
+        configs = [*RECIPES, str(REPO / "experiments" / "recipes" / "generalist_cpu.json")]
+        overrides = {"nbase": HALF, "ckpt_dir": out / "phase1", "output_dir": out / "phase1" / "tensorboard"}
+        _bundle("training", configs, overrides, out / "phase1" / "train.log")
+    rows = {}
+    for diameter in ("auto", "stored"):
+        target = out / f"eval_{diameter}"
+        target.mkdir(parents=True, exist_ok=True)
+        configs = [*RECIPES, str(REPO / "bundle" / "configs" / "evaluate.json")]
+        overrides = {"model_path": model, "inference_diameter": diameter, "output_dir": target}
+        _bundle("evaluating", configs, overrides, target / "evaluate.log")
+        rows[diameter] = json.loads((target / "f1_summary.json").read_text())
+    print("\n| modality | val images | half width, stored | half width, auto |\n|---|---|---|---|")
+    for group, row in rows["auto"].items():
+        print(f"| {group} | {row['images']} | {rows['stored'][group]['f1']:.3f} | {row['f1']:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
