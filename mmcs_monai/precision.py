@@ -76,7 +76,7 @@ def resolve_channels_last(channels_last: bool | None, device: torch.device | str
     (oneDNN's and cuDNN's bf16 kernels want it), and for inference on a CPU in fp32 too.
 
     fp32 on a CPU: oneDNN's NHWC convolutions skip a layout reorder per layer: ``mmcs infer`` with every default on
-    20 dev-val images, AVX2 kernels, 1.13x faster end to end at the same masks (benchmarks/README.md, "0.4.2").
+    20 dev-val images, AVX2 kernels, 1.12x faster at the same masks (benchmarks/README.md, "Memory layout").
     Training keeps the contiguous layout in fp32 (``training=True``; its backward pass was not measured), and so
     does fp32 on a GPU (not measured).
     """
