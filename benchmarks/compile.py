@@ -4,8 +4,8 @@
     TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python -m benchmarks.compile     # a cold compile cache
 
 Full CPnet on a batch of random tiles, under ``torch.no_grad()``, for bf16 autocast and fp32, each in the layout
-inference runs it in (channels-last for both on a CPU since 0.4.2; fp32 was contiguous before): eager, ``CompiledNetwork(freezing=False)`` and
-``CompiledNetwork(freezing=True)`` (the library default). Each compiled network has its own graph cache,
+inference runs it in (channels-last for both on a CPU since 0.4.2; fp32 was contiguous before): eager,
+``CompiledNetwork(freezing=False)`` and ``CompiledNetwork(freezing=True)`` (the library default). Each compiled network has its own graph cache,
 so all live in one process and are timed interleaved (round-robin), and load from other work falls on all
 alike. Reports the first call (the compile), the median seconds per batch, the speed-up over eager and
 the largest output difference from eager; then a second tile shape through the same compiled networks,

@@ -29,8 +29,9 @@ from pathlib import Path
 from benchmarks.common import REPO, cpu_description
 from mmcs_monai.workflows import bundle_command
 
-RECIPES = [str(REPO / "bundle" / "configs" / "train.json"), str(REPO / "experiments" / "recipes" / "generalist_data.json")]
+CONFIGS = REPO / "bundle" / "configs"
 RECIPE_DIR = REPO / "experiments" / "recipes"
+RECIPES = [str(CONFIGS / "train.json"), str(RECIPE_DIR / "generalist_data.json")]
 HALF = [2, 16, 32, 64, 128]
 
 
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
         overrides = {"nbase": HALF, "ckpt_dir": out / "phase1", "output_dir": out / "phase1" / "tensorboard"}
         _bundle("training", configs, overrides, out / "phase1" / "train.log")
         (out / "pool").mkdir(parents=True, exist_ok=True)
-        semi = str(REPO / "bundle" / "configs" / "semi.json")
+        semi = str(CONFIGS / "semi.json")
         configs = [RECIPES[0], semi, RECIPES[1], str(RECIPE_DIR / "generalist_cpu_pool.json"), str(RECIPE_DIR / "pool_semi.json")]
         overrides = {
             "nbase": HALF,
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
         for diameter in ("stored", "auto"):
             target = out / f"eval_{stage}_{diameter}"
             target.mkdir(parents=True, exist_ok=True)
-            configs = [*RECIPES, str(REPO / "bundle" / "configs" / "evaluate.json")]
+            configs = [*RECIPES, str(CONFIGS / "evaluate.json")]
             overrides = {"model_path": model, "inference_diameter": diameter, "output_dir": target}
             _bundle("evaluating", configs, overrides, target / "evaluate.log")
             rows[stage, diameter] = json.loads((target / "f1_summary.json").read_text())
