@@ -7,8 +7,8 @@ Dev val and ``extra`` val images (``gt_complete`` yes/mostly) and their labels a
 - ``refine``: the old ``auto`` (segment at the stored mean, measure, segment again);
 - ``auto``: the multi-scale search (:mod:`mmcs_monai.size_estimate`), the default;
 - ``true``: the image's own median label diameter (the best a diameter estimate can do);
-- ``previous`` (only when asked, ``--methods``): ``auto`` as 0.4.0 shipped it: candidates segment the whole image
-  when it is at most twice the crop's area at their zoom (``DiameterSearch(whole_below=2)``).
+- ``previous`` (only when asked, ``--methods``): ``auto`` as 0.4.2 shipped it: without the coverage check
+  (``DiameterSearch(min_coverage=0)``; until 0.4.2 this arm was 0.4.0's search, ``whole_below=2``).
 
 The table gives the mean F1 per scale and method (IoU 0.5), the median ``|log2(estimate / true)|`` of
 the estimates, and their time (image in memory -> masks, estimate included) relative to the ``true`` run of
@@ -49,7 +49,7 @@ from mmcs_monai.transforms import inference_preprocessing
 
 SCALES = (0.25, 0.5, 1.0, 2.0, 3.0, 4.0)
 METHODS = ("stored", "refine", "auto", "true")
-NAMES = {"refine": "refine (old auto)", "auto": "auto", "previous": "auto of 0.4.0"}
+NAMES = {"refine": "refine (old auto)", "auto": "auto", "previous": "auto of 0.4.2"}
 
 
 def _images(manifests, per_subset: int, crop: int, subsets: str = ""):
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     network = load_model(args.model).eval()
     search = DiameterSearch() if args.refinements is None else replace(DiameterSearch(), refinements=args.refinements)
     segmenter = CellSegmenter(network, CellInferer(precision="auto", search=search))
-    previous = CellSegmenter(network, CellInferer(precision="auto", search=replace(search, whole_below=2.0)))
+    previous = CellSegmenter(network, CellInferer(precision="auto", search=replace(search, min_coverage=0.0)))
     methods = [m for m in ("stored", "refine", "previous", "auto", "true") if m in {"stored", "auto", "true", *args.methods.split(",")}]
     estimates = [m for m in methods if m in NAMES]
     data = _images(args.data, args.per_subset, args.crop, args.subsets)

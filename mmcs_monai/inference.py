@@ -268,7 +268,9 @@ class CellInferer(Inferer):
         if method != "auto":
             raise ValueError(f"unknown diameter estimate {method!r}; use one of {', '.join(ESTIMATED_DIAMETERS)}")
         diam_mean, _ = model_diameters(network)
-        return size_estimate.search_diameter(image, lambda x: self._run(x, network), settings.masks, stored, diam_mean, self.search)
+        return size_estimate.search_diameter(
+            image, lambda x: self._run(x, network), settings.masks, stored, diam_mean, self.search, settings.cellprob_threshold
+        )
 
     def _predict(self, inputs: torch.Tensor, network: torch.nn.Module, diameter: float, *args: Any, **kwargs) -> torch.Tensor:
         """Flows at the inputs' size for cells of ``diameter`` pixels: resize, run tile by tile, resize back."""

@@ -74,18 +74,22 @@ def test_infer_with_model_permissive_uses_the_permissive_file(tmp_path):
         assert (out / f"{sample.stem}_masks.tif").is_file()
 
 
-def test_auto_measures_e_coli_not_the_objects_they_merge_into_at_a_coarse_zoom():
-    """The E. coli val image (1002 x 1004 px, rods of about 25 px, DeepCell): at 2x the stored size the network merges
-    touching rods into objects of about 50 px, and 0.4.0's search, which segmented images up to twice the crop's area
-    whole, found enough of them to agree and chose 47.8 px (F1 0.14). The default search measures the busiest crop,
-    goes on to finer candidates and finds the rods' size (F1 0.95 at the time of writing)."""
+@pytest.mark.parametrize(("path", "least_f1"), [(SHIPPED, 0.85), (PERMISSIVE, 0.6)], ids=["generalist", "permissive"])
+def test_auto_measures_e_coli_not_the_objects_they_merge_into_at_a_coarse_zoom(path, least_f1):
+    """The E. coli val image (1002 x 1004 px, rods of about 25 px, DeepCell): at 2-4x the stored size a network merges
+    touching rods into a few objects of about 50 px. 0.4.0's search, which segmented images up to twice the crop's
+    area whole, found enough of them to agree and chose 47.8 px (generalist, F1 0.14); 0.4.2's, on the busiest crop,
+    found 6 with the permissive model, which has no E. coli labels, and chose 52 px (F1 0.04). Since 0.4.3 a candidate
+    whose masks cover under half of the pixels the network calls cell does not agree (the merged objects cover 0.2-0.45),
+    and both models find the rods' size (F1 0.96 and 0.74 at the time of writing; the permissive model scores 0.61
+    at the labels' own median diameter)."""
     extra = require_dev_data().parent / "extra" / "manifest.csv"
     rows = [r for r in load_datalist(str(extra), split="val") if r["id"] == "dc_ecolikc_set2"] if extra.is_file() else []
     if not rows:
         pytest.skip(f"the E. coli val row is not in {extra}")
     image = torch.as_tensor(np.asarray(inference_preprocessing("image")(dict(rows[0]))["image"]), dtype=torch.float32)
     labels = read_labels(rows[0]["label"])
-    result = CellSegmenter(load_model(SHIPPED))(image, diameter="auto")
+    result = CellSegmenter(load_model(path))(image, diameter="auto")
     true = median_diameter(labels)
     assert abs(math.log2(result.diameter / true)) < 0.35, (result.diameter, true)
-    assert f1_score(labels, result.masks, border=2)["f1"] > 0.85
+    assert f1_score(labels, result.masks, border=2)["f1"] > least_f1

@@ -179,6 +179,80 @@ def test_a_candidate_with_many_cells_off_its_size_is_followed_to_their_size():
     assert estimate == pytest.approx(true, rel=0.2) and no_follow == pytest.approx(true, rel=0.2), candidates
 
 
+class MergingNetwork:
+    """A stand-in CPnet whose masks, at a zoom too coarse for the cells, are a few merged objects near its training
+    size, as a trained one gives on dense rods (E. coli at 2-4x their size): cells of at least 20 network px are
+    found exactly; cells of 10-20 px are all called cell (probability channel) but only every tenth becomes a mask,
+    a disc of 28 px (about the training size, so it agrees with the candidate), the rest failing the flow check;
+    smaller cells are missed. Output ``[ids, ids, cell logit]`` for :func:`_ids_as_masks`."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        found = np.zeros((height, width), np.int32)
+        cell = torch.full((height, width), -10.0)
+        for n, region in enumerate(regionprops(label(x[0, 0].numpy() > 0.5)), start=1):
+            size = region.equivalent_diameter_area
+            if size >= 20:
+                found[tuple(region.coords.T)] = n
+            elif size >= 10:
+                cell[tuple(torch.as_tensor(region.coords).T)] = 10.0
+                if n % 10 == 0:
+                    disc = disk(region.centroid, 14, shape=(height, width))
+                    found[disc] = n
+                    cell[disc] = 10.0
+        if found.any():
+            cell[torch.as_tensor(found > 0)] = 10.0
+        ids = torch.as_tensor(found, dtype=torch.float32)
+        return torch.stack([ids, ids, cell])[None]
+
+
+def test_merged_objects_covering_few_cell_pixels_do_not_agree():
+    """Cells of 12 px, stored 24. The 1x candidate (24 px) sees 15 px cells and returns merged 28 px objects that
+    agree with it (22.4 image px) while covering about a quarter of the pixels the network called cell; without the
+    coverage check the search stops there (0.9 log2 off). With it (the default) the candidate does not count and
+    the 0.5x candidate (12 px) finds every cell."""
+    true = 12.0
+    labels = _disc_grid(true, side=480)
+    image = torch.stack([torch.as_tensor(labels > 0, dtype=torch.float32), torch.zeros(labels.shape)])
+    found = search_diameter(image, MergingNetwork(), _ids_as_masks, 24.0, 30.0)
+    merged = next(c for c in found.candidates if c.diameter == 24.0)
+    assert merged.cells >= DiameterSearch().min_cells and merged.disagreement <= DiameterSearch().tolerance, found.candidates
+    assert merged.coverage < DiameterSearch().min_coverage and not merged.agrees(DiameterSearch()), merged
+    assert found.diameter == pytest.approx(median_diameter(labels), rel=0.1), found.candidates
+    unchecked = search_diameter(image, MergingNetwork(), _ids_as_masks, 24.0, 30.0, DiameterSearch(min_coverage=0))
+    assert unchecked.diameter > 1.6 * true, unchecked.candidates
+
+
+class HazyNetwork:
+    """A stand-in CPnet that calls every pixel cell (a hazy background), so no candidate's masks cover half of the
+    cell pixels: cells of at least 20 network px are found exactly; when it finds none it returns one 30 px
+    object in the middle (a single blob that agrees with any candidate). Output as :class:`MergingNetwork`'s."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        found = np.zeros((height, width), np.int32)
+        for n, region in enumerate(regionprops(label(x[0, 0].numpy() > 0.5)), start=1):
+            if region.equivalent_diameter_area >= 20:
+                found[tuple(region.coords.T)] = n
+        if not found.any():
+            found[disk((height / 2, width / 2), 15, shape=(height, width))] = 1
+        ids = torch.as_tensor(found, dtype=torch.float32)
+        return torch.stack([ids, ids, torch.full((height, width), 10.0)])[None]
+
+
+def test_when_nothing_covers_enough_the_candidate_with_enough_cells_wins():
+    """Cells of 12 px, stored 24, every candidate covering under half of the cell pixels: the 4x and 2x candidates
+    find one agreeing blob each, the 0.5x one (12 px) finds every cell. Of the agreeing candidates the one with
+    ``min_cells`` cells is kept, not the largest (which the fallback for sparse images would take)."""
+    true = 12.0
+    labels = _disc_grid(true, side=480)
+    image = torch.stack([torch.as_tensor(labels > 0, dtype=torch.float32), torch.zeros(labels.shape)])
+    found = search_diameter(image, HazyNetwork(), _ids_as_masks, 24.0, 30.0)
+    assert not any(c.agrees(DiameterSearch()) for c in found.candidates), found.candidates
+    assert found.candidates[0].cells == 1 and found.candidates[0].disagreement <= DiameterSearch().tolerance, found.candidates
+    assert found.diameter == pytest.approx(median_diameter(labels), rel=0.1), found.candidates
+
+
 def test_no_cells_anywhere_keeps_the_stored_diameter():
     image = torch.zeros(2, 200, 200)
     network = SizeLimitedNetwork()
