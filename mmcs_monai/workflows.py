@@ -80,8 +80,9 @@ def resolve_bundle_root(bundle_root: str | os.PathLike | None = None) -> Path:
 
 # The models the bundle ships, by name -> file in ``<bundle_root>/models/``. ``model`` (the generalist, trained on
 # every source, research use) is every command's default; ``permissive`` is trained only on sources whose
-# licence allows commercial use (bundle/docs/README.md, "Permissive model").
-SHIPPED_MODELS = {"model": "model.pt", "permissive": "permissive.pt"}
+# licence allows commercial use (bundle/docs/README.md, "Permissive model"); ``fast`` is the generalist's recipe at
+# half the network's width (a quarter of the compute per pixel; "Fast model").
+SHIPPED_MODELS = {"model": "model.pt", "permissive": "permissive.pt", "fast": "fast.pt"}
 DEFAULT_MODEL = "model"
 
 

@@ -22,28 +22,34 @@ from mmcs_monai.workflows import SHIPPED_MODELS, resolve_model, shipped_model
 
 SHIPPED = BUNDLE / "models" / "model.pt"
 PERMISSIVE = BUNDLE / "models" / "permissive.pt"
+FAST = BUNDLE / "models" / "fast.pt"
 
 
 def test_shipped_model_is_the_default_and_the_permissive_one_is_chosen_by_name():
     assert shipped_model() == resolve_model(None) == resolve_model("model") == SHIPPED
     assert resolve_model("permissive") == shipped_model(name="permissive") == PERMISSIVE
+    assert resolve_model("fast") == shipped_model(name="fast") == FAST
     assert resolve_model("runs/x/model.pt") == Path("runs/x/model.pt")  # anything else is a file
-    assert set(SHIPPED_MODELS) == {"model", "permissive"}
-    with pytest.raises(InputError, match="not a shipped model; the bundle ships model, permissive"):
+    assert set(SHIPPED_MODELS) == {"model", "permissive", "fast"}
+    with pytest.raises(InputError, match="not a shipped model; the bundle ships model, permissive, fast"):
         shipped_model(name="cyto3")
 
 
-@pytest.mark.parametrize("path", [SHIPPED, PERMISSIVE], ids=["generalist", "permissive"])
-def test_shipped_models_are_compact(path):
+@pytest.mark.parametrize(
+    ("path", "nbase"),
+    [(SHIPPED, [2, 32, 64, 128, 256]), (PERMISSIVE, [2, 32, 64, 128, 256]), (FAST, [2, 16, 32, 64, 128])],
+    ids=["generalist", "permissive", "fast"],
+)
+def test_shipped_models_are_compact(path, nbase):
     assert path.is_file() and path.stat().st_size < 15e6
     state = torch.load(path, weights_only=True)
     assert state["output.2.weight"].dtype == torch.float16 and state["diam_labels"].dtype == torch.float32
     network = load_model(path)
-    assert network.nbase == [2, 32, 64, 128, 256] and float(network.diam_mean) == 30.0
+    assert network.nbase == nbase and float(network.diam_mean) == 30.0
     assert 15 < float(network.diam_labels) < 40 and len(network.subset_diameters) >= 4
 
 
-@pytest.mark.parametrize("path", [SHIPPED, PERMISSIVE], ids=["generalist", "permissive"])
+@pytest.mark.parametrize("path", [SHIPPED, PERMISSIVE, FAST], ids=["generalist", "permissive", "fast"])
 def test_shipped_models_segment_the_sample_images_with_default_settings(path):
     """Default settings (auto diameter, auto precision) on the 3 sample validation images: F1 above 0.6."""
     network = load_model(path).eval()

@@ -194,7 +194,7 @@ class MMCSWidget(QWidget):
         self.cyto_combo = QComboBox()
         self.nucleus_combo = QComboBox()
         self.model_edit = QLineEdit()
-        self.model_edit.setPlaceholderText("shipped model (bundle/models/model.pt); 'permissive', or a file")
+        self.model_edit.setPlaceholderText("shipped model (bundle/models/model.pt); 'permissive', 'fast', or a file")
         browse = QPushButton("...")
         browse.setMaximumWidth(30)
         browse.clicked.connect(self._browse_model)
