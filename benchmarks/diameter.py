@@ -7,8 +7,10 @@ Dev val and ``extra`` val images (``gt_complete`` yes/mostly) and their labels a
 - ``refine``: the old ``auto`` (segment at the stored mean, measure, segment again);
 - ``auto``: the multi-scale search (:mod:`mmcs_monai.size_estimate`), the default;
 - ``true``: the image's own median label diameter (the best a diameter estimate can do);
-- ``previous`` (only when asked, ``--methods``): ``auto`` as 0.4.2 shipped it: without the coverage check
-  (``DiameterSearch(min_coverage=0)``; until 0.4.2 this arm was 0.4.0's search, ``whole_below=2``).
+- ``previous`` (only when asked, ``--methods``): ``auto`` as 0.4.3 shipped it: the search run by the model's own
+  network, not by the size network the model file carries (:meth:`CPnet.attach_size_network`; the same when it
+  carries none). Until 0.4.3 this arm was 0.4.2's search (``DiameterSearch(min_coverage=0)``), before that 0.4.0's
+  (``whole_below=2``).
 
 The table gives the mean F1 per scale and method (IoU 0.5), the median ``|log2(estimate / true)|`` of
 the estimates, and their time (image in memory -> masks, estimate included) relative to the ``true`` run of
@@ -25,6 +27,7 @@ A last table gives F1 per modality and scale, with ``auto`` against ``stored`` a
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import sys
 import time
@@ -49,7 +52,7 @@ from mmcs_monai.transforms import inference_preprocessing
 
 SCALES = (0.25, 0.5, 1.0, 2.0, 3.0, 4.0)
 METHODS = ("stored", "refine", "auto", "true")
-NAMES = {"refine": "refine (old auto)", "auto": "auto", "previous": "auto of 0.4.2"}
+NAMES = {"refine": "refine (old auto)", "auto": "auto", "previous": "auto of 0.4.3"}
 
 
 def _images(manifests, per_subset: int, crop: int, subsets: str = ""):
@@ -101,12 +104,19 @@ def main(argv=None) -> int:
     network = load_model(args.model).eval()
     search = DiameterSearch() if args.refinements is None else replace(DiameterSearch(), refinements=args.refinements)
     segmenter = CellSegmenter(network, CellInferer(precision="auto", search=search))
-    previous = CellSegmenter(network, CellInferer(precision="auto", search=replace(search, min_coverage=0.0)))
+    own = copy.copy(network)  # the same weights, searching with themselves
+    if hasattr(own, "attach_size_network"):
+        own.attach_size_network(None)
+    previous = CellSegmenter(own, CellInferer(precision="auto", search=search))
     methods = [m for m in ("stored", "refine", "previous", "auto", "true") if m in {"stored", "auto", "true", *args.methods.split(",")}]
     estimates = [m for m in methods if m in NAMES]
     data = _images(args.data, args.per_subset, args.crop, args.subsets)
     scales = [float(s) for s in args.scales.split(",")]
-    print(f"model {args.model}: diam_mean {float(network.diam_mean):.1f}, stored diameter {float(network.diam_labels):.1f} px")
+    sizer = getattr(network, "size_network", None)
+    print(
+        f"model {args.model}: diam_mean {float(network.diam_mean):.1f}, stored diameter {float(network.diam_labels):.1f} px, "
+        f"size network {'nbase ' + '-'.join(map(str, sizer.nbase)) if sizer is not None else 'none (the model searches)'}"
+    )
     print(f"{len(data)} images ({', '.join(sorted({i['subset'] for i, _, _ in data}))}), crop {args.crop} px, {search}")
     rows = []
     groups = defaultdict(lambda: defaultdict(list))  # (modality, scale) -> method -> F1 per image

@@ -63,6 +63,18 @@ def diameter_zoom(network: torch.nn.Module, diameter: float) -> float:
     return scale_to_target(diameter, model_diameters(network)[0])
 
 
+def size_network(network: torch.nn.Module, device: torch.device | str | None = None) -> torch.nn.Module | None:
+    """The cheaper network the ``auto`` search of ``network`` runs (:meth:`CPnet.attach_size_network`; a model file's
+    size network), moved to ``device`` and to eval mode like ``network``; None when ``network`` has none."""
+    sizer = getattr(network, "size_network", None)
+    if sizer is None:
+        return None
+    weight = next(iter(sizer.parameters()), None)
+    if device is not None and weight is not None and weight.device != torch.device(device):
+        sizer.to(device)
+    return sizer.train(network.training)
+
+
 def resolve_diameter(network: torch.nn.Module, diameter: float | str | None) -> float:
     """Cell diameter (pixels) meant by ``diameter``: a number, None/``"stored"`` (the stored mean; also the
     starting point of ``"auto"``/``"refine"``) or a subset name.
@@ -105,8 +117,8 @@ class CellInferer(Inferer):
         diameter: cell diameter in the input images: a number (pixels); None for the model's stored
             training-set mean (``diam_labels``); the name of a training subset whose diameter the
             model stored (``network.subset_diameters``); ``"auto"``: estimated per image by a
-            multi-scale search (:mod:`mmcs_monai.size_estimate`, cells 0.25x-4x the stored mean),
-            then segmented at that size; ``"refine"``: segment once at the stored mean, measure the
+            multi-scale search (:mod:`mmcs_monai.size_estimate`, cells 0.25x-4x the stored mean; run by the
+            network's size network where it has one, :func:`size_network`), then segmented at that size; ``"refine"``: segment once at the stored mean, measure the
             cells found and segment again at their median diameter (only for cells near the
             training size).
         precision: ``auto`` (bf16 where the device has native bf16, else fp32), ``fp32``, ``bf16``
@@ -267,10 +279,20 @@ class CellInferer(Inferer):
             return size_estimate.SizeEstimate(measured if measured > 0 else stored, [])
         if method != "auto":
             raise ValueError(f"unknown diameter estimate {method!r}; use one of {', '.join(ESTIMATED_DIAMETERS)}")
-        diam_mean, _ = model_diameters(network)
-        return size_estimate.search_diameter(
-            image, lambda x: self._run(x, network), settings.masks, stored, diam_mean, self.search, settings.cellprob_threshold
+        # the model file's size network, where it has one, runs the search (eager: a compile of its own would cost more
+        # than the search it speeds up); only ``network`` segments, so a segmentation the search settled on is not kept
+        sizer = size_network(network, image.device)
+        searcher = network if sizer is None else sizer
+        found = size_estimate.search_diameter(
+            image,
+            lambda x: self._run(x, searcher, compiled=sizer is None),
+            settings.masks,
+            stored,
+            model_diameters(searcher)[0],
+            self.search,
+            settings.cellprob_threshold,
         )
+        return found if sizer is None else size_estimate.SizeEstimate(found.diameter, found.candidates)
 
     def _predict(self, inputs: torch.Tensor, network: torch.nn.Module, diameter: float, *args: Any, **kwargs) -> torch.Tensor:
         """Flows at the inputs' size for cells of ``diameter`` pixels: resize, run tile by tile, resize back."""
@@ -284,15 +306,16 @@ class CellInferer(Inferer):
             flows = F.interpolate(flows, size=(height, width), mode="bilinear", align_corners=False)
         return flows.contiguous()
 
-    def _run(self, x: torch.Tensor, network: torch.nn.Module, *args: Any, **kwargs) -> torch.Tensor:
-        """The network on ``x`` [B, 2, h, w] at network scale, tile by tile, in the inferer's precision -> float32 flows."""
+    def _run(self, x: torch.Tensor, network: torch.nn.Module, *args: Any, compiled: bool = True, **kwargs) -> torch.Tensor:
+        """The network on ``x`` [B, 2, h, w] at network scale, tile by tile, in the inferer's precision -> float32 flows
+        (``compiled=False``: eager whatever the inferer's ``compile``)."""
         precision = resolve_precision(self.precision, x.device)
         channels_last = resolve_channels_last(self.channels_last, x.device, precision)
         if channels_last:
             network.to(memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
         forward = network
-        if self.compile is True and not args and not kwargs:
+        if compiled and self.compile is True and not args and not kwargs:
             forward = compiled_forward(network, x.device, precision, channels_last) or network
         with torch.no_grad(), autocast_context(x.device, precision):
             flows = self._window(*x.shape[-2:])(x, forward, *args, **kwargs)

@@ -164,9 +164,10 @@ class RecordingNet(torch.nn.Module):
         self.seen = []
         self.subset_diameters = {}
 
-    # the real network's subset-diameter table
+    # the real network's subset-diameter table and size network
     set_subset_diameters = CPnet.set_subset_diameters
     diameter_for = CPnet.diameter_for
+    attach_size_network = CPnet.attach_size_network
 
     def forward(self, x):
         self.seen.append(tuple(x.shape[-2:]))

@@ -118,6 +118,28 @@ def test_auto_diameter_measures_cells_then_rescales():
     assert net.seen[-1] == (96, 96) and len(net.seen) == 6  # 5 grid candidates and one refinement, nothing more
 
 
+def test_a_size_network_runs_the_search_and_the_network_only_the_final_segmentation():
+    """With a size network attached, ``auto`` finds the size the size network alone finds (the same calls), and the
+    network runs once, at that size: a whole-image segmentation the search settled on is not taken from the size
+    network (alone, it would be the answer)."""
+    from helpers import disk_labels
+
+    labels = disk_labels(shape=(96, 96), centers=((25, 25), (70, 68), (25, 72)), radii=(18, 18, 18))
+    image = torch.stack([torch.as_tensor(labels > 0, dtype=torch.float32), torch.zeros(96, 96)])[None]
+    inferer = CellInferer(diameter="auto", precision="fp32")
+    alone = OracleNet(diam_mean=30.0, diam_labels=12.0)
+    _, alone_used = inferer.predict(image, alone)
+    assert len(alone.seen) == 6  # settled: the search's last segmentation is the answer
+
+    net, sizer = OracleNet(diam_mean=30.0, diam_labels=12.0), OracleNet(diam_mean=30.0, diam_labels=12.0)
+    net.attach_size_network(sizer)
+    out, used = inferer.predict(image, net)
+    assert used == alone_used and sizer.seen == alone.seen
+    fixed = OracleNet(diam_mean=30.0, diam_labels=12.0)
+    expected = inferer.predict(image, fixed, diameter=used[0])[0]
+    assert net.seen == fixed.seen == [fixed.seen[0]] and torch.equal(out, expected)
+
+
 def test_subset_name_picks_the_stored_subset_diameter():
     net = RecordingNet(diam_mean=30.0, diam_labels=20.0)
     net.set_subset_diameters({"small": 10.0, "large": 60.0})

@@ -15,14 +15,16 @@ from mmcs_monai.data import load_datalist
 from mmcs_monai.diameters import median_diameter
 from mmcs_monai.io import InputError, read_labels
 from mmcs_monai.metrics import f1_score
-from mmcs_monai.networks import load_model
+from mmcs_monai.networks import load_model, size_network_file
 from mmcs_monai.segmentation import CellSegmenter
 from mmcs_monai.transforms import inference_preprocessing
 from mmcs_monai.workflows import SHIPPED_MODELS, resolve_model, shipped_model
 
+SAMPLE_DATALIST = BUNDLE / "sample_data" / "datalist.json"
 SHIPPED = BUNDLE / "models" / "model.pt"
 PERMISSIVE = BUNDLE / "models" / "permissive.pt"
 FAST = BUNDLE / "models" / "fast.pt"
+SIZE = BUNDLE / "models" / "size_model.pt"
 
 
 def test_shipped_model_is_the_default_and_the_permissive_one_is_chosen_by_name():
@@ -37,8 +39,8 @@ def test_shipped_model_is_the_default_and_the_permissive_one_is_chosen_by_name()
 
 @pytest.mark.parametrize(
     ("path", "nbase"),
-    [(SHIPPED, [2, 32, 64, 128, 256]), (PERMISSIVE, [2, 32, 64, 128, 256]), (FAST, [2, 16, 32, 64, 128])],
-    ids=["generalist", "permissive", "fast"],
+    [(SHIPPED, [2, 32, 64, 128, 256]), (PERMISSIVE, [2, 32, 64, 128, 256]), (FAST, [2, 16, 32, 64, 128]), (SIZE, [2, 16, 32, 64, 128])],
+    ids=["generalist", "permissive", "fast", "generalist size network"],
 )
 def test_shipped_models_are_compact(path, nbase):
     assert path.is_file() and path.stat().st_size < 15e6
@@ -99,3 +101,44 @@ def test_auto_measures_e_coli_not_the_objects_they_merge_into_at_a_coarse_zoom(p
     true = median_diameter(labels)
     assert abs(math.log2(result.diameter / true)) < 0.35, (result.diameter, true)
     assert f1_score(labels, result.masks, border=2)["f1"] > least_f1
+
+
+def test_the_generalist_searches_sizes_with_the_fast_network_and_segments_with_its_own():
+    """models/size_model.pt, beside model.pt, is the fast model's network: ``load_model`` attaches it as the generalist's
+    size network; ``auto`` runs the size search on it (a quarter of the compute per pixel) and nothing else; the
+    generalist then segments the image once, at the size found, so the masks are those of a run at that fixed
+    diameter, and the size is the fast model's own ``auto`` estimate (same stored diameter, same search). The other
+    shipped models have none; without it the generalist searches with itself."""
+    assert size_network_file(SHIPPED) == SIZE
+    assert load_model(PERMISSIVE).size_network is None and load_model(FAST).size_network is None
+    network, fast = load_model(SHIPPED), load_model(FAST)
+    assert network.size_network.nbase == fast.nbase
+    assert all(torch.equal(a, b) for a, b in zip(network.size_network.parameters(), fast.parameters()))
+    assert float(network.diam_labels) == float(fast.diam_labels)
+
+    seen = {"model": [], "size": []}
+    network.register_forward_pre_hook(lambda _, args: seen["model"].append(tuple(args[0].shape)))
+    network.size_network.register_forward_pre_hook(lambda _, args: seen["size"].append(tuple(args[0].shape)))
+    load = inference_preprocessing("image")
+    segmenter = CellSegmenter(network)
+    samples = [
+        torch.as_tensor(np.asarray(load(dict(i))["image"]), dtype=torch.float32) for i in load_datalist(SAMPLE_DATALIST, split="val")
+    ]
+    # whole images, and crops small enough for the search to settle on a whole-image candidate of the size network
+    for image in samples + [s[:, :160, :160] for s in samples]:
+        seen["model"].clear(), seen["size"].clear()
+        result = segmenter(image, diameter="auto")
+        searched, segmented = list(seen["size"]), list(seen["model"])
+        assert searched, "the size network did not run"
+        seen["model"].clear()
+        fixed = segmenter(image, diameter=result.diameter)
+        assert segmented == seen["model"]  # the model ran the final segmentation only
+        np.testing.assert_array_equal(result.masks, fixed.masks)
+        assert result.diameter == pytest.approx(CellSegmenter(fast).diameter_for(image, "auto"), rel=1e-6)
+
+    alone = load_model(SHIPPED)
+    alone.attach_size_network(None)
+    seen["model"].clear()
+    alone.register_forward_pre_hook(lambda _, args: seen["model"].append(tuple(args[0].shape)))
+    CellSegmenter(alone)(image, diameter="auto")
+    assert len(seen["model"]) > len(segmented)

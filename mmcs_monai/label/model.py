@@ -14,7 +14,7 @@ import torch
 
 from mmcs_monai.distributed import local_device
 from mmcs_monai.io import InputError, atomic_path
-from mmcs_monai.networks import load_model
+from mmcs_monai.networks import load_model, size_network_file
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,8 @@ class ServedModel:
 
     @classmethod
     def install(cls, source: str | os.PathLike | None, model_dir: str | os.PathLike, device=None) -> ServedModel:
-        """The served model in ``model_dir``: ``mmcs.pt`` (or ``mmcs.ts``), copied from ``source`` the first time.
+        """The served model in ``model_dir``: ``mmcs.pt`` (or ``mmcs.ts``), copied from ``source`` the first time, with
+        the size network beside ``source`` (:func:`~mmcs_monai.networks.size_network_file`: ``size_mmcs.pt``), if any.
 
         A model already served there is kept (it may have been trained by this server), so restarting the
         server with the same ``--conf model`` does not undo training.
@@ -59,6 +60,10 @@ class ServedModel:
                 )
             if not Path(source).is_file():
                 raise InputError(source, "model file not found (--conf model)")
+            sizer = size_network_file(source)
+            if suffix == ".pt" and sizer.is_file():  # before the model: a served model is complete once it exists
+                with atomic_path(size_network_file(served)) as tmp:
+                    shutil.copyfile(sizer, tmp)
             with atomic_path(served) as tmp:
                 shutil.copyfile(source, tmp)
             logger.info("serving %s (copied from %s)", served, source)

@@ -13,6 +13,7 @@ from .model_files import (
     load_model,
     load_torchscript,
     save_release_file,
+    size_network_file,
 )
 
 __all__ = [
@@ -25,4 +26,5 @@ __all__ = [
     "load_model",
     "load_torchscript",
     "save_release_file",
+    "size_network_file",
 ]

@@ -247,6 +247,20 @@ class CPnet(nn.Module):
         self.diam_labels = nn.Parameter(torch.full((1,), float(diam_mean)), requires_grad=False)
         # per-subset training diameters {name: pixels}; saved as the state dict's ``_extra_state``
         self.subset_diameters: dict[str, float] = {}
+        self.__dict__["size_network"] = None  # see attach_size_network
+
+    def attach_size_network(self, network: nn.Module | None) -> None:
+        """Give this network a cheaper one that the ``auto`` size search runs instead of it (``size_network``: a
+        CPnet, or any module with its call, ``[B, 2, h, w] -> [B, 3, h, w]``; None: the search runs this network).
+
+        Kept outside the module tree on purpose: not in :meth:`state_dict`, :meth:`parameters` or ``.to()``, so
+        training, checkpoints, ``ckpt_export`` and Cellpose see this network alone. A model file's size network is
+        a file of its own beside it (:func:`~mmcs_monai.networks.model_files.size_network_file`, attached by
+        :func:`~mmcs_monai.networks.load_model`); inference moves it to the image's device when it runs it.
+        """
+        if network is not None and not isinstance(network, nn.Module):
+            raise TypeError(f"a size network is a torch module, got {type(network).__name__}")
+        self.__dict__["size_network"] = network
 
     # ------------------------------------------------------------------ forward
     def forward_with_style(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

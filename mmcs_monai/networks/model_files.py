@@ -33,10 +33,19 @@ __all__ = [
     "is_torchscript_file",
     "max_output_difference",
     "save_release_file",
+    "size_network_file",
 ]
 
 # extra files stored beside the weights (the names MONAI's ``ckpt_export`` uses for the metadata)
 METADATA_FILE = "metadata.json"
+
+
+def size_network_file(path: str | os.PathLike) -> Path:
+    """The file of the size network of model file ``path``: ``size_<stem>.pt`` in its folder (Cellpose keeps its size
+    models as ``size_<model>.npy`` beside the models). :func:`load_model` attaches it (:meth:`CPnet.attach_size_network`)
+    when it exists: the ``auto`` size search then runs that cheaper network instead of the model."""
+    path = Path(path)
+    return path.with_name(f"size_{path.stem}.pt")
 
 
 class ModelFileError(InputError):
@@ -306,12 +315,17 @@ def load_torchscript(path: str | os.PathLike, map_location: torch.device | str |
 
 
 def load_model(path: str | os.PathLike, map_location: torch.device | str | None = "cpu") -> nn.Module:
-    """The network in ``path``, in eval mode: an exported TorchScript model, or a Cellpose 3 / mmcs checkpoint.
+    """The network in ``path``, in eval mode: an exported TorchScript model, or a Cellpose 3 / mmcs checkpoint, with
+    its size network attached where the checkpoint has one (:func:`size_network_file`).
 
     Raises:
-        ModelFileError: naming the file and the problem.
+        ModelFileError: naming the file and the problem (the size network's file when that one is the problem).
     """
     path = Path(path)
     if is_torchscript_file(path):
         return load_torchscript(path, map_location)[0]
-    return load_cellpose_checkpoint(path).to(map_location).eval()
+    network = load_cellpose_checkpoint(path).to(map_location).eval()
+    sizer = size_network_file(path)
+    if sizer.is_file() and sizer.resolve() != path.resolve():
+        network.attach_size_network(load_cellpose_checkpoint(sizer).to(map_location).eval())
+    return network

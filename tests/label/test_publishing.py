@@ -35,3 +35,23 @@ def test_publish_only_when_not_worse_unless_always():
     assert should_publish("always", 0.1, 0.9) and should_publish("always", None, None)
     with pytest.raises(ValueError, match="if_better"):
         should_publish("sometimes", 0.9, 0.1)
+
+
+def test_the_served_copy_keeps_the_size_network_beside_the_model(tmp_path):
+    """``ServedModel.install`` copies ``size_<stem>.pt`` with the model (as ``size_mmcs.pt``), so the server's ``auto``
+    searches with it as ``mmcs infer`` does; a model without one is served without one."""
+    import torch
+
+    from mmcs_monai.label.model import ServedModel
+    from mmcs_monai.networks import CPnet
+
+    source = tmp_path / "shipped" / "generalist.pt"
+    source.parent.mkdir()
+    torch.save(CPnet(nbase=(2, 8, 16, 32)).state_dict(), source)
+    torch.save(CPnet(nbase=(2, 4, 8, 16)).state_dict(), source.parent / "size_generalist.pt")
+    served = ServedModel.install(source, tmp_path / "app" / "model", device="cpu")
+    assert sorted(p.name for p in (tmp_path / "app" / "model").iterdir()) == ["mmcs.pt", "size_mmcs.pt"]
+    assert served.network().size_network.nbase == [2, 4, 8, 16]
+
+    (source.parent / "size_generalist.pt").unlink()
+    assert ServedModel.install(source, tmp_path / "other", device="cpu").network().size_network is None

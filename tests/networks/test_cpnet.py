@@ -209,3 +209,34 @@ def test_release_file_is_half_the_size_and_loads_as_float32(tmp_path):
     x = torch.rand(1, 2, 48, 48)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), net.eval()(x), atol=2e-2, rtol=1e-2)
+
+
+def test_a_size_network_beside_the_model_file_is_attached_by_load_model_only(tmp_path):
+    """``size_<stem>.pt`` beside a model file (Cellpose's ``size_<model>.npy`` convention): :func:`load_model` attaches
+    it in eval mode, outside the module tree (state dict, parameters and a training load see the model alone); a
+    model without one has none; a size network file that does not load is an error naming that file."""
+    from mmcs_monai.networks import size_network_file
+
+    torch.manual_seed(0)
+    main, small = CPnet(nbase=NBASE), CPnet(nbase=SMALL)
+    _randomise_bn(main, 1)
+    _randomise_bn(small, 2)
+    model = tmp_path / "generalist.pt"
+    torch.save(main.state_dict(), model)
+    assert load_model(model).size_network is None
+    assert size_network_file(model) == tmp_path / "size_generalist.pt"
+    torch.save(small.state_dict(), tmp_path / "size_generalist.pt")
+
+    loaded = load_model(model)
+    assert loaded.nbase == NBASE and loaded.size_network.nbase == SMALL and not loaded.size_network.training
+    x = torch.rand(1, 2, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.size_network(x), small.eval()(x))
+        torch.testing.assert_close(loaded(x), main.eval()(x))
+    assert loaded.state_dict().keys() == main.state_dict().keys()
+    assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in main.parameters())
+    assert load_cellpose_checkpoint(model, net=CPnet(nbase=NBASE)).size_network is None  # the bundle's load_pretrained
+
+    (tmp_path / "size_generalist.pt").write_bytes(b"not a model")
+    with pytest.raises(ModelFileError, match=r"size_generalist\.pt"):
+        load_model(model)
