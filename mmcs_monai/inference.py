@@ -24,7 +24,14 @@ from mmcs_monai.flows import MaskSettings
 from mmcs_monai.networks.compiled import compiled_forward
 from mmcs_monai.options import parse_micrometres
 from mmcs_monai.pipeline import fitted_tile
-from mmcs_monai.precision import autocast_context, parse_compile, resolve_channels_last, resolve_compile, resolve_precision
+from mmcs_monai.precision import (
+    autocast_context,
+    parse_compile,
+    resolve_channels_last,
+    resolve_compile,
+    resolve_precision,
+    to_channels_last,
+)
 from mmcs_monai.size_estimate import DiameterSearch
 
 # Tiling defaults (network pixels), written once: configs, the apps and the command line refer to these.
@@ -72,7 +79,7 @@ def size_network(network: torch.nn.Module, device: torch.device | str | None = N
     weight = next(iter(sizer.parameters()), None)
     if device is not None and weight is not None and weight.device != torch.device(device):
         sizer.to(device)
-    return sizer.train(network.training)
+    return sizer if sizer.training == network.training else sizer.train(network.training)
 
 
 def resolve_diameter(network: torch.nn.Module, diameter: float | str | None) -> float:
@@ -312,7 +319,7 @@ class CellInferer(Inferer):
         precision = resolve_precision(self.precision, x.device)
         channels_last = resolve_channels_last(self.channels_last, x.device, precision)
         if channels_last:
-            network.to(memory_format=torch.channels_last)
+            to_channels_last(network)
             x = x.contiguous(memory_format=torch.channels_last)
         forward = network
         if compiled and self.compile is True and not args and not kwargs:

@@ -86,6 +86,16 @@ def resolve_channels_last(channels_last: bool | None, device: torch.device | str
     return precision == "bf16" or (not training and torch.device(device).type == "cpu" and precision == "fp32")
 
 
+def to_channels_last(network: torch.nn.Module) -> torch.nn.Module:
+    """``network`` with its weights in channels-last memory layout, converted in place the first time only: the layout
+    is read off its first convolution kernel wider than 1 x 1 (a 1 x 1 kernel is both layouts at once), so a network
+    already converted costs no pass over its parameters (3.5 ms per call of the size search's network on 2 cores)."""
+    kernel = next((p for p in network.parameters() if p.dim() == 4 and p.shape[-1] * p.shape[-2] > 1), None)
+    if kernel is None or not kernel.is_contiguous(memory_format=torch.channels_last) or kernel.is_contiguous():
+        network.to(memory_format=torch.channels_last)
+    return network
+
+
 def parse_compile(value: Any) -> bool | str:
     """``compile`` as commands and configs give it -> True, False or ``"auto"``.
 
@@ -163,7 +173,7 @@ class PrecisionInferer(Inferer):
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
         precision = resolve_precision(self.precision, inputs.device)
         if resolve_channels_last(self.channels_last, inputs.device, precision, training=True):
-            network.to(memory_format=torch.channels_last)
+            to_channels_last(network)
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         with autocast_context(inputs.device, precision):
             out = network(inputs, *args, **kwargs)

@@ -153,3 +153,23 @@ def test_subset_name_picks_the_stored_subset_diameter():
         inferer(image, net, diameter="medium")
     with pytest.raises(ValueError, match="positive"):
         resolve_diameter(net, -3)
+
+
+def test_to_channels_last_converts_a_network_once(monkeypatch):
+    """``to_channels_last`` converts a contiguous network, then leaves a converted one alone (no pass over its
+    parameters: the size search calls it once per candidate), and converts again one made contiguous since."""
+    from mmcs_monai.precision import to_channels_last
+
+    net = CPnet(nbase=(2, 8, 16, 32)).eval()
+    weight = lambda: net.downsample.down.res_down_0.conv.conv_1[2].weight  # noqa: E731  a 3x3 kernel
+    calls = []
+    original = torch.nn.Module.to
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: calls.append(k) or original(self, *a, **k))
+    assert to_channels_last(net) is net and len(calls) == 1
+    assert weight().is_contiguous(memory_format=torch.channels_last) and not weight().is_contiguous()
+    to_channels_last(net)
+    CellInferer(roi_size=64, precision="fp32")(torch.rand(1, 2, 64, 64), net)
+    assert len(calls) == 1
+    original(net, memory_format=torch.contiguous_format)
+    to_channels_last(net)
+    assert len(calls) == 2 and not weight().is_contiguous()
