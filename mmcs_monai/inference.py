@@ -125,9 +125,9 @@ class CellInferer(Inferer):
             training-set mean (``diam_labels``); the name of a training subset whose diameter the
             model stored (``network.subset_diameters``); ``"auto"``: estimated per image by a
             multi-scale search (:mod:`mmcs_monai.size_estimate`, cells 0.25x-4x the stored mean; run by the
-            network's size network where it has one, :func:`size_network`), then segmented at that size; ``"refine"``: segment once at the stored mean, measure the
-            cells found and segment again at their median diameter (only for cells near the
-            training size).
+            network's size network where it has one, :func:`size_network`), then segmented at that size;
+            ``"refine"``: segment once at the stored mean, measure the cells found and segment again at their
+            median diameter (only for cells near the training size).
         precision: ``auto`` (bf16 where the device has native bf16, else fp32), ``fp32``, ``bf16``
             (CPU/GPU autocast) or ``fp16`` (GPU).
         channels_last: run the network in channels-last memory layout; None: on in bf16 and on a CPU

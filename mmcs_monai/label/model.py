@@ -106,11 +106,18 @@ class ServedModel:
         return {"file": str(self.path), "modified": self.modified(), "sha256": self.sha256()}
 
     def publish(self, new_model: str | os.PathLike) -> Path:
-        """Serve ``new_model`` from now on: the current file is kept as ``previous<suffix>``, then replaced atomically."""
+        """Serve ``new_model`` from now on: the current file is kept as ``previous<suffix>``, then replaced atomically.
+
+        The size network served with the old weights goes with them (``size_previous.pt``): trained weights search
+        sizes with themselves, which have seen the new images (docs/usage.md, "Cell diameters").
+        """
         previous = self.path.with_name(f"previous{self.path.suffix}")
         with atomic_path(previous) as tmp:
             shutil.copyfile(self.path, tmp)
         with atomic_path(self.path) as tmp:
             shutil.copyfile(new_model, tmp)
+        sizer = size_network_file(self.path)
+        if sizer.is_file():
+            os.replace(sizer, size_network_file(previous))
         logger.info("published %s as %s (previous model kept as %s)", new_model, self.path, previous)
         return self.path

@@ -39,7 +39,8 @@ def test_publish_only_when_not_worse_unless_always():
 
 def test_the_served_copy_keeps_the_size_network_beside_the_model(tmp_path):
     """``ServedModel.install`` copies ``size_<stem>.pt`` with the model (as ``size_mmcs.pt``), so the server's ``auto``
-    searches with it as ``mmcs infer`` does; a model without one is served without one."""
+    searches with it as ``mmcs infer`` does; weights the server trains and publishes search with themselves (the size
+    network goes with the previous weights); a model without one is served without one."""
     import torch
 
     from mmcs_monai.label.model import ServedModel
@@ -52,6 +53,11 @@ def test_the_served_copy_keeps_the_size_network_beside_the_model(tmp_path):
     served = ServedModel.install(source, tmp_path / "app" / "model", device="cpu")
     assert sorted(p.name for p in (tmp_path / "app" / "model").iterdir()) == ["mmcs.pt", "size_mmcs.pt"]
     assert served.network().size_network.nbase == [2, 4, 8, 16]
+    trained = tmp_path / "trained.pt"  # weights the server trained search sizes with themselves
+    torch.save(CPnet(nbase=(2, 8, 16, 32)).state_dict(), trained)
+    served.publish(trained)
+    assert sorted(p.name for p in (tmp_path / "app" / "model").iterdir()) == ["mmcs.pt", "previous.pt", "size_previous.pt"]
+    assert served.network().size_network is None
 
     (source.parent / "size_generalist.pt").unlink()
     assert ServedModel.install(source, tmp_path / "other", device="cpu").network().size_network is None
