@@ -16,7 +16,7 @@ from monai.transforms import Randomizable, Transform
 
 from mmcs_monai.distributed import is_main_process
 from mmcs_monai.engines.utils import save_atomic, unwrap
-from mmcs_monai.networks import load_model
+from mmcs_monai.networks import load_model, size_network_file
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +213,10 @@ class ModelFileLoader:
 
     def __call__(self, engine: Engine) -> None:
         engine.network = load_model(self.model_path, map_location=self.device).eval()
-        logger.info("model: %s", self.model_path)
+        if getattr(engine.network, "size_network", None) is not None:
+            logger.info("model: %s (auto searches sizes with %s)", self.model_path, size_network_file(self.model_path))
+        else:
+            logger.info("model: %s", self.model_path)
 
 
 class BestModelSaver:
