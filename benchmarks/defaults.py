@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     from mmcs_monai.data import load_datalist
     from mmcs_monai.io import read_labels
     from mmcs_monai.metrics import f1_score
-    from mmcs_monai.networks import load_model
+    from mmcs_monai.networks import load_model, size_network_file
 
     items = load_datalist(args.data, split="val", exclude_partial=True, limit=args.limit)
     models = {"ours": args.model, "cellpose": args.cellpose_model or args.model}
@@ -91,8 +91,11 @@ def main(argv=None) -> int:
             megapixels += read_labels(item["label"]).size / 1e6
         shutil.copy(next(images.iterdir()), warm)
         print(f"CPU: {cpu_description()}; isa {args.isa} {ISA_ENV[args.isa]}")
+        sizer = size_network_file(models["ours"])
+        searches = f"auto searching with {sizer}" if sizer.is_file() else "auto searching with itself"
         print(
-            f"{len(items)} dev-val images, {megapixels:.2f} MPix; ours {models['ours']}, Cellpose {models['cellpose']} (stored diameter {diameter:.1f} px)"
+            f"{len(items)} dev-val images, {megapixels:.2f} MPix; ours {models['ours']} ({searches}), "
+            f"Cellpose {models['cellpose']} (stored diameter {diameter:.1f} px)"
         )
         seconds = {"ours": float("inf"), "cellpose": float("inf")}
         for tool in seconds:
