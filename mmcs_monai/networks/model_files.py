@@ -326,6 +326,6 @@ def load_model(path: str | os.PathLike, map_location: torch.device | str | None 
         return load_torchscript(path, map_location)[0]
     network = load_cellpose_checkpoint(path).to(map_location).eval()
     sizer = size_network_file(path)
-    if sizer.is_file() and sizer.resolve() != path.resolve():
+    if sizer.is_file():
         network.attach_size_network(load_cellpose_checkpoint(sizer).to(map_location).eval())
     return network
