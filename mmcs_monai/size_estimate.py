@@ -42,6 +42,11 @@ nothing to measure, or only fragments. :func:`estimate_diameter` instead
    E. coli val image the 4x and 2x candidates covered 0.20-0.45 of them, the 1x one 0.80-0.84; on the 81 val
    images the candidates the search kept covered 0.59-1.0.
 
+6. stays in range (``max_beyond``, since 0.4.5): follow-ups, refinements and the estimate stay within the candidates'
+   range widened 2x on each side (0.125x-8x the stored mean). On an image without cells of any size it knows, a
+   network may find a few specks at every zoom; each refinement then measured them smaller (0.5-2 px), and the image
+   was segmented at a zoom of 15-60.
+
 It works for any CPnet, including a Cellpose 3 checkpoint file, and needs no fitting. The crop is the
 square window of the image with the most intensity variation (at the candidate's scale), so sparse
 images are measured where their cells are.
@@ -90,6 +95,11 @@ class DiameterSearch:
         min_coverage: a candidate agrees only when its masks cover at least this fraction of the pixels the network
             called cell (:attr:`Candidate.coverage`): at a zoom too coarse for the cells, touching cells merge into a
             few objects near the candidate's size while most of the cell pixels fail the flow check (0: no check).
+        max_beyond: the estimate stays within the candidates' range widened by this factor on each side
+            (``[min(factors) / max_beyond, max(factors) * max_beyond]`` times the stored mean: 3.4-216 px for a
+            model that stored 27 px). A few specks measured on a crop with no cells of the network's sizes once gave
+            0.5-2 px, and segmenting a 512 px image at that size (a zoom of 15-60) took more memory than the machine
+            had (the permissive half-width network on a BBBC022 pool image, 2026-12-05).
     """
 
     factors: tuple[float, ...] = (4.0, 2.0, 1.0, 0.5, 0.25)
@@ -102,6 +112,7 @@ class DiameterSearch:
     whole_below: float = 0.0
     settle_within: float = 0.1
     min_coverage: float = 0.5
+    max_beyond: float = 2.0
 
     def __post_init__(self):
         if not self.factors or any(not f > 0 for f in self.factors):
@@ -110,6 +121,15 @@ class DiameterSearch:
             raise ValueError(f"min_coverage must be in [0, 1], got {self.min_coverage}")
         if self.crop < 32:
             raise ValueError(f"crop must be at least 32 network pixels, got {self.crop}")
+        if not self.max_beyond >= 1:
+            raise ValueError(f"max_beyond must be at least 1, got {self.max_beyond}")
+
+    def bounds(self, stored_diameter: float) -> tuple[float, float]:
+        """The smallest and largest estimate (pixels) for a model whose stored mean diameter is ``stored_diameter``."""
+        return (
+            stored_diameter * min(self.factors) / self.max_beyond,
+            stored_diameter * max(self.factors) * self.max_beyond,
+        )
 
 
 @dataclass(frozen=True)
@@ -219,12 +239,18 @@ def search_diameter(
         the estimate, what each candidate (then the refinement) found, and the settled segmentation if any
         (:class:`SizeEstimate`). When no candidate agrees (:meth:`Candidate.agrees`), the one covering most among
         those with ``min_cells`` cells measured within the tolerance is taken, else the largest agreeing one with
-        any cell, else the one closest to agreeing; when no candidate found a cell, ``stored_diameter``.
+        any cell, else the one closest to agreeing among those whose masks cover ``min_coverage`` of the cell pixels;
+        when there is none, ``stored_diameter``. Follow-ups,
+        refinements and the estimate stay within :meth:`DiameterSearch.bounds` (a measurement beyond one is taken
+        as that bound).
     """
     search = search or DiameterSearch()
     side = search.crop
+    low, high = search.bounds(stored_diameter)
 
     def _try(diameter: float) -> Candidate:
+        # follow-ups and refinements try measured sizes: kept within the bounds, where the zoom stays reasonable
+        diameter = min(max(diameter, low), high)
         return _segment_and_measure(image, diameter, run_network, masks, diam_mean, side, search.whole_below, cell_threshold)
 
     candidates: list[Candidate] = []
@@ -253,17 +279,20 @@ def search_diameter(
         found = [c for c in candidates if c.cells]
         agreeing = [c for c in found if c.disagreement <= search.tolerance]
         enough = [c for c in agreeing if c.cells >= search.min_cells]
+        # the last resort takes only masks that explain the cell pixels: specks in a haze the network calls cell at
+        # every zoom (a modality it does not know) say nothing about the cells' size
+        covering = [c for c in found if c.coverage >= search.min_coverage]
         if enough:
             chosen = max(enough, key=lambda c: c.coverage)
         elif agreeing:
             chosen = max(agreeing, key=lambda c: c.diameter)
-        elif found:
-            chosen = min(found, key=lambda c: c.disagreement)
+        elif covering:
+            chosen = min(covering, key=lambda c: c.disagreement)
         else:
             return SizeEstimate(float(stored_diameter), candidates)
     for _ in range(search.refinements):
-        if chosen.disagreement <= search.refine_above:
-            break
+        if chosen.disagreement <= search.refine_above or min(max(chosen.measured, low), high) == chosen.diameter:
+            break  # agrees closely, or measures beyond a bound it was already tried at
         refined = _try(chosen.measured)
         candidates.append(refined)
         if refined.cells < min(search.min_cells, chosen.cells):
@@ -271,7 +300,7 @@ def search_diameter(
         chosen = refined
     if chosen.flows is not None and chosen.cells and chosen.disagreement <= search.settle_within:
         return SizeEstimate(float(chosen.diameter), candidates, chosen.flows)
-    return SizeEstimate(float(chosen.measured), candidates)
+    return SizeEstimate(float(min(max(chosen.measured, low), high)), candidates)
 
 
 def _segment_and_measure(

@@ -25,6 +25,8 @@ SHIPPED = BUNDLE / "models" / "model.pt"
 PERMISSIVE = BUNDLE / "models" / "permissive.pt"
 FAST = BUNDLE / "models" / "fast.pt"
 SIZE = BUNDLE / "models" / "size_model.pt"
+PERMISSIVE_SIZE = BUNDLE / "models" / "size_permissive.pt"
+HALF = [2, 16, 32, 64, 128]
 
 
 def test_shipped_model_is_the_default_and_the_permissive_one_is_chosen_by_name():
@@ -39,8 +41,8 @@ def test_shipped_model_is_the_default_and_the_permissive_one_is_chosen_by_name()
 
 @pytest.mark.parametrize(
     ("path", "nbase"),
-    [(SHIPPED, [2, 32, 64, 128, 256]), (PERMISSIVE, [2, 32, 64, 128, 256]), (FAST, [2, 16, 32, 64, 128]), (SIZE, [2, 16, 32, 64, 128])],
-    ids=["generalist", "permissive", "fast", "generalist size network"],
+    [(SHIPPED, [2, 32, 64, 128, 256]), (PERMISSIVE, [2, 32, 64, 128, 256]), (FAST, HALF), (SIZE, HALF), (PERMISSIVE_SIZE, HALF)],
+    ids=["generalist", "permissive", "fast", "generalist size network", "permissive size network"],
 )
 def test_shipped_models_are_compact(path, nbase):
     assert path.is_file() and path.stat().st_size < 15e6
@@ -89,7 +91,7 @@ def test_auto_measures_e_coli_not_the_objects_they_merge_into_at_a_coarse_zoom(p
     area whole, found enough of them to agree and chose 47.8 px (generalist, F1 0.14); 0.4.2's, on the busiest crop,
     found 6 with the permissive model, which has no E. coli labels, and chose 52 px (F1 0.04). Since 0.4.3 a candidate
     whose masks cover under half of the pixels the network calls cell does not agree (the merged objects cover 0.2-0.45),
-    and both models find the rods' size (F1 0.96 and 0.74 at the time of writing; the permissive model scores 0.61
+    and both models find the rods' size (F1 0.96 and 0.74 at the time of writing, 0.70 with the permissive size network of 0.4.5; the permissive model scores 0.61
     at the labels' own median diameter)."""
     extra = require_dev_data().parent / "extra" / "manifest.csv"
     rows = [r for r in load_datalist(str(extra), split="val") if r["id"] == "dc_ecolikc_set2"] if extra.is_file() else []
@@ -103,18 +105,23 @@ def test_auto_measures_e_coli_not_the_objects_they_merge_into_at_a_coarse_zoom(p
     assert f1_score(labels, result.masks, border=2)["f1"] > least_f1
 
 
-def test_the_generalist_searches_sizes_with_the_fast_network_and_segments_with_its_own():
-    """models/size_model.pt, beside model.pt, is the fast model's network: ``load_model`` attaches it as the generalist's
-    size network; ``auto`` runs the size search on it (a quarter of the compute per pixel) and nothing else; the
-    generalist then segments the image once, at the size found, so the masks are those of a run at that fixed
-    diameter, and the size is the fast model's own ``auto`` estimate (same stored diameter, same search). The other
-    shipped models have none; without it the generalist searches with itself."""
-    assert size_network_file(SHIPPED) == SIZE
-    assert load_model(PERMISSIVE).size_network is None and load_model(FAST).size_network is None
-    network, fast = load_model(SHIPPED), load_model(FAST)
-    assert network.size_network.nbase == fast.nbase
-    assert all(torch.equal(a, b) for a, b in zip(network.size_network.parameters(), fast.parameters()))
-    assert float(network.diam_labels) == float(fast.diam_labels)
+@pytest.mark.parametrize(
+    ("path", "sizer", "twin"), [(SHIPPED, SIZE, FAST), (PERMISSIVE, PERMISSIVE_SIZE, PERMISSIVE_SIZE)], ids=["generalist", "permissive"]
+)
+def test_the_shipped_models_search_sizes_with_their_half_width_network_and_segment_with_their_own(path, sizer, twin):
+    """models/size_model.pt, beside model.pt, is the fast model's network; models/size_permissive.pt, beside
+    permissive.pt, the permissive recipe at half width (trained on the same permissive rows only). ``load_model``
+    attaches each as its model's size network; ``auto`` runs the size search on it (a quarter of the compute per
+    pixel) and nothing else; the model then segments the image once, at the size found, so the masks are those of a
+    run at that fixed diameter, and the size is the half-width network's own ``auto`` estimate (same stored diameter,
+    same search). The fast model has none; without it a model searches with itself."""
+    assert size_network_file(path) == sizer
+    assert load_model(FAST).size_network is None and load_model(sizer).size_network is None
+    network, half = load_model(path), load_model(twin)
+    assert network.size_network.nbase == half.nbase == HALF
+    assert all(torch.equal(a, b) for a, b in zip(network.size_network.parameters(), half.parameters()))
+    assert float(network.diam_labels) == pytest.approx(float(half.diam_labels), abs=0.05)  # the same training rows
+    half.set_diam_labels(float(network.diam_labels))  # the search starts from the model's stored mean
 
     seen = {"model": [], "size": []}
     network.register_forward_pre_hook(lambda _, args: seen["model"].append(tuple(args[0].shape)))
@@ -134,11 +141,35 @@ def test_the_generalist_searches_sizes_with_the_fast_network_and_segments_with_i
         fixed = segmenter(image, diameter=result.diameter)
         assert segmented == seen["model"]  # the model ran the final segmentation only
         np.testing.assert_array_equal(result.masks, fixed.masks)
-        assert result.diameter == pytest.approx(CellSegmenter(fast).diameter_for(image, "auto"), rel=1e-6)
+        assert result.diameter == pytest.approx(CellSegmenter(half).diameter_for(image, "auto"), rel=1e-6)
 
-    alone = load_model(SHIPPED)
+    alone = load_model(path)
     alone.attach_size_network(None)
     seen["model"].clear()
     alone.register_forward_pre_hook(lambda _, args: seen["model"].append(tuple(args[0].shape)))
     CellSegmenter(alone)(image, diameter="auto")
     assert len(seen["model"]) > len(segmented)
+
+
+def test_every_shipped_weight_file_is_named_in_the_metadata_and_the_data_licence():
+    """Each tracked weight file (``large_files.yml``) is described in ``metadata.json`` (as a ``file`` of a model's
+    section, or the default network) and named in ``docs/data_license.txt``, with the terms it inherits."""
+    import json
+
+    import yaml
+
+    files = [e["path"] for e in yaml.safe_load((BUNDLE / "large_files.yml").read_text())["large_files"]]
+    assert sorted(files) == sorted(f"models/{p.name}" for p in (BUNDLE / "models").glob("*.pt"))
+    metadata = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
+
+    def described(section):
+        if isinstance(section, dict):
+            yield from ([section["file"]] if isinstance(section.get("file"), str) else [])
+            for value in section.values():
+                yield from described(value)
+
+    named = {"models/model.pt", *described(metadata)}
+    licence = (BUNDLE / "docs" / "data_license.txt").read_text()
+    for path in files:
+        assert path in named, f"{path} has no section in metadata.json"
+        assert path in licence, f"{path} is not named in docs/data_license.txt"

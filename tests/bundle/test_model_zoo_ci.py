@@ -43,13 +43,19 @@ def test_model_zoo_ci_passes_every_check(tmp_path):
 
 
 def test_large_files_entries_match_the_shipped_models():
-    """``large_files.yml`` names the four tracked weights with their current hash (regenerated when a model changes)."""
+    """``large_files.yml`` names the five tracked weights with their current hash (regenerated when a model changes)."""
     import hashlib
 
     import yaml
 
     entries = yaml.safe_load((BUNDLE / "large_files.yml").read_text())["large_files"]
-    assert [e["path"] for e in entries] == ["models/model.pt", "models/permissive.pt", "models/fast.pt", "models/size_model.pt"]
+    assert [e["path"] for e in entries] == [
+        "models/model.pt",
+        "models/permissive.pt",
+        "models/fast.pt",
+        "models/size_model.pt",
+        "models/size_permissive.pt",
+    ]
     for entry in entries:
         digest = hashlib.new(entry["hash_type"], (BUNDLE / entry["path"]).read_bytes()).hexdigest()
         assert digest == entry["hash_val"], entry["path"]
