@@ -240,18 +240,19 @@ def search_diameter(
         (:class:`SizeEstimate`). When no candidate agrees (:meth:`Candidate.agrees`), the one covering most among
         those with ``min_cells`` cells measured within the tolerance is taken, else the largest agreeing one with
         any cell, else the one closest to agreeing among those whose masks cover ``min_coverage`` of the cell pixels;
-        when there is none, ``stored_diameter``. Follow-ups,
-        refinements and the estimate stay within :meth:`DiameterSearch.bounds` (a measurement beyond one is taken
-        as that bound).
+        when there is none, ``stored_diameter``. Follow-ups, refinements and the estimate stay within
+        :meth:`DiameterSearch.bounds` (a measurement beyond one is taken as that bound).
     """
     search = search or DiameterSearch()
     side = search.crop
     low, high = search.bounds(stored_diameter)
 
+    def _within(diameter: float) -> float:
+        return min(max(diameter, low), high)
+
     def _try(diameter: float) -> Candidate:
         # follow-ups and refinements try measured sizes: kept within the bounds, where the zoom stays reasonable
-        diameter = min(max(diameter, low), high)
-        return _segment_and_measure(image, diameter, run_network, masks, diam_mean, side, search.whole_below, cell_threshold)
+        return _segment_and_measure(image, _within(diameter), run_network, masks, diam_mean, side, search.whole_below, cell_threshold)
 
     candidates: list[Candidate] = []
     chosen = None
@@ -291,7 +292,7 @@ def search_diameter(
         else:
             return SizeEstimate(float(stored_diameter), candidates)
     for _ in range(search.refinements):
-        if chosen.disagreement <= search.refine_above or min(max(chosen.measured, low), high) == chosen.diameter:
+        if chosen.disagreement <= search.refine_above or _within(chosen.measured) == chosen.diameter:
             break  # agrees closely, or measures beyond a bound it was already tried at
         refined = _try(chosen.measured)
         candidates.append(refined)
@@ -300,7 +301,7 @@ def search_diameter(
         chosen = refined
     if chosen.flows is not None and chosen.cells and chosen.disagreement <= search.settle_within:
         return SizeEstimate(float(chosen.diameter), candidates, chosen.flows)
-    return SizeEstimate(float(min(max(chosen.measured, low), high)), candidates)
+    return SizeEstimate(float(_within(chosen.measured)), candidates)
 
 
 def _segment_and_measure(
