@@ -79,7 +79,7 @@ def size_network(network: torch.nn.Module, device: torch.device | str | None = N
     weight = next(iter(sizer.parameters()), None)
     if device is not None and weight is not None and weight.device != torch.device(device):
         sizer.to(device)
-    return sizer if sizer.training == network.training else sizer.train(network.training)
+    return sizer.train(network.training)
 
 
 def resolve_diameter(network: torch.nn.Module, diameter: float | str | None) -> float:
