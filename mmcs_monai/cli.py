@@ -288,6 +288,41 @@ def diameter_sweep(
     return format_sweep_table(rows)
 
 
+def calibrate(
+    data_source: str,
+    model: str | None = None,
+    split: str | None = None,
+    sources: str | None = None,
+    per_subset: int = 8,
+    diameter: float | str = "auto",
+    seed: int = 0,
+    bundle_root: str | None = None,
+) -> str:
+    """Calibrate a model for int8 inference: write ``<stem>.int8.json`` beside the model file. ``precision auto`` then runs it in int8 on a CPU without native bf16 (AVX2),
+    and ``--precision int8`` anywhere on a CPU.
+
+    Args:
+        data_source: images like the model's training images: a folder, a manifest CSV/JSON or a Decathlon JSON.
+        model: model file or a shipped model's name (``permissive``); default ``<bundle_root>/models/model.pt``.
+        split: rows of this split only (``train``; manifests with a split column).
+        sources: rows of these sources only, comma-separated (the manifest's ``source`` values).
+        per_subset: images drawn from each subset (modality) of ``data_source``.
+        diameter: the diameter the images are segmented at while their tiles are recorded (``auto`` as ``mmcs infer``).
+        seed: the draw of the images.
+
+    Returns:
+        the calibration file written (the command line prints it).
+    """
+    from mmcs_monai.calibration import calibrate_model
+    from mmcs_monai.data import load_datalist, select_rows
+
+    items = load_datalist(data_source, split=split)
+    if sources:  # fire gives "a,b" as a tuple
+        names = sources.split(",") if isinstance(sources, str) else sources
+        items = select_rows(items, [str(s).strip() for s in names if str(s).strip()])
+    return str(calibrate_model(_model_path(model, bundle_root), items, diameter=diameter, per_subset=int(per_subset), seed=int(seed)))
+
+
 def export(
     model: str | None = None,
     output: str | None = None,
@@ -459,6 +494,7 @@ def main(argv: list[str] | None = None) -> None:
         "diameter-sweep": diameter_sweep,
         "infer-slide": infer_slide,
         "export": export,
+        "calibrate": calibrate,
     }
     try:
         fire.Fire(commands, command=argv, name="mmcs")

@@ -22,6 +22,7 @@ from mmcs_monai import size_estimate
 from mmcs_monai.diameters import DEFAULT_TARGET_DIAMETER, median_diameter, scale_to_target
 from mmcs_monai.flows import MaskSettings
 from mmcs_monai.networks.compiled import compiled_forward
+from mmcs_monai.networks.quantized import int8_unavailable, quantized_forward
 from mmcs_monai.options import parse_micrometres
 from mmcs_monai.pipeline import fitted_tile
 from mmcs_monai.precision import (
@@ -174,13 +175,21 @@ class CellInferer(Inferer):
         self.overlap = overlap
         self.sw_batch_size = sw_batch_size
 
-    def for_workload(self, megapixels: float | None = None, images: Any = None, device: torch.device | str = "cpu") -> CellInferer:
+    def for_workload(
+        self,
+        megapixels: float | None = None,
+        images: Any = None,
+        device: torch.device | str = "cpu",
+        network: torch.nn.Module | None = None,
+    ) -> CellInferer:
         """This inferer, or a copy whose ``compile="auto"`` is decided (:func:`resolve_compile`) for a job of
-        ``megapixels`` image megapixels (else counted from ``images``, a data list) on ``device``."""
+        ``megapixels`` image megapixels (else counted from ``images``, a data list) on ``device``, for ``network``
+        (an int8 network is never compiled)."""
         if self.compile != "auto":
             return self
         inferer = copy.copy(self)
-        inferer.compile = resolve_compile("auto", device, images=images, megapixels=megapixels, precision=self.precision)
+        precision = resolve_precision(self.precision, device, network)
+        inferer.compile = resolve_compile("auto", device, images=images, megapixels=megapixels, precision=precision)
         return inferer
 
     def warm_up(self, network: torch.nn.Module) -> float:
@@ -290,9 +299,14 @@ class CellInferer(Inferer):
         # than the search it speeds up); only ``network`` segments, so a segmentation the search settled on is not kept
         sizer = size_network(network, image.device)
         searcher = network if sizer is None else sizer
+        # ``int8`` asked for by name: a size network without a calibration of its own (none ships: at the search's
+        # small tiles int8 gains nothing) searches in fp32 rather than failing the segmentation
+        precision = None
+        if sizer is not None and self.precision == "int8":
+            precision = "int8" if int8_unavailable(sizer, image.device) is None else "fp32"
         found = size_estimate.search_diameter(
             image,
-            lambda x: self._run(x, searcher, compiled=sizer is None),
+            lambda x: self._run(x, searcher, compiled=sizer is None, precision=precision),
             settings.masks,
             stored,
             model_diameters(searcher)[0],
@@ -313,10 +327,22 @@ class CellInferer(Inferer):
             flows = F.interpolate(flows, size=(height, width), mode="bilinear", align_corners=False)
         return flows.contiguous()
 
-    def _run(self, x: torch.Tensor, network: torch.nn.Module, *args: Any, compiled: bool = True, **kwargs) -> torch.Tensor:
-        """The network on ``x`` [B, 2, h, w] at network scale, tile by tile, in the inferer's precision -> float32 flows
-        (``compiled=False``: eager whatever the inferer's ``compile``)."""
-        precision = resolve_precision(self.precision, x.device)
+    def _run(
+        self, x: torch.Tensor, network: torch.nn.Module, *args: Any, compiled: bool = True, precision: str | None = None, **kwargs
+    ) -> torch.Tensor:
+        """The network on ``x`` [B, 2, h, w] at network scale, tile by tile, in the inferer's precision (or ``precision``)
+        -> float32 flows (``compiled=False``: eager whatever the inferer's ``compile``). In ``int8``
+        (:mod:`mmcs_monai.networks.quantized`) the quantized network runs, never compiled; where it cannot, ``auto``
+        runs fp32 (logged once) and an explicit ``int8`` raises."""
+        asked = precision or self.precision
+        precision = resolve_precision(asked, x.device, network)
+        if precision == "int8":
+            forward = None if args or kwargs else quantized_forward(network, x.device, strict=asked == "int8")
+            if forward is not None:
+                with torch.no_grad():
+                    flows = self._window(*x.shape[-2:])(x, forward)
+                return torch.as_tensor(flows).float()
+            precision = "fp32"
         channels_last = resolve_channels_last(self.channels_last, x.device, precision)
         if channels_last:
             to_channels_last(network)

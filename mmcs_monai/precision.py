@@ -15,9 +15,12 @@ import torch
 from monai.inferers import Inferer
 
 from mmcs_monai.networks.compiled import compile_unavailable
+from mmcs_monai.networks.quantized import int8_unavailable
 from mmcs_monai.options import parse_bool
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+# int8 is an inference precision (a network quantized after training): training takes the others
+TRAINING_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 # ``compile="auto"`` compiles CPU inference of at least this many image megapixels (a folder's images, a
 # slide), by the precision the network runs in: below it the one-time compile (50-130 s on 2 cores) costs
@@ -43,27 +46,39 @@ def native_bf16(device: torch.device | str) -> bool:
         return False
 
 
-def resolve_precision(precision: str, device: torch.device | str) -> str:
-    """``auto`` -> ``bf16`` where the device has native bf16, else ``fp32``; other names unchanged.
+def resolve_precision(precision: str, device: torch.device | str, network: torch.nn.Module | None = None) -> str:
+    """``auto`` -> ``bf16`` where the device has native bf16; else ``int8`` on a CPU for a ``network`` that carries an
+    int8 calibration of its weights' shape (:mod:`mmcs_monai.networks.quantized`); else ``fp32``. Other names unchanged.
 
     bf16 + channels_last inference on dev val: F1 0.7139 vs 0.7145 in fp32, 2.2x faster on a
-    2-core AVX512-BF16 CPU (``benchmarks/README.md``).
+    2-core AVX512-BF16 CPU; int8 on an AVX2 CPU: F1 0.843 against fp32's 0.847 on 69 val images with ``auto``, the
+    network 2.6x faster (``benchmarks/README.md``, "0.4.6"). Without a ``network`` (training, the compile decision of
+    a caller that has none) ``auto`` never means ``int8``.
+
+    Raises:
+        ValueError: an unknown name; ``int8`` on a GPU.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "int8" and torch.device(device).type != "cpu":
+        raise ValueError("int8 runs on a CPU; use fp16 or bf16 on a GPU")
     if precision == "auto":
-        return "bf16" if native_bf16(device) else "fp32"
+        if native_bf16(device):
+            return "bf16"
+        if network is not None and int8_unavailable(network, device) is None:
+            return "int8"
+        return "fp32"
     return precision
 
 
 def autocast_context(device: torch.device | str, precision: str = "fp32"):
-    """Autocast for ``precision`` on ``device`` (``fp32``: no autocast). fp16 is refused on CPU.
+    """Autocast for ``precision`` on ``device`` (``fp32``, ``int8``: no autocast). fp16 is refused on CPU.
 
     Flows -> masks never run under it: callers cast the network output to float32 first.
     """
     precision = resolve_precision(precision, device)
     device_type = torch.device(device).type
-    if precision == "fp32":
+    if precision in ("fp32", "int8"):
         return contextlib.nullcontext()
     if precision == "fp16" and device_type != "cuda":
         raise ValueError("fp16 autocast needs a GPU; use bf16 on CPU")
@@ -166,7 +181,8 @@ class PrecisionInferer(Inferer):
 
     def __init__(self, precision: str = "fp32", channels_last: bool | None = False):
         super().__init__()
-        resolve_precision(precision, "cpu")  # validates the name early
+        if precision not in TRAINING_PRECISIONS:
+            raise ValueError(f"training precision must be one of {TRAINING_PRECISIONS}, got {precision!r}")
         self.precision = precision
         self.channels_last = channels_last
 

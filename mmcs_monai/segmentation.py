@@ -87,7 +87,7 @@ class CellSegmenter:
     def for_workload(self, megapixels: float | None = None, images: Any = None) -> CellSegmenter:
         """This segmenter, or one whose ``compile="auto"`` is decided for a job of ``megapixels`` image megapixels
         (else counted from ``images``, a data list) on its device (:meth:`CellInferer.for_workload`)."""
-        inferer = self.inferer.for_workload(megapixels=megapixels, images=images, device=self.device)
+        inferer = self.inferer.for_workload(megapixels=megapixels, images=images, device=self.device, network=self.network)
         return self if inferer is self.inferer else CellSegmenter(self.network, inferer, self.mask_settings, self.diameter)
 
     def requested_diameter(self, diameter: float | str | None = None) -> float | str | None:

@@ -58,7 +58,9 @@ def test_auto_precision_and_bf16_close_to_fp32():
 
 def test_precision_names_are_checked():
     with pytest.raises(ValueError, match="precision"):
-        CellInferer(precision="int8")
+        CellInferer(precision="int4")
+    with pytest.raises(ValueError, match="training precision"):
+        PrecisionInferer("int8")  # int8 is for inference (networks/test_quantized.py)
     with pytest.raises(ValueError, match="GPU"):
         autocast_context("cpu", "fp16").__enter__()
     net = CPnet(nbase=(2, 8, 16)).eval()

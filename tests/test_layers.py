@@ -36,6 +36,7 @@ LAYERS = [
         "networks.cpnet",
         "networks.model_files",
         "networks.compiled",
+        "networks.quantized",
         "networks",
         "precision",
         "data",
@@ -54,7 +55,7 @@ LAYERS = [
         "engines.reports",
         "engines.semi",
     },
-    {"evaluation", "wholeslide", "workflows", "export"},
+    {"evaluation", "wholeslide", "workflows", "export", "calibration"},
     {"cli"},
 ]
 APPS = ("label", "deploy", "napari")  # applications on top of the library: they may import anything but the CLI

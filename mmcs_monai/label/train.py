@@ -34,7 +34,7 @@ from mmcs_monai.label.datastore import CellDatastore
 from mmcs_monai.label.model import ServedModel
 from mmcs_monai.label.publishing import should_publish, split_labelled
 from mmcs_monai.options import parse_bool
-from mmcs_monai.precision import PRECISIONS
+from mmcs_monai.precision import TRAINING_PRECISIONS
 from mmcs_monai.workflows import resolve_bundle_root, run_workflow
 
 logger = logging.getLogger(__name__)
@@ -113,8 +113,8 @@ def check_train_parameters(values: dict[str, Any]) -> dict[str, Any]:
             value = parse_bool(value, key)
         elif key == "publish" and value not in ("if_better", "always"):
             raise ValueError(f"publish {value!r}: use 'if_better' or 'always'")
-        elif key == "precision" and value not in PRECISIONS:
-            raise ValueError(f"precision {value!r}: use one of {', '.join(PRECISIONS)}")
+        elif key == "precision" and value not in TRAINING_PRECISIONS:
+            raise ValueError(f"precision {value!r}: use one of {', '.join(TRAINING_PRECISIONS)}")
         out[key] = value
     return out
 

@@ -1,6 +1,6 @@
 """Networks: the model (:mod:`.cpnet`), its TorchScript shim (:mod:`.torchscript`) and model files (:mod:`.model_files`).
 
-Imports go one way: ``padding`` <- ``torchscript`` <- ``cpnet`` <- ``model_files``.
+Imports go one way: ``padding`` <- ``torchscript`` <- ``cpnet`` <- ``model_files``; ``padding`` <- ``quantized`` <- ``model_files``.
 """
 
 from .cpnet import CPnet

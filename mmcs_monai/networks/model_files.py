@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from mmcs_monai.io import InputError, atomic_path
 from mmcs_monai.networks.cpnet import LEGACY_EXTRA_STATE_KEY, SUBSET_TABLE_KEY, CPnet
+from mmcs_monai.networks.quantized import attach_calibration, calibration_file, read_calibration
 
 __all__ = [
     "ModelFileError",
@@ -316,7 +317,8 @@ def load_torchscript(path: str | os.PathLike, map_location: torch.device | str |
 
 def load_model(path: str | os.PathLike, map_location: torch.device | str | None = "cpu") -> nn.Module:
     """The network in ``path``, in eval mode: an exported TorchScript model, or a Cellpose 3 / mmcs checkpoint, with
-    its size network attached where the checkpoint has one (:func:`size_network_file`).
+    its size network attached where the checkpoint has one (:func:`size_network_file`), and each one's int8
+    calibration where it has one (:func:`~mmcs_monai.networks.quantized.calibration_file`).
 
     Raises:
         ModelFileError: naming the file and the problem (the size network's file when that one is the problem).
@@ -324,8 +326,16 @@ def load_model(path: str | os.PathLike, map_location: torch.device | str | None 
     path = Path(path)
     if is_torchscript_file(path):
         return load_torchscript(path, map_location)[0]
-    network = load_cellpose_checkpoint(path).to(map_location).eval()
+    network = _with_calibration(load_cellpose_checkpoint(path).to(map_location).eval(), path)
     sizer = size_network_file(path)
     if sizer.is_file():
-        network.attach_size_network(load_cellpose_checkpoint(sizer).to(map_location).eval())
+        network.attach_size_network(_with_calibration(load_cellpose_checkpoint(sizer).to(map_location).eval(), sizer))
+    return network
+
+
+def _with_calibration(network: CPnet, path: Path) -> CPnet:
+    """``network`` with the int8 calibration beside its file attached, where there is one (:mod:`.quantized`)."""
+    calibration = calibration_file(path)
+    if calibration.is_file():
+        attach_calibration(network, read_calibration(calibration))
     return network
