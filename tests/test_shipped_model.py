@@ -152,14 +152,15 @@ def test_the_shipped_models_search_sizes_with_their_half_width_network_and_segme
 
 
 def test_every_shipped_weight_file_is_named_in_the_metadata_and_the_data_licence():
-    """Each tracked weight file (``large_files.yml``) is described in ``metadata.json`` (as a ``file`` of a model's
+    """Each tracked weight or int8 calibration file (``large_files.yml``) is described in ``metadata.json`` (as a ``file`` of a model's
     section, or the default network) and named in ``docs/data_license.txt``, with the terms it inherits."""
     import json
 
     import yaml
 
     files = [e["path"] for e in yaml.safe_load((BUNDLE / "large_files.yml").read_text())["large_files"]]
-    assert sorted(files) == sorted(f"models/{p.name}" for p in (BUNDLE / "models").glob("*.pt"))
+    shipped = [*(BUNDLE / "models").glob("*.pt"), *(BUNDLE / "models").glob("*.int8.json")]
+    assert sorted(files) == sorted(f"models/{p.name}" for p in shipped)
     metadata = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
 
     def described(section):

@@ -177,10 +177,7 @@ def write_calibration(path: str | os.PathLike, calibration: Mapping[str, Any]) -
     """Write ``calibration`` to ``path`` as JSON (temporary file, then rename)."""
     from mmcs_monai.io import atomic_path
 
-    head = {k: v for k, v in calibration.items() if k != "activations"}
-    rows = ",\n".join(f"  {json.dumps(a)}" for a in calibration.get("activations", []))
-    text = json.dumps(head, indent=1)[:-2] + ',\n "activations": [\n' + rows + "\n ]\n}\n"  # one activation per line
-    json.loads(text)  # the layout above is valid JSON
+    text = json.dumps(calibration, indent=4) + "\n"  # model-zoo's JSON layout (pretty-format-json --indent=4)
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return Path(path)
@@ -272,6 +269,9 @@ class QuantizedNetwork:
         self._module = None
         self._weights = None
 
+    def __deepcopy__(self, memo):
+        return None  # a copied network quantizes anew, from its own weights (its calibration is copied with it)
+
     def _quantized(self) -> nn.Module:
         weights = tuple((t.data_ptr(), t._version) for t in list(self.network.parameters()) + list(self.network.buffers()))
         if self._module is None or weights != self._weights:
@@ -298,13 +298,14 @@ def quantized_forward(
         ValueError: with ``strict`` (int8 asked for by name), instead of returning None.
     """
     reason = int8_unavailable(network, device)
-    entry = network.__dict__.get(_QUANTIZED) if reason is None else None
-    if reason is None and entry is None:
-        entry = QuantizedNetwork(network)
+    entry = None
+    if reason is None:
+        entry = network.__dict__.get(_QUANTIZED) or QuantizedNetwork(network)
         try:
-            entry._quantized()
+            entry._quantized()  # quantizes on first use and whenever the weights changed since (checking the calibration)
         except Exception as err:  # noqa: BLE001 (a stale calibration or a missing operator: fp32 is always right)
             reason, entry = f"cannot quantize ({type(err).__name__}: {str(err).strip()[:200]})", None
+            network.__dict__.pop(_QUANTIZED, None)
         else:
             object.__setattr__(network, _QUANTIZED, entry)
     if reason is not None:

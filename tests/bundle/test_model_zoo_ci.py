@@ -43,7 +43,8 @@ def test_model_zoo_ci_passes_every_check(tmp_path):
 
 
 def test_large_files_entries_match_the_shipped_models():
-    """``large_files.yml`` names the five tracked weights with their current hash (regenerated when a model changes)."""
+    """``large_files.yml`` names the five tracked weights and the int8 calibration with their current hash (regenerated
+    when a model changes)."""
     import hashlib
 
     import yaml
@@ -55,6 +56,7 @@ def test_large_files_entries_match_the_shipped_models():
         "models/fast.pt",
         "models/size_model.pt",
         "models/size_permissive.pt",
+        "models/model.int8.json",
     ]
     for entry in entries:
         digest = hashlib.new(entry["hash_type"], (BUNDLE / entry["path"]).read_bytes()).hexdigest()

@@ -217,3 +217,18 @@ def test_quantized_logger_is_quiet_when_nothing_falls_back(caplog):
     attach_calibration(net, calibrate(net, [_tiles(size=32)]))
     assert quantized_forward(net) is not None
     assert not [r for r in caplog.records if r.name == QUANTIZED_LOGGER]
+
+
+def test_a_copied_network_quantizes_its_own_weights():
+    import copy
+
+    net = _net(nbase=(2, 8, 16))
+    attach_calibration(net, calibrate(net, [_tiles(size=32)]))
+    assert quantized_forward(net, strict=True) is not None
+    twin = copy.deepcopy(net)
+    assert quantized.calibration_of(twin) == quantized.calibration_of(net)
+    x = _tiles(n=1, size=32)
+    with torch.no_grad():
+        assert torch.equal(quantized_forward(twin, strict=True)(x), quantized_forward(net, strict=True)(x))
+        twin.output[-1].bias.add_(1.0)  # the copy is trained on: its calibration no longer applies, the original's does
+    assert quantized_forward(twin) is None and quantized_forward(net) is not None
