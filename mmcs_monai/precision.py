@@ -47,8 +47,8 @@ def native_bf16(device: torch.device | str) -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device | str, network: torch.nn.Module | None = None) -> str:
-    """``auto`` -> ``bf16`` where the device has native bf16; else ``int8`` on a CPU for a ``network`` that carries an
-    int8 calibration of its weights' shape (:mod:`mmcs_monai.networks.quantized`); else ``fp32``. Other names unchanged.
+    """``auto`` -> ``bf16`` where the device has native bf16; else ``int8`` on a CPU for a ``network`` that can run it (an
+    attached int8 calibration: :func:`~mmcs_monai.networks.quantized.int8_unavailable`); else ``fp32``. Other names unchanged.
 
     bf16 + channels_last inference on dev val: F1 0.7139 vs 0.7145 in fp32, 2.2x faster on a
     2-core AVX512-BF16 CPU; int8 on an AVX2 CPU: F1 0.843 against fp32's 0.847 on 69 val images with ``auto``, the
