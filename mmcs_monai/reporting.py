@@ -121,6 +121,24 @@ class Progress:
             self._bar = None
 
 
+class OnceLog:
+    """A warning logged once per process and reason: ``note = OnceLog(logger, "compile: %s; running eagerly")``, then
+    ``note(reason)`` wherever a fallback happens; ``note.reset()`` forgets what was logged (tests)."""
+
+    def __init__(self, logger: logging.Logger, template: str):
+        self.logger = logger
+        self.template = template
+        self.seen: set[str] = set()
+
+    def __call__(self, reason: str) -> None:
+        if reason not in self.seen:
+            self.seen.add(reason)
+            self.logger.warning(self.template, reason)
+
+    def reset(self) -> None:
+        self.seen.clear()
+
+
 def file_sha256(path: str | Path) -> str:
     """SHA-256 (hex) of a file's bytes; ``"missing"`` when it cannot be read."""
     digest = hashlib.sha256()

@@ -36,6 +36,8 @@ from collections.abc import Callable
 
 import torch
 
+from mmcs_monai.reporting import OnceLog
+
 __all__ = ["CompiledNetwork", "compile_unavailable", "compiled_forward", "reset_notes"]
 
 logger = logging.getLogger(__name__)
@@ -47,19 +49,13 @@ FREEZE_WEIGHTS = True
 # state dicts, ``parameters()`` and ``.to()`` never see it; copying or pickling the network drops it)
 _ATTRIBUTE = "_mmcs_compiled"
 
-_noted: set[str] = set()
-
-
-def _note(reason: str) -> None:
-    """Log why compiling is off, once per process and reason."""
-    if reason not in _noted:
-        _noted.add(reason)
-        logger.warning("compile: %s; running the network without compiling", reason)
+# why compiling is off, logged once per process and reason
+_note = OnceLog(logger, "compile: %s; running the network without compiling")
 
 
 def reset_notes() -> None:
     """Forget which fallbacks were logged (tests)."""
-    _noted.clear()
+    _note.reset()
 
 
 def compile_unavailable(network: torch.nn.Module | None = None, device: torch.device | str = "cpu") -> str | None:

@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 
 from mmcs_monai.networks.padding import pad_to_multiple
+from mmcs_monai.reporting import OnceLog
 
 __all__ = [
     "CALIBRATION_FORMAT",
@@ -61,13 +62,8 @@ _CALIBRATION = "_mmcs_int8_calibration"
 # where the quantized form is cached on a network (dropped by copies, like the compiled forms)
 _QUANTIZED = "_mmcs_int8"
 
-_noted: set[str] = set()
-
-
-def _note(reason: str) -> None:
-    if reason not in _noted:
-        _noted.add(reason)
-        logger.warning("int8: %s; running the network in fp32", reason)
+# why int8 is off, logged once per process and reason
+_note = OnceLog(logger, "int8: %s; running the network in fp32")
 
 
 def calibration_file(path: str | os.PathLike) -> Path:
@@ -317,4 +313,4 @@ def quantized_forward(
 
 def reset_notes() -> None:
     """Forget which fallbacks were logged (tests)."""
-    _noted.clear()
+    _note.reset()
