@@ -34,6 +34,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from mmcs_monai.networks.compiled import _weights_key
 from mmcs_monai.networks.padding import pad_to_multiple
 from mmcs_monai.reporting import OnceLog
 
@@ -269,7 +270,7 @@ class QuantizedNetwork:
         return None  # a copied network quantizes anew, from its own weights (its calibration is copied with it)
 
     def _quantized(self) -> nn.Module:
-        weights = tuple((t.data_ptr(), t._version) for t in list(self.network.parameters()) + list(self.network.buffers()))
+        weights = _weights_key(self.network)
         if self._module is None or weights != self._weights:
             self._module = quantize(self.network, calibration_of(self.network))
             self._weights = weights
