@@ -17,24 +17,36 @@ DEV_MANIFEST = REPO.parent / "shared" / "data" / "dev" / "manifest.csv"
 
 # environment of a child process: ``avx2`` restricts oneDNN and ATen to AVX2 kernels on an AVX-512 CPU (oneDNN then
 # reports no native bf16, so ``precision auto`` is fp32, as on an AVX2 CPU)
+# ``avx2``: oneDNN's and ATen's kernels limited to AVX2 on a newer CPU, as an AVX2 CPU runs fp32 and bf16. Not int8:
+# fbgemm picks its kernels by the CPU alone, so int8 there still runs AVX-512 VNNI kernels (why 0.4.6's int8 figures
+# "on AVX2 kernels" did not hold on a real AVX2 CPU; ``mmcs_monai.precision.fast_int8`` and benchmarks/README.md,
+# "0.4.7"). Name a real AVX2 CPU's figures as such.
 ISA_ENV = {"avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}, "native": {}}
 
 
-# the vector flags that decide precision (bf16 needs avx512_bf16 or AMX) and which kernels run
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+# the vector flags that decide precision (bf16 needs avx512_bf16 or AMX, int8 avx512_vnni) and which kernels run
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
 def cpu_description() -> str:
-    """``"<model name>, <n> cores, flags avx2 avx512f ..."``: what every benchmark prints beside its timings.
+    """``"<model name> (family F model M), <n> cores, flags avx2 avx512f ..."``: what every benchmark prints beside its
+    timings.
 
-    From ``/proc/cpuinfo`` (what ``lscpu`` reads): the model name and which of :data:`CPU_FLAGS` the CPU has (``none of
-    ...`` when it has none; ``?`` for the model where there is no ``/proc/cpuinfo``). Cores are those this process
-    may use.
+    From ``/proc/cpuinfo`` (what ``lscpu`` reads): the model name, its family and model numbers (a virtual machine's
+    model name is often only the vendor's line, "AMD EPYC": family 23 model 49 is Zen 2, family 25 model 17 Zen 4)
+    and which of :data:`CPU_FLAGS` the CPU has (``none of ...`` when it has none; ``?`` where there is no
+    ``/proc/cpuinfo``). Cores are those this process may use.
     """
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    fields = {}
+    for line in info.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    model = fields.get("model name", "?")
+    if "cpu family" in fields and "model" in fields:
+        model += f" (family {fields['cpu family']} model {fields['model']})"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    flags = set(fields.get("flags", "").split())
     names = " ".join(f for f in CPU_FLAGS if f in flags) or "none of " + " ".join(CPU_FLAGS)
     return f"{model}, {cores} cores, flags {names}"
 

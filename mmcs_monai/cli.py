@@ -298,8 +298,9 @@ def calibrate(
     seed: int = 0,
     bundle_root: str | None = None,
 ) -> str:
-    """Calibrate a model for int8 inference: write ``<stem>.int8.json`` beside the model file. ``precision auto`` then runs it in int8 on a CPU without native bf16 (AVX2),
-    and ``--precision int8`` anywhere on a CPU.
+    """Calibrate a model for int8 inference: write ``<stem>.int8.json`` beside the model file. ``precision auto``
+    then runs it in int8 on a CPU with AVX-512 VNNI and no native bf16 (on an AVX2-only CPU int8 is no faster than
+    fp32), and ``--precision int8`` anywhere on a CPU.
 
     Args:
         data_source: images like the model's training images: a folder, a manifest CSV/JSON or a Decathlon JSON.

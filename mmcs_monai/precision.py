@@ -1,6 +1,6 @@
 """Precision and compile policy: which number format the network runs in, and whether it runs compiled.
 
-:func:`resolve_precision` turns ``auto`` into ``bf16`` or ``fp32`` by the device, :func:`autocast_context`
+:func:`resolve_precision` turns ``auto`` into ``bf16``, ``int8`` or ``fp32`` by the device, :func:`autocast_context`
 gives the autocast for a precision, :class:`PrecisionInferer` runs the trainer's network under it, and
 :func:`resolve_compile` decides ``compile="auto"`` by the job's size (:data:`AUTO_COMPILE_MEGAPIXELS`).
 :class:`~mmcs_monai.inference.CellInferer` and the bundle's configs use them.
@@ -46,14 +46,35 @@ def native_bf16(device: torch.device | str) -> bool:
         return False
 
 
+def fast_int8(device: torch.device | str) -> bool:
+    """Whether ``device`` runs CPnet faster in int8 than in fp32: a CPU with AVX-512 VNNI (``fbgemm``'s
+    ``vpdpbusd`` kernels) whose ATen kernels are AVX-512 (``ATEN_CPU_CAPABILITY`` lowers them, as an AVX2 laptop has).
+
+    On an AVX2 CPU fbgemm's int8 kernels (``vpmaddubsw``) are no faster than fp32 and the quantized additions cost
+    more: on a 2-core AMD EPYC (Zen 2, AVX2 only) the network took 1.80 s in int8 against 1.85 s in fp32 (batch of 8 x
+    224 px) and ``mmcs infer`` with every default 51.8 s against about 47 s (``benchmarks/README.md``, "0.4.7").
+    fbgemm picks its kernels by the CPU alone (it ignores ``ATEN_CPU_CAPABILITY``), so on an AVX-512 CPU whose kernels
+    are limited to AVX2 int8 would still run VNNI kernels: that is why the ATen capability counts too.
+    """
+    if torch.device(device).type != "cpu":
+        return False
+    try:
+        vnni = bool(torch.cpu._is_vnni_supported())
+    except (AttributeError, RuntimeError):
+        return False
+    return vnni and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 def resolve_precision(precision: str, device: torch.device | str, network: torch.nn.Module | None = None) -> str:
-    """``auto`` -> ``bf16`` where the device has native bf16; else ``int8`` on a CPU for a ``network`` that can run it (an
-    attached int8 calibration: :func:`~mmcs_monai.networks.quantized.int8_unavailable`); else ``fp32``. Other names unchanged.
+    """``auto`` -> ``bf16`` where the device has native bf16; else ``int8`` on a CPU with fast int8 kernels
+    (:func:`fast_int8`: AVX-512 VNNI) for a ``network`` that can run it (an attached int8 calibration:
+    :func:`~mmcs_monai.networks.quantized.int8_unavailable`); else ``fp32``. Other names unchanged.
 
     bf16 + channels_last inference on dev val: F1 0.7139 vs 0.7145 in fp32, 2.2x faster on a
-    2-core AVX512-BF16 CPU; int8 on an AVX2 CPU: F1 0.843 against fp32's 0.847 on 69 val images with ``auto``, the
-    network 2.6x faster (``benchmarks/README.md``, "0.4.6"). Without a ``network`` (training, the compile decision of
-    a caller that has none) ``auto`` never means ``int8``.
+    2-core AVX512-BF16 CPU; int8 with VNNI kernels: F1 0.843 against fp32's 0.847 on 69 val images with ``auto``, the
+    network 2.6x faster than fp32 on AVX2 kernels (``benchmarks/README.md``, "0.4.6"); on an AVX2-only CPU int8 is no
+    faster, so ``auto`` keeps fp32 there ("0.4.7"). Without a ``network`` (training, the compile decision of a caller
+    that has none) ``auto`` never means ``int8``.
 
     Raises:
         ValueError: an unknown name; ``int8`` on a GPU.
@@ -65,7 +86,7 @@ def resolve_precision(precision: str, device: torch.device | str, network: torch
     if precision == "auto":
         if native_bf16(device):
             return "bf16"
-        if network is not None and int8_unavailable(network, device) is None:
+        if network is not None and fast_int8(device) and int8_unavailable(network, device) is None:
             return "int8"
         return "fp32"
     return precision
@@ -156,14 +177,15 @@ def resolve_compile(
     choice = parse_compile(compile)
     if choice != "auto":
         return choice
-    if torch.device(device).type != "cpu" or compile_unavailable(None, device) is not None:
+    if torch.device(device).type != "cpu":
         return False
     threshold = AUTO_COMPILE_MEGAPIXELS.get(resolve_precision(precision, device))
     if threshold is None:
         return False
     if megapixels is None:
         megapixels = workload_megapixels(images)
-    return megapixels >= threshold
+    # asked last: probing torch.compile imports its compiler (about 0.7 s), which a small job should not pay
+    return megapixels >= threshold and compile_unavailable(None, device) is None
 
 
 class PrecisionInferer(Inferer):

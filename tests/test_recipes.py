@@ -1,9 +1,11 @@
 """User recipes ship in the bundle (``configs/recipes/``) and are chosen by name: ``mmcs train --recipe finetune``."""
 
+import ast
 import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -165,3 +167,49 @@ def test_the_permissive_recipes_train_only_on_rows_whose_licence_allows_commerci
     left_out = {"nadeemlab/DeepLIIF", "wiggins-lab/SuperSegger", "instanseg/instanseg", "deepcell_testing", "Shenggan/BCCD_Dataset"}
     assert not sources & left_out  # BCCD: MIT, but the repository relicenses images it credits to others
     assert not any("BBBC007" in i["id"] or "YIT" in i["id"] for i in unlabelled)
+
+
+@pytest.mark.parametrize(
+    "script, phases",
+    [
+        ("train_generalist.sh", ["phase1", "phase2", "pool", "size/phase1", "size/pool"]),
+        ("train_permissive.sh", ["phase1", "pool", "size/phase1", "size/pool"]),
+    ],
+)
+def test_each_rebuild_script_is_one_command_for_a_model_and_its_size_network(tmp_path, script, phases):
+    """The scripts' wiring without their hours: a stand-in ``python`` (``MMCS_VENV``) records each phase's command
+    line and writes the model files it names. Each phase is a bundle training run of existing config files into its
+    own folder; each later phase starts from the one before it; the size network's phases run at half width."""
+    venv, out = tmp_path / "venv", tmp_path / "runs"
+    (venv / "bin").mkdir(parents=True)
+    recorder = venv / "bin" / "python"
+    recorder.write_text(
+        f"#!{sys.executable}\n"
+        "import json, pathlib, sys\n"
+        "args = sys.argv[1:]\n"
+        f"with open({str(tmp_path / 'calls.jsonl')!r}, 'a') as f: f.write(json.dumps(args) + '\\n')\n"
+        "ckpt = pathlib.Path(args[args.index('--ckpt_dir') + 1])\n"
+        "(ckpt / 'model.pt').write_text('x'); (ckpt / 'model_final.pt').write_text('x')\n"
+    )
+    recorder.chmod(0o755)
+    env = {**subprocess_env(), "MMCS_VENV": str(venv), "MMCS_RUN_DIR": str(out)}
+    result = subprocess.run(
+        ["bash", str(REPO / "scripts" / script), "--device", "cpu"], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    assert [Path(c[c.index("--ckpt_dir") + 1]).relative_to(out).as_posix() for c in calls] == phases
+    previous = None
+    for phase, call in zip(phases, calls):
+        assert call[:4] == ["-m", "monai.bundle", "run", "training"] and call[-2:] == ["--device", "cpu"]
+        configs = ast.literal_eval(call[call.index("--config_file") + 1])
+        assert configs[0] == "bundle/configs/train.json" and all((REPO / c).is_file() for c in configs), configs
+        assert (REPO / "bundle/configs/semi.json").as_posix() in {(REPO / c).as_posix() for c in configs} or phase.endswith("phase1")
+        if phase.endswith("phase1"):
+            assert "--pretrained" not in call  # from scratch
+        else:
+            assert Path(call[call.index("--pretrained") + 1]) == previous / "model.pt"
+        width = call[call.index("--nbase") + 1] if "--nbase" in call else None
+        assert width == ("[2,16,32,64,128]" if phase.startswith("size/") else None)
+        assert (out / phase / "train.log").is_file()
+        previous = out / phase

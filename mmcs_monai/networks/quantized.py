@@ -1,14 +1,16 @@
 """int8 inference on a CPU: CPnet quantized after training, from a calibration stored beside the model file.
 
-A CPU without native bf16 (AVX2) runs the network in fp32 at about 130 GFLOP/s on 2 cores; its int8 kernels
-(PyTorch's ``fbgemm`` engine: ``vpmaddubsw``) run the same network 2.6x faster per tile batch of 8 x 224 px. Quantizing needs
+PyTorch's ``fbgemm`` engine runs CPnet's int8 convolutions with AVX-512 VNNI kernels (``vpdpbusd``) where the CPU has
+them: 2.6x faster than fp32 on AVX2 kernels per tile batch of 8 x 224 px (an AVX-512 CPU). On an AVX2-only CPU its
+kernels (``vpmaddubsw``) are no faster than fp32 (Zen 2: 1.80 against 1.85 s), so ``precision auto`` takes int8 only
+with VNNI and no native bf16 (:func:`~mmcs_monai.precision.fast_int8`). Quantizing needs
 the range of every activation, measured once on training images (:func:`calibrate`) and stored as a small JSON
 file beside the model (:func:`calibration_file`: ``<stem>.int8.json``), which
 :func:`~mmcs_monai.networks.load_model` attaches (:func:`attach_calibration`). At inference
 :func:`quantized_forward` builds the int8 network once per process and network (about 1 s; weights per channel,
 symmetric int8; activations per tensor, unsigned 7-bit, as PyTorch's default for fbgemm) and
-:class:`~mmcs_monai.inference.CellInferer` runs it where the precision is ``int8``: ``precision auto`` on a CPU
-without native bf16 when the model has a calibration (:func:`~mmcs_monai.precision.resolve_precision`).
+:class:`~mmcs_monai.inference.CellInferer` runs it where the precision is ``int8``: ``--precision int8``, or ``auto``
+as above for a model with a calibration (:func:`~mmcs_monai.precision.resolve_precision`).
 
 A calibration holds a digest of the weights it was measured with (:func:`weights_digest`): once the weights change
 (training, fine-tuning, another file under the same name) it no longer applies, and ``auto`` falls back to fp32
@@ -55,8 +57,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CALIBRATION_FORMAT = "mmcs-int8-calibration/1"
-# the quantized engine: fbgemm's x86 kernels (AVX2 and later); 1.29x faster than PyTorch's "x86" engine, which
-# picks oneDNN for most of CPnet's convolutions (batch of 8 x 224 px, 2-core AVX2 CPU)
+# the quantized engine: fbgemm's x86 kernels (AVX2 and later; VNNI where the CPU has it); 1.29x faster than PyTorch's
+# "x86" engine, which picks oneDNN for most of CPnet's convolutions (batch of 8 x 224 px, 2-core AVX-512 CPU)
 ENGINE = "fbgemm"
 # where the calibration rides on a network (a plain attribute: not in state dicts, parameters or ``.to()``)
 _CALIBRATION = "_mmcs_int8_calibration"

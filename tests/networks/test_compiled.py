@@ -5,12 +5,14 @@ The tests that really compile are marked slow: inductor takes a minute or more p
 """
 
 import logging
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import BUNDLE
+from helpers import BUNDLE, subprocess_env
 from mmcs_monai.inference import CellInferer, fitted_tile
 from mmcs_monai.metrics import f1_score
 from mmcs_monai.networks import CPnet, compiled, load_model
@@ -53,6 +55,18 @@ def test_parse_compile_accepts_command_line_spellings():
     assert parse_compile(False) is False and parse_compile("false") is False and parse_compile("0") is False
     with pytest.raises(ValueError, match="compile must be"):
         parse_compile("sometimes")
+
+
+def test_a_small_job_does_not_load_the_compiler_to_decide():
+    """Probing torch.compile imports its compiler (about 0.7 s of a short run): ``auto`` asks only for a job large
+    enough to compile. Checked in a child process, where nothing else has imported it."""
+    code = (
+        "import sys; from mmcs_monai.precision import resolve_compile;"
+        "small = resolve_compile('auto', 'cpu', megapixels=1.0); print(small, 'torch._dynamo' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False", "False"]
 
 
 def test_auto_compiles_large_cpu_jobs_only():

@@ -1,6 +1,6 @@
 """int8 inference (mmcs_monai.networks.quantized, mmcs_monai.calibration): a calibrated network runs quantized within
 the error 7-bit activations allow, only with the weights it was calibrated on, only where asked for or where ``auto``
-finds a calibration and no native bf16; calibration files are read and written safely; ``mmcs calibrate`` and
+finds a calibration, fast int8 kernels (AVX-512 VNNI) and no native bf16; calibration files are read and written safely; ``mmcs calibrate`` and
 ``mmcs infer --precision int8`` work end to end on a model file.
 """
 
@@ -17,6 +17,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from helpers import BUNDLE, REPO, disk_labels, run_mmcs_batch, subprocess_env
+from mmcs_monai import precision
 from mmcs_monai.calibration import sample_items
 from mmcs_monai.inference import CellInferer
 from mmcs_monai.io import InputError
@@ -31,7 +32,7 @@ from mmcs_monai.networks.quantized import (
     weights_digest,
     write_calibration,
 )
-from mmcs_monai.precision import PrecisionInferer, resolve_precision
+from mmcs_monai.precision import PrecisionInferer, fast_int8, resolve_precision
 from mmcs_monai.segmentation import segmenter_from_options
 
 QUANTIZED_LOGGER = "mmcs_monai.networks.quantized"
@@ -145,18 +146,53 @@ def test_sample_items_draws_alike_from_every_subset_in_list_order():
     assert sample == sample_items(items, per_subset=2, seed=3)
 
 
-def test_auto_means_int8_for_a_calibrated_model_on_a_cpu_without_native_bf16():
-    """In a child process limited to AVX2 kernels (as on an AVX2 laptop): the shipped model has a calibration of its
-    own weights, so ``auto`` is int8; its size network has none and stays fp32."""
+def _cpu_flags() -> set[str] | None:
+    """The CPU's feature flags as Linux reports them (/proc/cpuinfo), or None elsewhere."""
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return None
+    line = next((line for line in text.splitlines() if line.startswith("flags")), None)
+    return set(line.split(":", 1)[1].split()) if line else None
+
+
+def test_fast_int8_means_avx512_vnni_kernels_as_the_cpu_reports_them():
+    """int8 pays only with fbgemm's AVX-512 VNNI kernels: on an AVX2-only CPU it was slower than fp32 end to end
+    (benchmarks/README.md, "0.4.7"). The expectation comes from the kernel's own flag list, not from torch."""
+    flags = _cpu_flags()
+    if flags is None:
+        pytest.skip("needs /proc/cpuinfo")
+    expected = "avx512_vnni" in flags and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    assert fast_int8("cpu") is expected
+    assert fast_int8("cuda") is False
+
+
+def test_auto_keeps_fp32_on_avx2_kernels_though_the_model_has_a_calibration():
+    """In a child process limited to AVX2 kernels (as on an AVX2 laptop): no native bf16, no fast int8, so ``auto`` is
+    fp32 for the shipped model (which has a calibration) and for its size network (which has none)."""
     code = (
-        "from mmcs_monai.networks import load_model; from mmcs_monai.precision import native_bf16, resolve_precision;"
+        "from mmcs_monai.networks import load_model; from mmcs_monai.precision import fast_int8, native_bf16, resolve_precision;"
         f"n = load_model({str(BUNDLE / 'models' / 'model.pt')!r});"
-        "print(native_bf16('cpu'), resolve_precision('auto', 'cpu', n), resolve_precision('auto', 'cpu', n.size_network))"
+        "print(native_bf16('cpu'), fast_int8('cpu'), resolve_precision('auto', 'cpu', n),"
+        " resolve_precision('auto', 'cpu', n.size_network), resolve_precision('int8', 'cpu', n))"
     )
     env = subprocess_env(ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["False", "int8", "fp32"]
+    assert out.stdout.split() == ["False", "False", "fp32", "fp32", "int8"]
+
+
+def test_auto_means_int8_for_a_calibrated_model_where_int8_is_fast_and_bf16_is_not_native(monkeypatch):
+    """The decision table of ``auto`` on a CPU, the CPU's answers set by hand (the machine cannot change its CPU):
+    int8 needs fast int8 kernels, no native bf16 and a calibration of the network's own weights."""
+    network = load_model(BUNDLE / "models" / "model.pt")
+    cases = {(False, True): "int8", (False, False): "fp32", (True, True): "bf16", (True, False): "bf16"}
+    for (bf16, vnni), expected in cases.items():
+        monkeypatch.setattr(precision, "native_bf16", lambda device, bf16=bf16: bf16)
+        monkeypatch.setattr(precision, "fast_int8", lambda device, vnni=vnni: vnni)
+        assert resolve_precision("auto", "cpu", network) == expected, (bf16, vnni)
+        assert resolve_precision("auto", "cpu", network.size_network) == ("bf16" if bf16 else "fp32")
+        assert resolve_precision("auto", "cpu") == ("bf16" if bf16 else "fp32")
 
 
 @pytest.mark.slow
