@@ -61,7 +61,10 @@ def init_process_group(backend: str | None = None) -> bool:
 
 
 def destroy_process_group() -> None:
+    """Leave the process group, all ranks together: a rank that tore down its gloo connections while another still
+    used them once aborted at exit ("terminate called without an active exception", SIGABRT) after a finished run."""
     if is_distributed():
+        dist.barrier()
         dist.destroy_process_group()
 
 
