@@ -4,7 +4,8 @@ calibration files written beside the model file (:mod:`mmcs_monai.networks.quant
 ``mmcs calibrate MODEL DATA`` runs :func:`calibrate_model`: it segments a sample of ``DATA`` (a few images of each
 subset) the way ``mmcs infer`` does, in fp32, records every tile batch the model sees (the final run at the size
 found; the search's crops too where the model has no size network), measures its activation ranges on
-them and writes ``<stem>.int8.json``. ``precision auto`` then runs that model in int8 on a CPU with AVX-512 VNNI and no native bf16.
+them and writes ``<stem>.int8.json``. ``precision auto`` then runs that model in int8 on a CPU with AVX-512 VNNI and
+no native bf16.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ Start it (the app folder ``apps/mmcs`` holds only a ``main.py`` importing :class
   ``models/model.pt``); copied to ``<model_dir>/mmcs.pt`` on first start, which training then replaces;
 - ``model_dir``: where the served model and training runs live (default ``<app>/model``);
 - ``device``: ``cpu``, ``cuda:0`` ... (default: the first GPU, else CPU);
-- ``precision``: ``auto`` (bf16 where native; int8 on AVX-512 VNNI CPUs for a calibrated model), ``fp32``, ``bf16``, ``fp16``, ``int8`` (inference);
+- ``precision``: ``auto`` (bf16 where native; int8 on AVX-512 VNNI CPUs for a calibrated model), ``fp32``, ``bf16``,
+  ``fp16``, ``int8`` (inference);
 - ``diameter``, ``nucleus_channel``, ``cyto_channel``, ``flow_threshold``, ``cellprob_threshold``, ``min_size``:
   server-wide inference defaults (``diameter``: pixels, a stored subset name, ``stored``, ``auto``: the default);
 - ``max_upload_mb``: largest request body and uploaded file accepted: images, labels, infer uploads,

@@ -100,8 +100,8 @@ class CellInferTask(InferTask):
     Args:
         model: the served model (reloaded when training replaces it).
         defaults: server-wide values for :data:`INFER_PARAMETERS` (``--conf diameter 17`` ...).
-        precision: network precision (``auto``: bf16 where the device computes it natively, int8 on AVX-512 VNNI CPUs for a
-            calibrated model: :func:`~mmcs_monai.precision.resolve_precision`).
+        precision: network precision (``auto``: bf16 where the device computes it natively, int8 on AVX-512 VNNI CPUs
+            for a calibrated model: :func:`~mmcs_monai.precision.resolve_precision`).
         roi_size: tile size at network scale.
     """
 

@@ -1,7 +1,7 @@
 """int8 inference (mmcs_monai.networks.quantized, mmcs_monai.calibration): a calibrated network runs quantized within
 the error 7-bit activations allow, only with the weights it was calibrated on, only where asked for or where ``auto``
-finds a calibration, fast int8 kernels (AVX-512 VNNI) and no native bf16; calibration files are read and written safely; ``mmcs calibrate`` and
-``mmcs infer --precision int8`` work end to end on a model file.
+finds a calibration, fast int8 kernels (AVX-512 VNNI) and no native bf16; calibration files are read and written
+safely; ``mmcs calibrate`` and ``mmcs infer --precision int8`` work end to end on a model file.
 """
 
 import json
