@@ -16,11 +16,10 @@ BUNDLE = REPO / "bundle"
 DEV_MANIFEST = REPO.parent / "shared" / "data" / "dev" / "manifest.csv"
 
 # environment of a child process: ``avx2`` restricts oneDNN and ATen to AVX2 kernels on an AVX-512 CPU (oneDNN then
-# reports no native bf16, so ``precision auto`` is fp32, as on an AVX2 CPU)
-# ``avx2``: oneDNN's and ATen's kernels limited to AVX2 on a newer CPU, as an AVX2 CPU runs fp32 and bf16. Not int8:
-# fbgemm picks its kernels by the CPU alone, so int8 there still runs AVX-512 VNNI kernels (why 0.4.6's int8 figures
-# "on AVX2 kernels" did not hold on a real AVX2 CPU; ``mmcs_monai.precision.fast_int8`` and benchmarks/README.md,
-# "0.4.7"). Name a real AVX2 CPU's figures as such.
+# reports no native bf16 and ATen's capability is AVX2, so ``precision auto`` is fp32, as on an AVX2 CPU). It does not
+# emulate int8: fbgemm picks its kernels by the CPU alone and would still run AVX-512 VNNI kernels (why 0.4.6's int8
+# figures "on AVX2 kernels" did not hold on a real AVX2 CPU: benchmarks/README.md, "0.4.7"). Name a real AVX2 CPU's
+# figures as such.
 ISA_ENV = {"avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}, "native": {}}
 
 
