@@ -510,7 +510,13 @@ def label_xml_text(polygons, orders=None) -> str:
 
 
 def test_large_labels_are_bounded_and_the_server_keeps_answering(qupath, server):
-    """Issue 32.4: labels at the limits are rasterised while ``/info/`` answers within a second; over them, 413."""
+    """Issue 32.4: labels at the limits are rasterised while ``/info/`` keeps answering; over them, 413.
+
+    "Keeps answering" is measured against the upload itself, so that a slower or busier machine does not
+    change the verdict: ``/info/`` answers at least three times while the label is converted, and no answer
+    waits a third of the conversion (a server that converted on its event loop, or held the interpreter
+    lock throughout, would answer once, after about the whole conversion; this one waits about 0.1-0.3 s
+    in 1.4-1.8 s on a 2-core Zen 2)."""
     image = IMAGES[6].stem
     angles = np.linspace(0, 2 * np.pi, MAX_VERTICES - 4 * 1000, endpoint=False)
     circle = np.round(np.stack([128 + 100 * np.cos(angles), 128 + 100 * np.sin(angles)], axis=1), 3).tolist()
@@ -526,15 +532,17 @@ def test_large_labels_are_bounded_and_the_server_keeps_answering(qupath, server)
         done, latencies = {}, []
         worker = threading.Thread(target=lambda d=document, out=done: out.setdefault("answer", put(d)))
         worker.start()
+        began = time.monotonic()
         while worker.is_alive():
             start = time.monotonic()
             assert qupath.request("GET", "/info/")[0] == 200
             latencies.append(time.monotonic() - start)
             time.sleep(0.05)
         worker.join()
+        converting = time.monotonic() - began
         status, content = done["answer"]
         assert status == 200, content[:300]
-        assert max(latencies) < 1.0, sorted(latencies)[-5:]
+        assert len(latencies) >= 3 and max(latencies) < converting / 3, (converting, sorted(latencies)[-5:])
     stored = read_labels(server.studies / "labels" / "final" / f"{image}.tif")
     assert stored.max() == json.loads(content)["cells"] > 0
 
